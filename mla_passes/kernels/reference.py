@@ -1,0 +1,87 @@
+"""Torch reference for the fused MLA decode prep (DESIGN §4.1).
+
+The oracle every other backend is tested against, and the backend used on
+CPU. Plain torch ops on any device; matmul and RoPE in fp32. It allocates
+temporaries, so it is not the one to capture in a CUDA graph on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fp8 import as_fp8_cache, is_fp8_kv_cache, quantize_fp8
+
+
+def rope_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    """Rotate ``x[..., R]`` in fp32. ``cos``/``sin`` are ``[..., R/2]`` and
+    broadcast against ``x`` without its last dim.
+
+    NeoX pairs element ``i`` with ``i + R/2``; GPT-J pairs ``2i`` with ``2i+1``.
+    """
+    x = x.float()
+    if is_neox:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+
+
+def cos_sin_for(cos_sin_cache: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cs = cos_sin_cache.index_select(0, positions.long()).float()
+    return cs.chunk(2, dim=-1)
+
+
+def absorb_q_nope(q_nope: torch.Tensor, w_uk_t: torch.Tensor) -> torch.Tensor:
+    """``[T, H, P] x [H, P, L] -> [T, H, L]`` in fp32."""
+    return torch.bmm(q_nope.float().transpose(0, 1), w_uk_t.float()).transpose(0, 1)
+
+
+def finish_q(q_cat: torch.Tensor, q_scale: torch.Tensor | None, q_out: torch.Tensor) -> None:
+    """Write the fp32 ``[T, H, L+R]`` prepped q into ``q_out`` (quantized when
+    ``q_scale`` is given, else cast)."""
+    if q_scale is not None:
+        q_out.copy_(quantize_fp8(q_cat, q_scale, q_out.dtype))
+    else:
+        q_out.copy_(q_cat)
+
+
+def fused_decode_prep_reference(
+    q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, is_neox, slot_mapping,
+    kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims,
+) -> None:
+    P = dims.P
+    cos, sin = cos_sin_for(cos_sin_cache, positions)
+
+    q_pe = q[..., P:]
+    q_pe_rot = rope_fp32(q_pe, cos[:, None, :], sin[:, None, :], is_neox)
+    k_pe_flat = k_pe.view(dims.T, dims.R)
+    k_pe_rot = rope_fp32(k_pe_flat, cos, sin, is_neox)
+
+    ql_nope = absorb_q_nope(q[..., :P], w_uk_t)
+    finish_q(torch.cat((ql_nope, q_pe_rot), dim=-1), q_scale, q_out)
+
+    # Cache write: rows with slot >= 0 only; a padded (-1) slot writes nothing.
+    kv_row = torch.cat((kv_c.float(), k_pe_rot), dim=-1)
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    flat = kv_cache.view(-1, kv_cache.shape[-1])
+    if is_fp8_kv_cache(kv_cache_dtype):
+        flat = as_fp8_cache(flat)
+        flat[slots] = quantize_fp8(kv_row[valid], k_scale, flat.dtype)
+    else:
+        flat[slots] = kv_row[valid].to(flat.dtype)
+
+    # In-place rotation last, so the reads above see the un-rotated inputs.
+    q_pe.copy_(q_pe_rot)
+    k_pe_flat.copy_(k_pe_rot)
+
+
+def gather_cache_rows_reference(kv_cache, slots, kv_cache_dtype, k_scale, dtype) -> torch.Tensor:
+    flat = kv_cache.view(-1, kv_cache.shape[-1])
+    if is_fp8_kv_cache(kv_cache_dtype):
+        flat = as_fp8_cache(flat)
+    valid = slots >= 0
+    rows = flat.index_select(0, slots.clamp(min=0).long()).float()
+    if is_fp8_kv_cache(kv_cache_dtype):
+        rows = rows * k_scale.float()
+    return torch.where(valid[:, None], rows, torch.zeros_like(rows)).to(dtype)

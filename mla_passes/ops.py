@@ -1,0 +1,173 @@
+"""The custom ops mla-passes puts into graphs, with their per-op knowledge.
+
+* ``mla_passes::mla_decode_q_prep`` - the decode q-prep (q-absorb, q-concat,
+  q-quant) that vLLM runs inside its opaque attention op, lifted into the
+  graph. Processes EVERY row of q (invariant 1, DESIGN §4.2).
+* ``mla_passes::mla_fused_decode_prep`` - QK-RoPE + KV-cache write + q-prep in
+  one op. Rotates ``q[..., P:]`` and ``k_pe`` in place, writes the layer's
+  cache, returns the prepped q.
+* ``mla_passes::mla_attention_with_prepped_q`` - the layer's attention with
+  the decode rows' q already prepped.
+
+``layer_name`` is an opaque :class:`LayerName` graph input (as vLLM passes it
+on torch >= 2.11); everything else about the layer is looked up at run time
+through :mod:`mla_passes.layers`. The static facts a fake impl needs for an
+exact output shape and dtype (``kv_lora_rank``, ``qk_rope_head_dim``,
+``out_dtype``) are op
+arguments, so fake and real impls agree without any global state.
+
+:data:`OP_SPECS` is the one table of what each op mutates; the passes read it
+to call the ops in place (defunctionalized) rather than through
+``auto_functionalized``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch._library.opaque_object import get_opaque_type_name, register_opaque_type
+from torch._opaque_base import OpaqueBase
+
+from . import kernels
+from .kernels.reference import absorb_q_nope, finish_q
+from .layers import layer_name_str, resolve_layer
+
+
+class LayerName(OpaqueBase):
+    """A layer name as an opaque, hoisted value object (mirrors vLLM's)."""
+
+    def __init__(self, value: str):
+        if not isinstance(value, str):
+            raise TypeError(f"LayerName: argument 'value' must be a str, got {type(value).__name__}")
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayerName) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(("mla_passes.LayerName", self.value))
+
+    def __repr__(self) -> str:
+        return f"LayerName({self.value!r})"
+
+    def __fx_repr__(self):
+        return (f"LayerName({self.value!r})", {"LayerName": LayerName})
+
+
+register_opaque_type(LayerName, typ="value", hoist=True)
+_LN = get_opaque_type_name(LayerName)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Schema and aliasing facts of one op; ``mutates`` lists the arguments
+    written in place (besides hidden state such as the KV cache)."""
+
+    name: str
+    schema: str
+    mutates: tuple[str, ...] = ()
+
+    @property
+    def overload(self) -> torch._ops.OpOverload:
+        return getattr(torch.ops.mla_passes, self.name).default
+
+
+OP_SPECS: dict[str, OpSpec] = {
+    spec.name: spec
+    for spec in (
+        OpSpec(
+            "mla_decode_q_prep",
+            f"(Tensor q, {_LN} layer_name, int kv_lora_rank, int qk_rope_head_dim, ScalarType out_dtype) -> Tensor",
+        ),
+        OpSpec(
+            "mla_fused_decode_prep",
+            f"(Tensor(a!) q, Tensor kv_c, Tensor(b!) k_pe, Tensor positions, Tensor cos_sin_cache, "
+            f"bool is_neox, {_LN} layer_name, ScalarType out_dtype, str backend) -> Tensor",
+            mutates=("q", "k_pe"),
+        ),
+        OpSpec(
+            "mla_attention_with_prepped_q",
+            f"(Tensor q, Tensor q_prepped, Tensor kv_c_normed, Tensor k_pe, Tensor(a!) output, "
+            f"{_LN} layer_name, Tensor? kv_cache_dummy_dep=None) -> ()",
+            mutates=("output",),
+        ),
+    )
+}
+
+_lib = torch.library.Library("mla_passes", "DEF")
+for _spec in OP_SPECS.values():
+    _lib.define(_spec.name + _spec.schema)
+
+
+def _check_out_dtype(op: str, out_dtype: torch.dtype, state, q: torch.Tensor, layer_name) -> None:
+    expected = state.q_out_dtype(q.dtype)
+    if out_dtype != expected:
+        raise ValueError(
+            f"{op}: argument 'out_dtype' is {out_dtype} but layer {layer_name_str(layer_name)!r} "
+            f"needs {expected} (q_scale {'set' if state.q_scale is not None else 'None'})"
+        )
+
+
+# --- mla_decode_q_prep -------------------------------------------------------
+
+def _decode_q_prep_fake(q, layer_name, kv_lora_rank, qk_rope_head_dim, out_dtype):
+    return q.new_empty((q.shape[0], q.shape[1], kv_lora_rank + qk_rope_head_dim), dtype=out_dtype)
+
+
+def _decode_q_prep_impl(q, layer_name, kv_lora_rank, qk_rope_head_dim, out_dtype):
+    state = resolve_layer(layer_name)
+    H, P, L = state.w_uk_t.shape
+    if (L, P + qk_rope_head_dim, H) != (kv_lora_rank, q.shape[-1], q.shape[1]):
+        raise ValueError(
+            f"mla_decode_q_prep: q {tuple(q.shape)} with kv_lora_rank={kv_lora_rank}, "
+            f"qk_rope_head_dim={qk_rope_head_dim} does not fit layer "
+            f"{layer_name_str(layer_name)!r} (W_UK_T {tuple(state.w_uk_t.shape)})"
+        )
+    _check_out_dtype("mla_decode_q_prep", out_dtype, state, q, layer_name)
+    q_out = _decode_q_prep_fake(q, layer_name, kv_lora_rank, qk_rope_head_dim, out_dtype)
+    q_cat = torch.cat((absorb_q_nope(q[..., :P], state.w_uk_t), q[..., P:].float()), dim=-1)
+    finish_q(q_cat, state.q_scale, q_out)
+    return q_out
+
+
+# --- mla_fused_decode_prep ---------------------------------------------------
+
+def _fused_decode_prep_fake(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend):
+    return q.new_empty((q.shape[0], q.shape[1], kv_c.shape[-1] + k_pe.shape[-1]), dtype=out_dtype)
+
+
+def _fused_decode_prep_impl(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend):
+    state = resolve_layer(layer_name)
+    _check_out_dtype("mla_fused_decode_prep", out_dtype, state, q, layer_name)
+    q_out = _fused_decode_prep_fake(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend)
+    kernels.fused_decode_prep(
+        q, kv_c, k_pe, state.w_uk_t, positions, cos_sin_cache, is_neox, state.slot_mapping,
+        state.kv_cache, state.kv_cache_dtype, state.k_scale, state.q_scale, q_out, backend=backend,
+    )
+    return q_out
+
+
+# --- mla_attention_with_prepped_q --------------------------------------------
+
+def _attention_with_prepped_q_fake(q, q_prepped, kv_c_normed, k_pe, output, layer_name, kv_cache_dummy_dep=None):
+    return None
+
+
+def _attention_with_prepped_q_impl(q, q_prepped, kv_c_normed, k_pe, output, layer_name, kv_cache_dummy_dep=None):
+    state = resolve_layer(layer_name)
+    if state.attention_with_prepped_q is None:
+        raise RuntimeError(
+            f"mla_attention_with_prepped_q: layer {layer_name_str(layer_name)!r} has no "
+            "attention_with_prepped_q adapter"
+        )
+    state.attention_with_prepped_q(q, q_prepped, kv_c_normed, k_pe, output)
+
+
+for _name, _impl, _fake in (
+    ("mla_decode_q_prep", _decode_q_prep_impl, _decode_q_prep_fake),
+    ("mla_fused_decode_prep", _fused_decode_prep_impl, _fused_decode_prep_fake),
+    ("mla_attention_with_prepped_q", _attention_with_prepped_q_impl, _attention_with_prepped_q_fake),
+):
+    _lib.impl(_name, _impl, "CompositeExplicitAutograd")
+    _lib._register_fake(_name, _fake)

@@ -1,0 +1,1 @@
+"""Command-line tools of mla-passes (installed as ``mla_passes.tools``)."""
