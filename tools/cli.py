@@ -1,9 +1,16 @@
-"""The ``mla-passes`` command line."""
+"""The ``mla-passes`` command line.
+
+Each subcommand lives in its own module ``mla_passes.tools.<name>`` that
+defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+SUBCOMMANDS = ("demo", "dump", "diff", "patterns", "lint", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -11,7 +18,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mla-passes",
         description="Inspect and run the mla-passes torch.compile passes for MLA decode.",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"mla_passes.tools.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"mla_passes.tools.{name}":
+                raise
+            continue
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
 
 
