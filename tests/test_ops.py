@@ -1,0 +1,110 @@
+"""The custom ops: invariant 1 (fake shape == real shape), numbers, mutation table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import mla_passes  # noqa: F401  (registers torch.ops.mla_passes)
+from mla_passes.kernels import fused_decode_prep
+from mla_passes.layers import MLALayerState, local_layers, resolve_layer
+from mla_passes.ops import OP_SPECS, LayerName
+from mla_passes.testing import make_case
+
+ops = torch.ops.mla_passes
+
+
+@pytest.fixture
+def layer():
+    """Registers a layer 'model.layers.0.attn' backed by a random fp8 case."""
+    name = "model.layers.0.attn"
+
+    def make(T, q_fp8=True):
+        case = make_case(T, 8, P=32, L=64, R=16, block_size=16, kv_cache_dtype="fp8",
+                         q_fp8_dtype=torch.float8_e4m3fn if q_fp8 else None, seed=T)
+        local_layers.register(name, MLALayerState(
+            w_uk_t=case.w_uk_t, kv_cache=case.kv_cache, slot_mapping=case.slot_mapping,
+            kv_cache_dtype="fp8", k_scale=case.k_scale, q_scale=case.q_scale,
+            q_fp8_dtype=torch.float8_e4m3fn if q_fp8 else None,
+        ))
+        return case, LayerName(name)
+
+    yield make
+    local_layers.unregister(name)
+
+
+def _fake_of(fn, *args):
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        return fn(*fake_args)
+
+
+@pytest.mark.parametrize("T", [1, 16, 64, 256])
+@pytest.mark.parametrize("q_fp8", [True, False])
+def test_decode_q_prep_fake_matches_real(layer, T, q_fp8):
+    """mla_decode_q_prep: fake shape/dtype == real for every T; every row computed."""
+    case, ln = layer(T, q_fp8)
+    out_dtype = torch.float8_e4m3fn if q_fp8 else case.q.dtype
+    args = (case.q, ln, 64, 16, out_dtype)
+    real = ops.mla_decode_q_prep(*args)
+    fake = _fake_of(ops.mla_decode_q_prep, *args)
+    assert (fake.shape, fake.dtype) == (real.shape, real.dtype) == ((T, 8, 80), out_dtype)
+    # numbers: the fused kernel with an identity rotation (cos=1, sin=0) computes the
+    # same absorb + concat + quant
+    ref = case.clone()
+    R2 = ref.cos_sin_cache.shape[1] // 2
+    ref.cos_sin_cache = torch.cat((torch.ones_like(ref.cos_sin_cache[:, :R2]), torch.zeros_like(ref.cos_sin_cache[:, R2:])), -1)
+    ref.q_scale = ref.q_scale if q_fp8 else None
+    q_out = torch.empty_like(real)
+    fused_decode_prep(*ref.kernel_args()[:-1], q_out, backend="reference")
+    assert torch.equal(real.view(torch.uint8), q_out.view(torch.uint8))
+
+
+@pytest.mark.parametrize("T", [1, 16, 64, 256])
+def test_fused_decode_prep_fake_matches_real(layer, T):
+    """mla_fused_decode_prep: fake shape == real; q/k_pe rotated in place; cache written."""
+    case, ln = layer(T)
+    expect = case.clone()
+    fused_decode_prep(*expect.kernel_args(), backend="reference")
+    args = (case.q, case.kv_c, case.k_pe, case.positions, case.cos_sin_cache, case.is_neox, ln,
+            torch.float8_e4m3fn, "reference")
+    fake = _fake_of(ops.mla_fused_decode_prep, *args)
+    real = ops.mla_fused_decode_prep(*args)
+    assert (fake.shape, fake.dtype) == (real.shape, real.dtype) == ((T, 8, 80), torch.float8_e4m3fn)
+    state = resolve_layer(ln)
+    assert torch.equal(real.view(torch.uint8), expect.q_out.view(torch.uint8))
+    assert torch.equal(case.q, expect.q) and torch.equal(case.k_pe, expect.k_pe)
+    assert torch.equal(state.kv_cache, expect.kv_cache)
+
+
+def test_out_dtype_mismatch_is_reported(layer):
+    """Asking for a bf16 prepped q from a layer that quantizes q is an error."""
+    case, ln = layer(4, q_fp8=True)
+    with pytest.raises(ValueError, match="out_dtype"):
+        ops.mla_decode_q_prep(case.q, ln, 64, 16, torch.bfloat16)
+
+
+def test_unknown_layer_is_reported():
+    with pytest.raises(KeyError, match="no state for MLA layer 'nope'"):
+        ops.mla_decode_q_prep(torch.randn(1, 2, 48), LayerName("nope"), 64, 16, torch.float32)
+
+
+def test_op_specs_match_schemas():
+    """OP_SPECS.mutates lists exactly the arguments each schema marks as written."""
+    for spec in OP_SPECS.values():
+        written = tuple(a.name for a in spec.overload._schema.arguments if a.alias_info and a.alias_info.is_write)
+        assert written == spec.mutates, spec.name
+
+
+def test_layer_name_accepts_strings_and_vllm_style_objects():
+    from mla_passes.layers import layer_name_str
+
+    class Other:  # vLLM's LayerName has the same .value attribute
+        value = "x"
+
+    assert layer_name_str("a") == "a"
+    assert layer_name_str(LayerName("b")) == "b"
+    assert layer_name_str(Other()) == "x"
+    with pytest.raises(TypeError, match="layer_name"):
+        layer_name_str(3)
