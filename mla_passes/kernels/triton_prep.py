@@ -1,0 +1,396 @@
+"""One Triton kernel for the whole MLA decode prep (DESIGN §4.1).
+
+:func:`fused_decode_prep_triton` does, in ONE launch: the q-absorb
+(``q_nope @ W_UK_T[h]``, ``tl.dot`` with fp32 accumulation), RoPE of ``q_pe``
+and ``k_pe`` (NeoX or GPT-J pairs, written back in place), the concat into
+``q_out``, the static per-tensor fp8 quant of ``q_out`` (or a plain cast when
+``q_scale`` is None) and the latent-cache write of ``[kv_c | rope(k_pe)]`` for
+the tokens whose slot is ``>= 0``.
+
+Why one kernel: at decode sizes the step is bound by bytes and launches, not
+by arithmetic. The bytes are dominated by ``W_UK_T`` (``H*P*L`` elements, 16 MiB
+for DeepSeek-V3 at H=128), which this grid reads once per token block.
+
+Grid ``(programs_per_token_block, token_blocks)``; in each token block of
+``BLOCK_T`` tokens the programs are, in order:
+
+* ``H * NUM_LB`` absorb programs, one per (head, block of ``BLOCK_L`` latent
+  columns): ``[BLOCK_T, P] x [P, BLOCK_L]`` with ``tl.dot`` -> ``q_out[..., :L]``;
+* ``NUM_LB`` cache programs: ``kv_c`` columns -> the cache rows (slot >= 0);
+  the first of them also rotates ``k_pe`` (in place, every token) and writes
+  its rotated half of the cache row;
+* ``ceil(H / ROPE_HEADS)`` rope programs: ``q_pe`` of ``ROPE_HEADS`` heads,
+  rotated in place and written (quantized) into ``q_out[..., L:]``.
+
+Every memory location is read and written by exactly one program, so there is
+no ordering inside the launch to get wrong. The wrapper allocates nothing and
+never syncs with the host; the launch only reads device pointers, so it can be
+captured in a CUDA graph and replayed with new contents in the same buffers.
+
+fp8 targets: the platform flavour is stored with Triton's native cast (round
+to nearest even, after a clamp to the finite max). ``float8_e4m3fnuz`` on a
+machine whose Triton has no native cast for it (NVIDIA, the CPU interpreter)
+is produced bit-exactly from the e4m3fn cast of ``2x`` (the two formats differ
+only in exponent bias, and fnuz has no negative zero and a top code of 240).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8 import fp8_max, is_fp8_kv_cache, platform_fp8_dtype
+
+# Store modes for a destination tensor.
+_CAST = 0        # plain cast to the pointer's element type
+_FP8 = 1         # divide by the scale, clamp, native cast to fp8
+_FP8_FNUZ_BITS = 2  # like _FP8, but e4m3fnuz bits into a uint8 view
+
+
+@triton.jit
+def _round_e4m3fn(y):
+    """Round fp32 ``y`` (|y| <= 448) to the nearest e4m3fn value, ties to even,
+    in fp32 arithmetic. Only used under the CPU interpreter, whose own
+    fp32 -> fp8 cast drops the carry into the next binade (7.9 -> 4.0)."""
+    bits = y.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1
+    normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)
+    sub = tl.abs((y * 512.0 + 12582912.0) - 12582912.0) * 0.001953125  # steps of 2^-9
+    sub = tl.where(bits < 0, -sub, sub)
+    return tl.where(tl.abs(y) < 0.015625, sub, normal)
+
+
+@triton.jit
+def _to_e4m3fn(y, INTERP: tl.constexpr):
+    if INTERP:
+        y = _round_e4m3fn(y)
+    return y.to(tl.float8e4nv)
+
+
+@triton.jit
+def _fnuz_bits(y, INTERP: tl.constexpr):
+    """e4m3fnuz bits (uint8) of fp32 ``y`` already clamped to +-240.
+
+    fnuz(y) has the bit pattern of e4m3fn(2y) (exponent bias 8 vs 7), except
+    that 2y above 448 has no finite e4m3fn code: the fnuz top code 0x7f (240)
+    takes |y| > 232 (ties at 232 go to the even 224), and e4m3fn's negative
+    zero 0x80 is fnuz's NaN, so it becomes +0.
+    """
+    two_y = tl.minimum(tl.maximum(y * 2.0, -448.0), 448.0)
+    bits = _to_e4m3fn(two_y, INTERP).to(tl.uint8, bitcast=True)
+    top = tl.where(y < 0, 0xFF, 0x7F).to(tl.uint8)
+    bits = tl.where(tl.abs(y) > 232.0, top, bits)
+    return tl.where(bits == 0x80, 0, bits).to(tl.uint8)
+
+
+@triton.jit
+def _store_out(ptrs, x, mask, scale, MODE: tl.constexpr, FP8_MAX: tl.constexpr, INTERP: tl.constexpr):
+    """Store fp32 ``x`` at ``ptrs``: cast, or static fp8 quant ``x / scale``."""
+    if MODE == 0:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+    else:
+        y = tl.math.div_rn(x, scale)
+        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+        if MODE == 1:
+            if INTERP and ptrs.dtype.element_ty == tl.float8e4nv:
+                y = _round_e4m3fn(y)
+            tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
+        else:
+            tl.store(ptrs, _fnuz_bits(y, INTERP), mask=mask)
+
+
+@triton.jit
+def _pair_offsets(HALF_PAD: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr):
+    """Offsets of the two members of each rotary pair, and the pair mask."""
+    i = tl.arange(0, HALF_PAD)
+    if IS_NEOX:
+        o1 = i
+        o2 = i + HALF
+    else:
+        o1 = 2 * i
+        o2 = 2 * i + 1
+    return i, o1, o2, i < HALF
+
+
+@triton.jit
+def _mla_decode_prep_kernel(
+    q_ptr, kvc_ptr, kpe_ptr, w_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr,
+    kscale_ptr, qscale_ptr, qout_ptr,
+    T, H, block_size,
+    s_qt, s_qh, s_qd,
+    s_ct, s_cd,
+    s_kt, s_kd,
+    s_wh, s_wp, s_wl,
+    s_cs0, s_cs1,
+    s_cb, s_co, s_cx,
+    s_ot, s_oh, s_od,
+    P: tl.constexpr, L: tl.constexpr, R: tl.constexpr,
+    P_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, NUM_LB: tl.constexpr,
+    ROPE_HEADS: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    Q_MODE: tl.constexpr, Q_MAX: tl.constexpr,
+    KV_MODE: tl.constexpr, KV_MAX: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERP: tl.constexpr,
+):
+    HALF: tl.constexpr = R // 2
+    EVEN_P: tl.constexpr = P == P_PAD
+    EVEN_L: tl.constexpr = (L % BLOCK_L) == 0
+    pid = tl.program_id(0)
+    tb = tl.program_id(1)
+    offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs_t < T
+    t64 = offs_t.to(tl.int64)
+    n_mm = H * NUM_LB
+
+    if pid < n_mm:
+        # ---- q-absorb: q_out[t, h, l-block] = q_nope[t, h] @ W_UK_T[h][:, l-block]
+        h = pid // NUM_LB
+        lb = pid - h * NUM_LB
+        offs_p = tl.arange(0, P_PAD)
+        offs_l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+        a_ptrs = q_ptr + t64[:, None] * s_qt + h * s_qh + offs_p[None, :] * s_qd
+        w_ptrs = w_ptr + h * s_wh + offs_p[:, None] * s_wp + offs_l[None, :] * s_wl
+        if EVEN_P:
+            a = tl.load(a_ptrs, mask=tmask[:, None], other=0.0)
+            if EVEN_L:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=(offs_l < L)[None, :], other=0.0)
+        else:
+            pmask = offs_p < P
+            a = tl.load(a_ptrs, mask=tmask[:, None] & pmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=pmask[:, None] & (offs_l < L)[None, :], other=0.0)
+        if DOT_F32:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(a, w)
+        q_scale = 1.0
+        if Q_MODE != 0:
+            q_scale = tl.load(qscale_ptr)
+        o_ptrs = qout_ptr + t64[:, None] * s_ot + h * s_oh + offs_l[None, :] * s_od
+        if EVEN_L:
+            o_mask = tmask[:, None]
+        else:
+            o_mask = tmask[:, None] & (offs_l < L)[None, :]
+        _store_out(o_ptrs, acc, o_mask, q_scale, Q_MODE, Q_MAX, INTERP)
+    elif pid < n_mm + NUM_LB:
+        # ---- cache write: [kv_c | rope(k_pe)] -> cache row slot, slot >= 0
+        lb = pid - n_mm
+        slot = tl.load(slot_ptr + offs_t, mask=tmask, other=-1).to(tl.int64)
+        valid = tmask & (slot >= 0)
+        slot = tl.where(valid, slot, 0)
+        blk = slot // block_size
+        row = blk * s_cb + (slot - blk * block_size) * s_co
+        k_scale = 1.0
+        if KV_MODE != 0:
+            k_scale = tl.load(kscale_ptr)
+        offs_l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+        lmask = offs_l < L
+        m = valid[:, None] & lmask[None, :]
+        x = tl.load(kvc_ptr + t64[:, None] * s_ct + offs_l[None, :] * s_cd, mask=m, other=0.0)
+        _store_out(cache_ptr + row[:, None] + offs_l[None, :] * s_cx, x.to(tl.float32), m,
+                   k_scale, KV_MODE, KV_MAX, INTERP)
+        if lb == 0:
+            pos = tl.load(pos_ptr + offs_t, mask=tmask, other=0).to(tl.int64)
+            i, o1, o2, imask = _pair_offsets(HALF_PAD, HALF, IS_NEOX)
+            cs = cs_ptr + pos[:, None] * s_cs0
+            tm = tmask[:, None] & imask[None, :]
+            c = tl.load(cs + i[None, :] * s_cs1, mask=tm, other=0.0).to(tl.float32)
+            s = tl.load(cs + (i[None, :] + HALF) * s_cs1, mask=tm, other=0.0).to(tl.float32)
+            k_row = kpe_ptr + t64[:, None] * s_kt
+            x1 = tl.load(k_row + o1[None, :] * s_kd, mask=tm, other=0.0).to(tl.float32)
+            x2 = tl.load(k_row + o2[None, :] * s_kd, mask=tm, other=0.0).to(tl.float32)
+            r1 = x1 * c - x2 * s
+            r2 = x2 * c + x1 * s
+            vm = valid[:, None] & imask[None, :]
+            c_row = cache_ptr + row[:, None]
+            _store_out(c_row + (L + o1[None, :]) * s_cx, r1, vm, k_scale, KV_MODE, KV_MAX, INTERP)
+            _store_out(c_row + (L + o2[None, :]) * s_cx, r2, vm, k_scale, KV_MODE, KV_MAX, INTERP)
+            # in place, for every token (slot < 0 too)
+            tl.store(k_row + o1[None, :] * s_kd, r1.to(kpe_ptr.dtype.element_ty), mask=tm)
+            tl.store(k_row + o2[None, :] * s_kd, r2.to(kpe_ptr.dtype.element_ty), mask=tm)
+    else:
+        # ---- q RoPE: q_pe rotated in place and into q_out[..., L:]
+        h0 = (pid - n_mm - NUM_LB) * ROPE_HEADS
+        pos = tl.load(pos_ptr + offs_t, mask=tmask, other=0).to(tl.int64)
+        i, o1, o2, imask = _pair_offsets(HALF_PAD, HALF, IS_NEOX)
+        cs = cs_ptr + pos[:, None] * s_cs0
+        tm = tmask[:, None] & imask[None, :]
+        c = tl.load(cs + i[None, :] * s_cs1, mask=tm, other=0.0).to(tl.float32)
+        s = tl.load(cs + (i[None, :] + HALF) * s_cs1, mask=tm, other=0.0).to(tl.float32)
+        q_scale = 1.0
+        if Q_MODE != 0:
+            q_scale = tl.load(qscale_ptr)
+        for hh in tl.static_range(ROPE_HEADS):
+            h = h0 + hh
+            m = tm & ((tl.zeros([BLOCK_T], dtype=tl.int32) + h) < H)[:, None]
+            q_row = q_ptr + t64[:, None] * s_qt + h * s_qh + P * s_qd
+            x1 = tl.load(q_row + o1[None, :] * s_qd, mask=m, other=0.0).to(tl.float32)
+            x2 = tl.load(q_row + o2[None, :] * s_qd, mask=m, other=0.0).to(tl.float32)
+            r1 = x1 * c - x2 * s
+            r2 = x2 * c + x1 * s
+            tl.store(q_row + o1[None, :] * s_qd, r1.to(q_ptr.dtype.element_ty), mask=m)
+            tl.store(q_row + o2[None, :] * s_qd, r2.to(q_ptr.dtype.element_ty), mask=m)
+            o_row = qout_ptr + t64[:, None] * s_ot + h * s_oh + L * s_od
+            _store_out(o_row + o1[None, :] * s_od, r1, m, q_scale, Q_MODE, Q_MAX, INTERP)
+            _store_out(o_row + o2[None, :] * s_od, r2, m, q_scale, Q_MODE, Q_MAX, INTERP)
+
+
+@triton.jit
+def _gather_rows_kernel(
+    cache_ptr, slot_ptr, scale_ptr, out_ptr,
+    N, D, block_size,
+    s_cb, s_co, s_cx, s_on, s_od,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DEQUANT: tl.constexpr, FNUZ_BITS: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    nmask = offs_n < N
+    dmask = offs_d < D
+    slot = tl.load(slot_ptr + offs_n, mask=nmask, other=-1).to(tl.int64)
+    valid = nmask & (slot >= 0)
+    slot = tl.where(valid, slot, 0)
+    blk = slot // block_size
+    row = blk * s_cb + (slot - blk * block_size) * s_co
+    m = valid[:, None] & dmask[None, :]
+    raw = tl.load(cache_ptr + row[:, None] + offs_d[None, :] * s_cx, mask=m, other=0)
+    if FNUZ_BITS:
+        # e4m3fnuz code c reads as e4m3fn(c) / 2; its top code 0x7f is 240, 0x80 is NaN
+        x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * 0.5
+        mag = raw & 0x7F
+        x = tl.where(mag == 0x7F, tl.where(raw >= 0x80, -240.0, 240.0), x)
+        x = tl.where(raw == 0x80, float("nan"), x)
+    else:
+        x = raw.to(tl.float32)
+    if DEQUANT:
+        x = x * tl.load(scale_ptr)
+    x = tl.where(m, x, 0.0)
+    out_ptrs = out_ptr + offs_n[:, None].to(tl.int64) * s_on + offs_d[None, :] * s_od
+    tl.store(out_ptrs, x.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
+
+
+# --------------------------------------------------------------------- host side
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fp8_target(t: torch.Tensor) -> tuple[torch.Tensor, int, float]:
+    """The tensor to hand the kernel for an fp8 destination, its store mode and
+    finite max. A uint8 tensor holds the platform flavour's bits."""
+    dtype = platform_fp8_dtype(t.device) if t.dtype == torch.uint8 else t.dtype
+    if dtype == torch.float8_e4m3fnuz and torch.version.hip is None:
+        return t.view(torch.uint8), _FP8_FNUZ_BITS, fp8_max(dtype)
+    return (t if t.dtype == dtype else t.view(dtype)), _FP8, fp8_max(dtype)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_config(T: int, H: int, L: int, device: torch.device) -> dict:
+    """Block sizes for one call; a function of the shape only (graph-stable).
+
+    ``BLOCK_T``: tokens per ``tl.dot`` (>= 16, the smallest MMA tile).
+    ``BLOCK_L``: latent columns per absorb program; narrower when the
+    (head, column-block, token-block) grid would not fill the GPU twice.
+    """
+    block_t = 16 if T <= 16 else (32 if T <= 32 else 64)
+    n_tb = triton.cdiv(T, block_t)
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
+    block_l = 128
+    while block_l > 32 and H * triton.cdiv(L, block_l) * n_tb < 2 * sms:
+        block_l //= 2
+    block_l = max(16, min(block_l, _next_pow2(L)))
+    num_warps = 8 if block_t * block_l >= 64 * 128 else 4
+    return dict(BLOCK_T=block_t, BLOCK_L=block_l, ROPE_HEADS=8, num_warps=num_warps)
+
+
+_CONFIG_OVERRIDE: dict | None = None  # set by tools/bench.py to compare configurations
+
+
+def fused_decode_prep_triton(
+    q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, is_neox, slot_mapping,
+    kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims,
+) -> None:
+    """The Triton backend of :func:`mla_passes.kernels.fused_decode_prep`.
+
+    Arguments as there; ``dims`` is the :class:`~.validate.PrepDims` the
+    argument checks returned. One launch, no allocation, no host sync.
+    """
+    T, H, P, L, R = dims.T, dims.H, dims.P, dims.L, dims.R
+    if T == 0:
+        return
+    if is_fp8_kv_cache(kv_cache_dtype):
+        cache, kv_mode, kv_max = _fp8_target(kv_cache)
+    else:
+        cache, kv_mode, kv_max = kv_cache, _CAST, 0.0
+    if q_scale is not None:
+        qo, q_mode, q_max = _fp8_target(q_out)
+    else:
+        qo, q_mode, q_max = q_out, _CAST, 0.0
+
+    cfg = dict(launch_config(T, H, L, q.device))
+    if _CONFIG_OVERRIDE:
+        cfg.update(_CONFIG_OVERRIDE)
+    block_t, block_l, rope_heads = cfg["BLOCK_T"], cfg["BLOCK_L"], cfg["ROPE_HEADS"]
+    num_lb = triton.cdiv(L, block_l)
+    grid = (H * num_lb + num_lb + triton.cdiv(H, rope_heads), triton.cdiv(T, block_t))
+    # tl.dot needs one operand dtype; fp32 when the two differ, for fp32
+    # models, and for bf16 under the CPU interpreter (its bf16 dot is wrong).
+    dot_f32 = (q.dtype != w_uk_t.dtype or q.dtype == torch.float32
+               or (q.dtype == torch.bfloat16 and _interpreting()))
+    _mla_decode_prep_kernel[grid](
+        q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, slot_mapping, cache,
+        k_scale, q_scale if q_scale is not None else k_scale, qo,
+        T, H, dims.block_size,
+        q.stride(0), q.stride(1), q.stride(2),
+        kv_c.stride(0), kv_c.stride(1),
+        k_pe.stride(0), k_pe.stride(-1),
+        w_uk_t.stride(0), w_uk_t.stride(1), w_uk_t.stride(2),
+        cos_sin_cache.stride(0), cos_sin_cache.stride(1),
+        cache.stride(0), cache.stride(1), cache.stride(2),
+        qo.stride(0), qo.stride(1), qo.stride(2),
+        P=P, L=L, R=R, P_PAD=max(16, _next_pow2(P)), HALF_PAD=_next_pow2(R // 2),
+        BLOCK_T=block_t, BLOCK_L=block_l, NUM_LB=num_lb, ROPE_HEADS=rope_heads,
+        IS_NEOX=bool(is_neox),
+        Q_MODE=q_mode, Q_MAX=q_max, KV_MODE=kv_mode, KV_MAX=kv_max,
+        DOT_F32=dot_f32, INTERP=_interpreting(),
+        num_warps=cfg["num_warps"],
+    )
+
+
+def gather_cache_rows_triton(kv_cache, slots, kv_cache_dtype, k_scale, dtype) -> torch.Tensor:
+    """Triton version of :func:`mla_passes.kernels.gather_cache_rows`: one
+    launch, output ``[len(slots), L+R]`` in ``dtype`` (a fresh tensor)."""
+    N, D = slots.shape[0], kv_cache.shape[-1]
+    out = torch.empty((N, D), dtype=dtype, device=kv_cache.device)
+    if N == 0:
+        return out
+    fp8 = is_fp8_kv_cache(kv_cache_dtype)
+    cache, fnuz_bits = kv_cache, False
+    if fp8:
+        cache, mode, _ = _fp8_target(kv_cache)
+        fnuz_bits = mode == _FP8_FNUZ_BITS
+    BLOCK_N, BLOCK_D = 16, 128
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))
+    _gather_rows_kernel[grid](
+        cache, slots, k_scale, out, N, D, kv_cache.shape[1],
+        cache.stride(0), cache.stride(1), cache.stride(2), out.stride(0), out.stride(1),
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DEQUANT=fp8, FNUZ_BITS=fnuz_bits,
+    )
+    return out
