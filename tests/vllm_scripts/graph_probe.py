@@ -1,0 +1,95 @@
+"""A post-grad pass for vLLM test subprocesses that records the graph it sees.
+
+Imported by the spawned vLLM worker (the pass object travels pickled inside the
+vLLM config), so it lives in an importable module, not in a ``__main__``.
+Each call appends one record to the JSONL file named by ``$MLA_PROBE_OUT`` and
+writes the graph text to ``<that file>.<pid>.<n>.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+
+def _val_str(val) -> str:
+    if isinstance(val, torch.Tensor):
+        return f"{val.dtype} {tuple(val.shape)} stride={tuple(val.stride())}"
+    if isinstance(val, (list, tuple)):
+        return "(" + ", ".join(_val_str(v) for v in val) + ")"
+    return repr(val)
+
+
+def _compile_range():
+    try:
+        from vllm.compilation.passes.inductor_pass import get_pass_context
+    except ImportError:  # layout differs between vLLM versions
+        try:
+            from vllm.compilation.inductor_pass import get_pass_context  # type: ignore
+        except ImportError:
+            return None
+    try:
+        return str(get_pass_context().compile_range)
+    except Exception as e:  # no pass context outside vLLM's pass manager
+        return f"<none: {type(e).__name__}: {e}>"
+
+
+def _symbol_ranges(graph: torch.fx.Graph) -> dict[str, str]:
+    out = {}
+    for node in graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt):
+            expr = val.node.expr
+            shape_env = val.node.shape_env
+            rng = shape_env.var_to_range.get(expr) if hasattr(shape_env, "var_to_range") else None
+            out[node.name] = f"{expr} range={rng}"
+    return out
+
+
+def op_counts(graph: torch.fx.Graph) -> dict[str, int]:
+    """Counts of call_function targets; ops wrapped in auto_functionalized
+    count under their own name with an ``auto_functionalized:`` prefix."""
+    counts: Counter[str] = Counter()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        if "auto_functionalized" in name and node.args:
+            name = f"auto_functionalized:{node.args[0]}"
+        counts[name] += 1
+    return dict(counts)
+
+
+class GraphProbePass(CustomGraphPass):
+    def __init__(self, tag: str = "probe"):
+        self.tag = tag
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        path = os.environ.get("MLA_PROBE_OUT")
+        if not path:
+            return
+        n = sum(1 for _ in open(path)) if os.path.exists(path) else 0
+        text_path = f"{path}.{os.getpid()}.{n}.txt"
+        lines = [str(graph), "", "# node meta (call_function / placeholder)"]
+        for node in graph.nodes:
+            if node.op in ("call_function", "placeholder"):
+                lines.append(f"{node.name}: {node.op} {node.target} val={_val_str(node.meta.get('val'))}")
+        with open(text_path, "w") as f:
+            f.write("\n".join(lines))
+        rec = {
+            "tag": self.tag,
+            "pid": os.getpid(),
+            "compile_range": _compile_range(),
+            "symbols": _symbol_ranges(graph),
+            "op_counts": op_counts(graph),
+            "graph_file": text_path,
+        }
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def uuid(self):
+        return f"mla-passes-test-graph-probe-{self.tag}"
