@@ -1,0 +1,158 @@
+"""``mla-passes dump``: run a script under depyf with (or without) our passes.
+
+    mla-passes dump [--out DIR] [--passes on|off] -- SCRIPT [ARGS...]
+
+runs SCRIPT (as ``__main__``, with ``sys.argv = [SCRIPT, *ARGS]``) inside
+``depyf.prepare_debug(DIR)`` with an :class:`~mla_passes.MLAPassManager`
+installed as Inductor's ``post_grad_custom_post_pass`` (``--passes on``) or no
+custom pass at all (``--passes off``). DIR then holds depyf's files for every
+compiled function, among them ``AFTER_POST_GRAD`` and, with the passes on, the
+``mla_passes_before_<pass>`` / ``mla_passes_after_<pass>`` graphs each pass
+logs. Compare two dumps with ``mla-passes diff``.
+
+Inductor's and AOTAutograd's caches are turned off for the run: a cache hit
+skips the post-grad passes and leaves no graphs to dump. A script that sets
+``post_grad_custom_post_pass`` itself overrides ours. vLLM compiles in worker
+processes: for vLLM, use its own ``compilation_config.debug_dump_path`` (it
+runs depyf the same way; our passes' graphs land there too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import runpy
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+HELP = "run a script under depyf.prepare_debug with the mla-passes pass manager on (or off), dumping every graph"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="dump folder (default: ./mla_passes_dump_<on|off>)")
+    parser.add_argument("--passes", choices=("on", "off"), default="on",
+                        help="install the mla-passes pass manager (on) or no custom pass (off); default on")
+    parser.add_argument("--clean", action="store_true", help="empty DIR first if it is not empty")
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="decode bucket for the pass manager's gating (default: the manager's own)")
+    parser.add_argument("--backend", default="auto", help="kernel backend for the fused op (default auto)")
+    parser.add_argument("script", metavar="SCRIPT", help="the Python script to run (put `--` before it)")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for SCRIPT")
+
+
+def make_pass(passes: str, *, max_num_seqs: int | None = None, backend: str = "auto"):
+    """The custom post-grad pass for ``--passes on|off`` (None for off): the
+    pass manager wrapped so that ``.total_counts`` sums its matches over all
+    graphs."""
+    if passes == "off":
+        return None
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from mla_passes.config import PassConfig
+    from mla_passes.pass_manager import MLAPassManager
+
+    kwargs = {"fuse_aiter_qk_rope_kvcache_mla": True}
+    if backend != "auto":
+        kwargs["backend"] = backend
+    manager = MLAPassManager(PassConfig(**kwargs), max_num_seqs=max_num_seqs)
+
+    class _Counting(CustomGraphPass):
+        def __init__(self):
+            self.manager = manager
+            self.total_counts: dict[str, int] = {}
+            self.graphs = 0
+
+        def __call__(self, graph):
+            self.manager(graph)
+            self.graphs += 1
+            for k, v in (getattr(self.manager, "matched_counts", None) or {}).items():
+                self.total_counts[k] = self.total_counts.get(k, 0) + v
+
+        def uuid(self):
+            return self.manager.uuid()
+
+    return _Counting()
+
+
+def prepare_out_dir(out: Path, clean: bool) -> str | None:
+    """Make ``out`` an empty folder; an error message if it is not empty and
+    ``clean`` is off (depyf appends to a non-empty folder: stale graphs would mix in)."""
+    if out.exists() and not out.is_dir():
+        return f"{out} exists and is not a folder"
+    if out.is_dir() and any(out.iterdir()):
+        if not clean:
+            return f"{out} is not empty (depyf would mix old and new graphs); pass --clean to empty it"
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+@contextlib.contextmanager
+def dumping(out: str | os.PathLike, custom_pass):
+    """``depyf.prepare_debug(out)`` with ``custom_pass`` as the post-grad custom
+    pass and the compile caches off."""
+    import depyf
+    import torch
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(), inductor_config.patch(post_grad_custom_post_pass=custom_pass, force_disable_caches=True,
+                               fx_graph_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False), \
+            depyf.prepare_debug(str(out)):
+        warnings.filterwarnings("ignore", message=".*(You are trying to debug|force disabled by).*")
+        yield
+    torch._dynamo.reset()
+
+
+def graph_files(out: str | os.PathLike) -> list[Path]:
+    from .graphdiff import collect_graph_files
+
+    return sorted(collect_graph_files(out).values())
+
+
+def run(args) -> int:
+    script_args = list(args.script_args)
+    if script_args[:1] == ["--"]:
+        script_args = script_args[1:]
+    script = Path(args.script)
+    if not script.is_file():
+        print(f"mla-passes dump: {script}: no such file", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"mla_passes_dump_{args.passes}")
+    err = prepare_out_dir(out, args.clean)
+    if err:
+        print(f"mla-passes dump: {err}", file=sys.stderr)
+        return 2
+    custom_pass = make_pass(args.passes, max_num_seqs=args.max_num_seqs, backend=args.backend)
+
+    old_argv, old_path0 = sys.argv, sys.path[0] if sys.path else None
+    sys.argv = [str(script), *script_args]
+    sys.path.insert(0, str(script.resolve().parent))
+    rc = 0
+    try:
+        with dumping(out, custom_pass):
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old_argv
+        if sys.path and sys.path[0] == str(script.resolve().parent) and sys.path[0] != old_path0:
+            sys.path.pop(0)
+
+    files = graph_files(out)
+    ours = [p for p in files if ".mla_passes_" in p.name]
+    print(f"mla-passes dump: {len(files)} graph files in {out}/ (passes {args.passes})")
+    if custom_pass is not None:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(custom_pass.total_counts.items())) or "none"
+        print(f"  pass manager ran on {custom_pass.graphs} graphs; matches: {counts}")
+        print(f"  {len(ours)} before/after graphs of our passes: {out}/*.mla_passes_*.py")
+    if rc:
+        print(f"mla-passes dump: {script} exited with status {rc}", file=sys.stderr)
+    return rc
