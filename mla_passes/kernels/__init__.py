@@ -30,14 +30,18 @@ BACKENDS = ("reference", "triton", "aiter")
 _FALLBACK = {"aiter": "triton", "triton": "reference"}
 
 
-def _triton_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
     try:
         importlib.import_module("triton")
     except ImportError:
         return False
     return True
+
+
+def _triton_available(device: torch.device) -> bool:
+    """Our Triton kernels run on CUDA and ROCm devices where triton imports."""
+    return device.type == "cuda" and _triton_importable()
 
 
 def _aiter_available(device: torch.device) -> bool:
@@ -138,13 +142,10 @@ def gather_cache_rows(
         raise ValueError("gather_cache_rows: argument 'k_scale' must be a tensor of one element")
     if dtype is None:
         dtype = torch.bfloat16 if is_fp8_kv_cache(kv_cache_dtype) else kv_cache.dtype
-    if resolve_backend("auto", kv_cache.device) != "reference" and slots.numel() > 0:
-        try:
-            triton_prep = importlib.import_module(".triton_prep", __name__)
-        except ImportError:
-            triton_prep = None
-        if triton_prep is not None and hasattr(triton_prep, "gather_cache_rows_triton"):
-            return triton_prep.gather_cache_rows_triton(kv_cache, slots, kv_cache_dtype, k_scale, dtype)
+    if slots.numel() > 0 and _triton_available(kv_cache.device):
+        # one launch, no host sync (the reference's index_select/where are several)
+        triton_prep = importlib.import_module(".triton_prep", __name__)
+        return triton_prep.gather_cache_rows_triton(kv_cache, slots, kv_cache_dtype, k_scale, dtype)
     return gather_cache_rows_reference(kv_cache, slots, kv_cache_dtype, k_scale, dtype)
 
 
