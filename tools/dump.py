@@ -101,11 +101,13 @@ def dumping(out: str | os.PathLike, custom_pass):
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
-    with warnings.catch_warnings(), inductor_config.patch(post_grad_custom_post_pass=custom_pass, force_disable_caches=True,
-                               fx_graph_cache=False), \
-            functorch_config.patch(enable_autograd_cache=False), \
-            depyf.prepare_debug(str(out)):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", message=".*(You are trying to debug|force disabled by).*")
+        stack.enter_context(inductor_config.patch(
+            post_grad_custom_post_pass=custom_pass, fx_graph_cache=False))
+        stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
+        stack.enter_context(depyf.prepare_debug(str(out)))
         yield
     torch._dynamo.reset()
 
