@@ -126,7 +126,8 @@ def _tol(dtype):
 def check_case(case, run, *, cache_fp8=None):
     """Run ``run(case)`` and check q_out (every row), the in-place rotations and
     the cache (written rows right, all other rows untouched) against the oracle.
-    ``cache_fp8``: the fp8 flavour a uint8 cache holds (default: CPU platform)."""
+    ``cache_fp8``: the fp8 flavour a uint8 cache holds (default: the platform's).
+    Works on any device; used by the Triton tests too."""
     exp = oracle(case)
     before = case.clone()
     run(case)
@@ -155,12 +156,12 @@ def check_case(case, run, *, cache_fp8=None):
     if case.kv_cache_dtype == "auto":
         torch.testing.assert_close(flat[slots].double(), exp.cache_rows[valid], rtol=tol, atol=tol)
     else:
-        fl = flat.dtype if flat.dtype != torch.uint8 else (cache_fp8 or fp8_mod.platform_fp8_dtype("cpu"))
+        fl = flat.dtype if flat.dtype != torch.uint8 else (cache_fp8 or fp8_mod.platform_fp8_dtype(flat.device))
         ks = case.k_scale.double()
         ref = (exp.cache_rows[valid] / ks).clamp(-fp8_max(fl), fp8_max(fl))
         got = flat.view(fl)[slots].double()
         assert ((got - ref).abs() <= fp8_step(ref, fl) + tol * ref.abs() + tol / ks).all()
-    untouched = torch.ones(flat.shape[0], dtype=torch.bool)
+    untouched = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
     untouched[slots] = False
     before_flat = before.kv_cache.view(-1, D)
     assert torch.equal(flat[untouched].view(torch.uint8), before_flat[untouched].view(torch.uint8))

@@ -259,7 +259,7 @@ def _gather_rows_kernel(
     blk = slot // block_size
     row = blk * s_cb + (slot - blk * block_size) * s_co
     m = valid[:, None] & dmask[None, :]
-    raw = tl.load(cache_ptr + row[:, None] + offs_d[None, :] * s_cx, mask=m, other=0)
+    raw = tl.load(cache_ptr + row[:, None] + offs_d[None, :] * s_cx, mask=m)  # masked-off: see where below
     if FNUZ_BITS:
         # e4m3fnuz code c reads as e4m3fn(c) / 2; its top code 0x7f is 240, 0x80 is NaN
         x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * 0.5
