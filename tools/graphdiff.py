@@ -194,6 +194,8 @@ def parse_graph_source(src: str, path: str | None = None) -> ParsedGraph:
             anon += 1
         target, wrapped = _target_of(rhs, defined)
         args = tuple(dict.fromkeys(x for x in _IDENT.findall(_strip_strings(rhs)) if x in defined))
+        if target == "alias" and ann is None and len(args) == 1 and rhs.strip() == args[0]:
+            ann = next(n.val for n in reversed(nodes) if n.name == args[0])  # `l_x_ = L_x_`
         nodes.append(GraphNode(name, target, rhs=rhs, val=ann, args=args, wrapped=wrapped, line=i))
         defined.add(name)
     return ParsedGraph(path, nodes, outputs)
