@@ -37,8 +37,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--passes", choices=("on", "off"), default="on",
                         help="install the mla-passes pass manager (on) or no custom pass (off); default on")
     parser.add_argument("--clean", action="store_true", help="empty DIR first if it is not empty")
-    parser.add_argument("--max-num-seqs", type=int, default=None,
-                        help="decode bucket for the pass manager's gating (default: the manager's own)")
+    parser.add_argument("--max-num-seqs", type=int, default=256,
+                        help="decode bucket of the pass manager: graphs of at most this many tokens are "
+                             "rewritten (default 256, vLLM's default max_num_seqs)")
     parser.add_argument("--backend", default="auto", help="kernel backend for the fused op (default auto)")
     parser.add_argument("script", metavar="SCRIPT", help="the Python script to run (put `--` before it)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for SCRIPT")
@@ -109,7 +110,6 @@ def dumping(out: str | os.PathLike, custom_pass):
         stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
         stack.enter_context(depyf.prepare_debug(str(out)))
         yield
-    torch._dynamo.reset()
 
 
 def graph_files(out: str | os.PathLike) -> list[Path]:

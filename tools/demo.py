@@ -1,0 +1,336 @@
+"""``mla-passes demo``: the passes on a small MLA decode stack, on CPU.
+
+Builds a decode stack with DeepSeek-V3 head dims (``P=128, L=512, R=64,
+V=128``; fewer heads and a small hidden size so it runs in seconds), an fp8
+(``uint8``) KV cache and an fp8 attention q, from the stand-in vLLM ops
+(:mod:`mla_passes.models`). Compiles it with Inductor twice - passes off, then
+passes on (:class:`~mla_passes.MLAPassManager` as the post-grad custom pass) -
+each under ``depyf.prepare_debug`` so both dumps can be compared with
+``mla-passes diff``. Runs both on the same fresh random inputs (not the ones
+the graphs were traced with) from the same cache contents, and checks that
+they agree on
+
+* the stack's output (every layer's attention output flows into it),
+* the KV cache after the step (written rows within one fp8 step, every other
+  byte identical),
+* the rotated ``q_pe`` / ``k_pe`` and the prepped q each layer's attention
+  received (recorded at run time inside the stand-in attention, so both paths
+  are observed the same way).
+
+Prints match counts per pass, an op-count table of the graph before/after the
+passes, the max errors, lint findings of the rewritten graph and where the
+dumps are. Exit status 1 if anything disagrees (or no pass matched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HELP = "compile a small DeepSeek-V3-dims MLA decode stack with the passes off and on, check they agree, show the rewrite"
+
+FULL = dict(layers=4, heads=16, tokens=8)
+SHORT = dict(layers=2, heads=4, tokens=4)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--short", action="store_true",
+                        help=f"small and fast (layers={SHORT['layers']}, heads={SHORT['heads']}, "
+                             f"tokens={SHORT['tokens']}); used by the tests")
+    parser.add_argument("--layers", type=int, default=None, help=f"MLA layers (default {FULL['layers']})")
+    parser.add_argument("--heads", type=int, default=None, help=f"attention heads (default {FULL['heads']}; V3 has 128)")
+    parser.add_argument("--tokens", type=int, default=None, help=f"decode tokens in the step (default {FULL['tokens']})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="where the depyf dumps go (DIR/off, DIR/on); default: a new temp folder")
+    parser.add_argument("--no-dump", action="store_true", help="skip the depyf dumps (faster)")
+    parser.add_argument("--backend", default="auto", help="kernel backend of the fused op (default auto)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    max_err: float
+    tol: float
+    ok: bool
+    detail: str = ""
+
+
+@dataclasses.dataclass
+class DemoResult:
+    config: dict
+    matched: dict[str, int]
+    op_table: list[tuple[str, int, int]]      # (target, before, after), changed targets
+    total_ops: tuple[int, int]
+    checks: list[Check]
+    lint_findings: list[str]
+    dumps: dict[str, str]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks) and sum(self.matched.values()) > 0 and not self.lint_findings
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ok"] = self.ok
+        d["op_table"] = [{"target": t, "before": b, "after": a} for t, b, a in self.op_table]
+        return d
+
+
+# --- probing the attention inputs --------------------------------------------
+
+class _AttentionProbe:
+    """Records, per layer, what the stand-in attention receives: rotated q_pe,
+    rotated k_pe, the prepped q (dequantized). Both the passes-off path (vLLM's
+    attention op doing the q-prep inside) and the passes-on path
+    (``mla_attention_with_prepped_q``) end in ``standins.standin_attention``."""
+
+    def __init__(self, states: dict):
+        self.names = {id(s): n for n, s in states.items()}
+        self.records: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def installed(self):
+        from mla_passes import standins
+
+        original = standins.standin_attention
+
+        def probe(state, q, q_prepped, kv_c_normed, k_pe, output):
+            P = state.w_uk_t.shape[1]
+            qp = q_prepped.float()
+            if state.q_scale is not None:
+                qp = qp * state.q_scale.float()
+            self.records[self.names[id(state)]] = dict(
+                q_pe=q[..., P:].float().clone(), k_pe=k_pe.reshape(k_pe.shape[0], -1).float().clone(),
+                q_prepped=qp.clone(), q_prepped_raw=q_prepped.clone(),
+                q_scale=None if state.q_scale is None else state.q_scale.clone(),
+            )
+            return original(state, q, q_prepped, kv_c_normed, k_pe, output)
+
+        standins.standin_attention = probe
+        try:
+            yield self
+        finally:
+            standins.standin_attention = original
+
+
+# --- comparing ---------------------------------------------------------------
+
+def _close(name: str, got, ref, *, atol: float, rtol: float) -> Check:
+    err = (got - ref).abs()
+    bound = atol + rtol * ref.abs()
+    excess = (err - bound).max().item() if err.numel() else 0.0
+    return Check(name, err.max().item() if err.numel() else 0.0, atol + rtol * ref.abs().max().item(),
+                 excess <= 0.0, f"atol={atol:g} rtol={rtol:g}")
+
+
+def _fp8_close(name: str, got, ref, scale, fp8_dtype) -> Check:
+    """Dequantized fp8 values: each element within one fp8 step (of its magnitude)."""
+    from mla_passes.testing import fp8_step
+
+    err = (got - ref).abs()
+    step = fp8_step(ref / scale, fp8_dtype).float() * scale
+    n_diff = int((err > 0).sum())
+    ok = bool((err <= step * 1.0001).all())
+    return Check(name, err.max().item() if err.numel() else 0.0, step.max().item(), ok,
+                 f"<= 1 fp8 step per element; {n_diff}/{err.numel()} codes differ")
+
+
+def _compare(stack, off: dict, on: dict) -> list[Check]:
+    import torch
+
+    from mla_passes.kernels import gather_cache_rows
+    from mla_passes.kernels.fp8 import is_fp8_kv_cache, platform_fp8_dtype
+
+    checks = [_close("stack output (bf16)", on["out"].float(), off["out"].float(), atol=3e-2, rtol=3e-2)]
+    worst: dict[str, Check] = {}
+
+    def keep(c: Check) -> None:
+        w = worst.get(c.name)
+        if w is None or not c.ok or (w.ok and c.max_err > w.max_err):
+            worst[c.name] = c if (w is None or w.ok) else w
+
+    for name, state in stack.states.items():
+        a, b = off["probe"][name], on["probe"][name]
+        keep(_close("rotated q_pe (bf16)", b["q_pe"], a["q_pe"], atol=1e-2, rtol=1.6e-2))
+        keep(_close("rotated k_pe (bf16)", b["k_pe"], a["k_pe"], atol=1e-2, rtol=1.6e-2))
+        if a["q_scale"] is not None:
+            keep(_fp8_close("prepped q (fp8, dequant)", b["q_prepped"], a["q_prepped"], a["q_scale"],
+                            a["q_prepped_raw"].dtype))
+        else:
+            keep(_close("prepped q", b["q_prepped"], a["q_prepped"], atol=2e-2, rtol=2e-2))
+        ca, cb = off["caches"][name], on["caches"][name]
+        slots = state.slot_mapping
+        written = torch.zeros(ca.shape[0] * ca.shape[1], dtype=torch.bool)
+        written[slots[slots >= 0].long().cpu()] = True
+        flat_a, flat_b = ca.view(-1, ca.shape[-1]), cb.view(-1, cb.shape[-1])
+        untouched_equal = torch.equal(flat_a[~written], flat_b[~written])
+        keep(Check("cache rows not written", 0.0 if untouched_equal else float("inf"), 0.0, untouched_equal,
+                   f"{int((~written).sum())} rows bitwise equal" if untouched_equal else "differ"))
+        idx = written.nonzero().flatten()
+        ra = gather_cache_rows(ca, idx, state.kv_cache_dtype, state.k_scale, dtype=torch.float32)
+        rb = gather_cache_rows(cb, idx, state.kv_cache_dtype, state.k_scale, dtype=torch.float32)
+        if is_fp8_kv_cache(state.kv_cache_dtype):
+            keep(_fp8_close("cache rows written (fp8, dequant)", rb, ra, state.k_scale.float(),
+                            platform_fp8_dtype(ca.device)))
+        else:
+            keep(_close("cache rows written", rb, ra, atol=1e-2, rtol=1.6e-2))
+    return checks + list(worst.values())
+
+
+# --- the run -----------------------------------------------------------------
+
+class _PassesThenLint:
+    """The pass manager, then the CUDA-graph lint of the rewritten graph
+    (findings kept); quacks like the manager for ``TestBackend``."""
+
+    def __init__(self, manager):
+        from mla_passes.lint import lint_graph
+
+        self.manager = manager
+        self._lint = lint_graph
+        self.findings: list = []
+
+    def __call__(self, graph):
+        self.manager(graph)
+        self.findings.extend(self._lint(graph))
+
+    @property
+    def matched_counts(self):
+        return self.manager.matched_counts
+
+    def uuid(self):
+        return self.manager.uuid()
+
+
+def _run_once(stack, *, passes_on: bool, dump_dir: str | None, tokens: int, seed: int, backend: str,
+              snapshot: dict):
+    import torch
+
+    from mla_passes.models import set_step
+    from mla_passes.testing_backend import TestBackend
+
+    from .dump import dumping
+
+    manager = None
+    if passes_on:
+        from mla_passes.config import PassConfig
+        from mla_passes.pass_manager import MLAPassManager
+
+        kwargs = {"fuse_aiter_qk_rope_kvcache_mla": True}
+        if backend != "auto":
+            kwargs["backend"] = backend
+        manager = _PassesThenLint(MLAPassManager(PassConfig(**kwargs), max_num_seqs=tokens))
+    backend_ = TestBackend(manager)
+    torch._dynamo.reset()
+    compiled = torch.compile(stack.module, backend=backend_, fullgraph=True, dynamic=False)
+
+    # Trace/compile on one set of inputs ...
+    ctx = dumping(dump_dir, None) if dump_dir else contextlib.nullcontext()
+    stack.restore_caches(snapshot)
+    set_step(stack, tokens, seed=seed)
+    with ctx, torch.no_grad():
+        compiled(*stack.make_inputs(tokens, seed=seed))
+    # ... check on fresh ones, from the same cache contents.
+    stack.restore_caches(snapshot)
+    set_step(stack, tokens, seed=seed + 1)
+    probe = _AttentionProbe(stack.states)
+    with probe.installed(), torch.no_grad():
+        out = compiled(*stack.make_inputs(tokens, seed=seed + 1))
+    torch._dynamo.reset()
+    return dict(out=out.clone(), caches=stack.snapshot_caches(), probe=probe.records, backend=backend_,
+                manager=manager)
+
+
+def run_demo(*, layers: int, heads: int, tokens: int, seed: int = 0, out: str | None = None,
+             dump: bool = True, backend: str = "auto") -> DemoResult:
+    from mla_passes.models import build_decode_stack
+
+    t0 = time.time()
+    cfg = dict(layers=layers, heads=heads, tokens=tokens, P=128, L=512, R=64, V=128, hidden=256,
+               dtype="bfloat16", kv_cache_dtype="fp8", q="fp8", form="raw", seed=seed)
+    stack = build_decode_stack(num_layers=layers, H=heads, P=128, L=512, R=64, V=128, hidden=256,
+                               kv_cache_dtype="fp8", q_fp8=True, form="raw", seed=seed,
+                               prefix=f"demo{seed}.layers")
+    try:
+        snapshot = stack.snapshot_caches()
+        dumps = {}
+        if dump:
+            from .dump import prepare_out_dir
+
+            root = Path(out) if out else Path(tempfile.mkdtemp(prefix="mla_passes_demo_"))
+            for side in ("off", "on"):
+                err = prepare_out_dir(root / side, clean=True)
+                if err:
+                    raise RuntimeError(err)
+                dumps[side] = str(root / side)
+        off = _run_once(stack, passes_on=False, dump_dir=dumps.get("off"), tokens=tokens, seed=seed,
+                        backend=backend, snapshot=snapshot)
+        on = _run_once(stack, passes_on=True, dump_dir=dumps.get("on"), tokens=tokens, seed=seed,
+                       backend=backend, snapshot=snapshot)
+        checks = _compare(stack, off, on)
+    finally:
+        stack.unregister()
+
+    b = on["backend"]
+    matched: dict[str, int] = {}
+    for m in b.matched:
+        for k, v in m.items():
+            matched[k] = matched.get(k, 0) + v
+    before, after = sum(b.counts_before, start=type(b.counts_before[0])()), sum(b.counts_after, start=type(b.counts_after[0])())
+    rows = [(t, before.get(t, 0), after.get(t, 0)) for t in sorted(set(before) | set(after))
+            if before.get(t, 0) != after.get(t, 0)]
+    return DemoResult(
+        config=cfg, matched=matched, op_table=rows,
+        total_ops=(sum(before.values()), sum(after.values())),
+        checks=checks, lint_findings=[str(f) for f in on["manager"].findings], dumps=dumps,
+        seconds=round(time.time() - t0, 1),
+    )
+
+
+def format_result(r: DemoResult) -> str:
+    c = r.config
+    out = [
+        f"MLA decode stack: {c['layers']} layers, H={c['heads']}, qk_nope={c['P']} kv_lora={c['L']} "
+        f"rope={c['R']} v={c['V']} (DeepSeek-V3 head dims), {c['dtype']}, fp8 KV cache (uint8), fp8 q; "
+        f"T={c['tokens']} decode tokens",
+        "",
+        "pass matches:",
+    ]
+    out += [f"  {k:<40} {v}" for k, v in sorted(r.matched.items())] or ["  (none)"]
+    w = max([len("total"), *(len(t) for t, _, _ in r.op_table)])
+    out += ["", f"op counts, post-grad graph before -> after the passes (changed targets):",
+            f"  {'target':<{w}}  {'before':>6}  {'after':>6}"]
+    out += [f"  {t:<{w}}  {b:>6}  {a:>6}" for t, b, a in r.op_table]
+    out += [f"  {'total':<{w}}  {r.total_ops[0]:>6}  {r.total_ops[1]:>6}", "",
+            "passes on vs passes off, fresh inputs (max abs error / tolerance):"]
+    for ch in r.checks:
+        out.append(f"  {'ok  ' if ch.ok else 'FAIL'} {ch.name:<34} {ch.max_err:.3g} / {ch.tol:.3g}  ({ch.detail})")
+    out += ["", f"lint (CUDA-graph capture) of the rewritten graph: {len(r.lint_findings)} findings"]
+    out += [f"  {f}" for f in r.lint_findings]
+    if r.dumps:
+        out += ["", "depyf dumps:", f"  passes off: {r.dumps['off']}", f"  passes on:  {r.dumps['on']}",
+                f"  compare:    mla-passes diff {r.dumps['off']} {r.dumps['on']} --stage AFTER_POST_GRAD"]
+    if sum(r.matched.values()) == 0:
+        out.append("\nFAIL: no pass matched")
+    out += ["", f"{'OK' if r.ok else 'FAIL'} ({r.seconds:.1f} s)"]
+    return "\n".join(out) + "\n"
+
+
+def run(args) -> int:
+    base = SHORT if args.short else FULL
+    kw = dict(layers=args.layers or base["layers"], heads=args.heads or base["heads"],
+              tokens=args.tokens or base["tokens"])
+    r = run_demo(**kw, seed=args.seed, out=args.out, dump=not args.no_dump, backend=args.backend)
+    if args.json:
+        print(json.dumps(r.to_json(), indent=2))
+    else:
+        sys.stdout.write(format_result(r))
+    return 0 if r.ok else 1
