@@ -13,3 +13,8 @@ from .ops import LayerName
 __version__ = "0.1.0"
 
 __all__ = ["LayerName", "MLALayerState", "kernels", "local_layers", "ops"]
+
+from .config import PassConfig  # noqa: E402
+from .pass_manager import MLAPassManager, compile_range  # noqa: E402
+
+__all__ += ["MLAPassManager", "PassConfig", "compile_range"]

@@ -1,0 +1,226 @@
+"""FX helpers shared by the passes: op calls in any form, aliasing regions,
+fake values for new nodes, local dead-code removal.
+
+An op that mutates its arguments appears in a post-grad graph in one of three
+forms: a direct call (after a defunctionalization), ``auto_functionalized``
+(v1: mutated values are ``getitem(node, 1 + i)``) or ``auto_functionalized_v2``
+(mutated bases are ``getitem(node, 1 + j)`` of ``_all_bases``). :class:`OpCall`
+hides the difference.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import sympy
+import torch
+from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
+from torch.fx import Graph, Node
+
+aten = torch.ops.aten
+
+# Ops whose output aliases their first argument's storage.
+VIEW_OPS = frozenset({
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims,
+    aten.select.int, aten.expand.default, aten.permute.default, aten.transpose.int,
+    aten.t.default, aten.as_strided.default, aten.alias.default, aten.view.dtype,
+})
+# Multi-output view ops; their getitems alias the input (disjoint pieces).
+SPLIT_OPS = frozenset({
+    aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default,
+    aten.tensor_split.sections, aten.tensor_split.indices,
+})
+
+
+def is_view(node: Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target in VIEW_OPS or node.target in SPLIT_OPS:
+        return True
+    return node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0].target in SPLIT_OPS
+
+
+def view_source(node: Node) -> Node:
+    return node.args[0].args[0] if node.target is operator.getitem else node.args[0]
+
+
+def root_of(node: Node) -> Node:
+    """The non-view node whose storage ``node`` aliases."""
+    while is_view(node):
+        node = view_source(node)
+    return node
+
+
+def val(node) -> object:
+    return node.meta.get("val") if isinstance(node, Node) else node
+
+
+def _expr(x):
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    return sympy.Integer(x) if isinstance(x, int) else x
+
+
+@dataclass(frozen=True)
+class Region:
+    """The memory a tensor node covers: root node, sizes, strides, offset (sympy)."""
+
+    root: Node
+    size: tuple
+    stride: tuple
+    offset: object
+
+    @staticmethod
+    def of(node: Node) -> "Region | None":
+        v = val(node)
+        if not isinstance(v, torch.Tensor):
+            return None
+        return Region(root_of(node), tuple(_expr(s) for s in v.shape), tuple(_expr(s) for s in v.stride()),
+                      _expr(v.storage_offset()))
+
+    def slice_last(self, start, end) -> "Region":
+        """This region sliced ``[start:end]`` along its last dim."""
+        size = list(self.size)
+        end = sympy.Min(end, size[-1]) if not isinstance(end, int) or end < 2**62 else size[-1]
+        size[-1] = sympy.simplify(end - start)
+        return Region(self.root, tuple(size), self.stride, sympy.simplify(self.offset + start * self.stride[-1]))
+
+    def disjoint_columns(self, other: "Region") -> bool:
+        """True when both are row-major pieces of the same rows with
+        non-overlapping column ranges (e.g. kv_c and k_pe of one projection)."""
+        if self.root is not other.root:
+            return True
+        if len(self.stride) < 2 or len(other.stride) < 2 or self.stride[-1] != 1 or other.stride[-1] != 1:
+            return False
+        row = self.stride[-2]
+        if other.stride[-2] != row or not (isinstance(row, sympy.Integer) and row > 0):
+            return False
+        a0, b0 = self.offset, other.offset
+        if not (isinstance(a0, sympy.Integer) and isinstance(b0, sympy.Integer)):
+            return False
+        a0, b0 = int(a0) % int(row), int(b0) % int(row)
+        a1, b1 = a0 + self.size[-1], b0 + other.size[-1]
+        return bool(a1 <= b0 or b1 <= a0)
+
+
+class OpCall:
+    """One call of ``op`` (direct, auto_functionalized or auto_functionalized_v2)."""
+
+    def __init__(self, node: Node, op, form: str):
+        self.node, self.op, self.form = node, op, form
+        self.schema = op._schema
+
+    def arg(self, name: str):
+        if self.form == "direct":
+            for i, a in enumerate(self.schema.arguments):
+                if a.name == name:
+                    if i < len(self.node.args):
+                        return self.node.args[i]
+                    return self.node.kwargs.get(name, a.default_value if a.has_default_value() else None)
+            raise KeyError(name)
+        if self.form == "v2" and _is_mutable(self.schema, name):
+            return self.mutable_input(name)
+        return self.node.kwargs.get(name)
+
+    def mutable_names(self) -> list[str]:
+        return [a.name for a in self.schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+
+    def mutable_input(self, name: str):
+        """The node passed for mutable argument ``name`` (v2: its base, only
+        when the argument is the base itself)."""
+        if self.form != "v2":
+            return self.arg(name)
+        idx = self.node.kwargs.get(f"_{name}_base_index")
+        if idx is None:
+            return None
+        if any(f"_{name}_{k}" in self.node.kwargs for k in ("size", "stride", "storage_offset", "slice_dim")):
+            raise NotImplementedError(f"v2 view argument {name}")
+        return self.node.kwargs["_all_bases"][idx]
+
+    def output_users(self, index: int) -> list[Node]:
+        """getitem users of this call's result ``index`` (functionalized forms)."""
+        return [u for u in self.node.users if u.target is operator.getitem and u.args[1] == index]
+
+    def mutated_value_getitems(self, name: str) -> list[Node]:
+        """The getitems that stand for the value of mutable arg ``name`` after the call."""
+        if self.form == "direct":
+            return []
+        if self.form == "v1":
+            return self.output_users(1 + self.mutable_names().index(name))
+        idx = self.node.kwargs.get(f"_{name}_base_index")
+        return [] if idx is None else self.output_users(1 + idx)
+
+
+def _is_mutable(schema, name) -> bool:
+    for a in schema.arguments:
+        if a.name == name:
+            return a.alias_info is not None and a.alias_info.is_write
+    return False
+
+
+def as_op_call(node: Node, ops) -> OpCall | None:
+    if node.op != "call_function":
+        return None
+    if node.target in ops:
+        return OpCall(node, node.target, "direct")
+    if node.target is auto_functionalized and node.args and node.args[0] in ops:
+        return OpCall(node, node.args[0], "v1")
+    if node.target is auto_functionalized_v2 and node.args and node.args[0] in ops:
+        return OpCall(node, node.args[0], "v2")
+    return None
+
+
+def fake_mode_of(*nodes):
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode([val(n) for n in nodes if isinstance(val(n), torch.Tensor)])
+
+
+def call(graph: Graph, target, args, kwargs=None, *, fake_mode=None) -> Node:
+    """Insert ``target(*args)`` at the graph's insert point with ``meta["val"]``."""
+    node = graph.call_function(target, tuple(args), kwargs or {})
+    fa = torch.fx.node.map_arg(node.args, val)
+    fk = torch.fx.node.map_arg(node.kwargs, val)
+    mode = fake_mode or fake_mode_of(*node.all_input_nodes)
+    if mode is not None:
+        with mode:
+            node.meta["val"] = target(*fa, **fk)
+    else:
+        node.meta["val"] = target(*fa, **fk)
+    return node
+
+
+def erase_dead(graph: Graph, nodes) -> int:
+    """Erase ``nodes`` that have no users, then inputs that became dead
+    (pure nodes only: never placeholders or ops with side effects)."""
+    work = list(nodes)
+    explicit = set(work)
+    erased = 0
+    seen = set()
+    while work:
+        n = work.pop()
+        if n in seen or n.graph is not graph or n.users or n.op in ("placeholder", "output", "get_attr"):
+            continue
+        if n.op == "call_function" and n not in explicit and _impure(n):
+            continue
+        seen.add(n)
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        erased += 1
+        work.extend(inputs)
+    return erased
+
+
+def _impure(n: Node) -> bool:
+    t = n.target
+    if t in (auto_functionalized, auto_functionalized_v2):
+        return True
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.is_mutable or t.namespace not in ("aten", "prims")
+    return t is not operator.getitem
+
+
+def order_index(graph: Graph) -> dict:
+    return {n: i for i, n in enumerate(graph.nodes)}

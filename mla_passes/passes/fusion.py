@@ -1,0 +1,429 @@
+"""QK-RoPE / KV-cache / q-absorb / q-cat / q-quant fusion.
+
+Per MLA layer (the cache-update node and the attention node paired by their
+``layer_name`` graph input), replaces RoPE + KV-cache write + the decode
+q-prep inside the attention with one ``mla_passes::mla_fused_decode_prep``
+and the attention with ``mla_passes::mla_attention_with_prepped_q``::
+
+    # raw form (vLLM on CPU)                      # fused-rope form (vLLM's own MLA rope/kv pass)
+    q_pe_rot, k_pe_rot = <RoPE aten ops>(q, k)   fr = auto_functionalized(fused_rope_unified_mla_kv_cache_update,
+    dep = unified_mla_kv_cache_update(                positions, q_pe=slice(q, P:), k_pe=k, kv_c, cos_sin, ...)
+              kv_c, k_pe_rot, ln, dt, k_scale)    q_new = slice_scatter(q, copy(slice(q), fr[1]), -1, P)
+    q_new = slice_scatter(q, copy(slice(q), q_pe_rot), -1, P)
+    af = auto_functionalized(unified_mla_attention_with_output, q=q_new, kv_c_normed=kv_c,
+             k_pe=k_pe_rot, output=out, layer_name=ln, kv_cache_dummy_dep=dep)
+    # after
+    qp = mla_passes.mla_fused_decode_prep(q, kv_c, k, positions, cos_sin, is_neox, ln, out_dtype, backend)
+    mla_passes.mla_attention_with_prepped_q(q, qp, kv_c, k.unsqueeze(1), out, ln, None)
+
+Both new calls are in place (defunctionalized, DESIGN §3): ``q[..., P:]`` and
+``k`` are rotated in the projection outputs' memory, so the rotated q that
+the attention (or anything else) read from ``slice_scatter`` is ``q`` itself:
+the cycle ``q_new -> fused op -> q_new`` is broken by walking back from
+``slice_scatter`` to its base. Users of the rotated values (prefill rows of
+q, the rotated k_pe, the mutated projection output in the fused-rope form)
+are rewired to views of the mutated tensors, placed after the fused op.
+
+Refused (debug log, graph untouched for that layer): no unique cache update
+and attention per ``layer_name``; a RoPE subgraph whose intermediates have
+other users or that is not RoPE (:mod:`mla_passes.patterns.rope`); a reader
+of the rotated memory after the fusion point that expects unrotated values; a
+dependency token with users other than the layer's attention; a layer state
+the resolver does not know at compile time, or whose cache dtype differs
+from the graph's.
+
+Procedural, not ``register_replacement``: the rewrite spans the attention,
+walks through ``slice_scatter`` (a pattern cannot express "the base of this
+slice_scatter is the tensor the fused op mutates"), needs the compile-time
+layer state for ``out_dtype`` and emits in-place calls; RoPE itself is
+matched semantically (see :mod:`mla_passes.patterns.rope`).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Graph, Node
+
+from ..op_handles import op_handles
+from . import _fx
+from .base import MLAGraphPass
+from .lift import check_attention, describe_layer, layer_state_for, replace_attention
+
+FUSED = torch.ops.mla_passes.mla_fused_decode_prep.default
+aten = torch.ops.aten
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+@dataclass
+class FusionPlan:
+    ln: Node
+    attn: _fx.OpCall
+    update: _fx.OpCall
+    q_orig: Node
+    k_in: Node
+    kv_c: Node
+    positions: Node
+    cos_sin_cache: Node
+    is_neox: bool
+    out_dtype: torch.dtype
+    P: int
+    R: int
+    insert_before: Node
+    q_value_nodes: list = field(default_factory=list)   # nodes whose value == mutated q (whole)
+    q_pe_value_nodes: list = field(default_factory=list)  # nodes whose value == rotated q_pe
+    k_value_nodes: list = field(default_factory=list)   # nodes whose value == rotated k_pe
+    root_value_nodes: list = field(default_factory=list)  # (node, base): value == mutated base
+    dead: list = field(default_factory=list)            # to erase explicitly
+    cone: set = field(default_factory=set)
+
+
+def _last_dim(dim, ndim) -> bool:
+    return dim == -1 or dim == ndim - 1
+
+
+def _is_slice_scatter(n) -> bool:
+    return isinstance(n, Node) and n.op == "call_function" and n.target is aten.slice_scatter.default
+
+
+def _ss_args(n: Node):
+    a = list(n.args) + [None] * (6 - len(n.args))
+    base, src, dim, start, end, step = a[:6]
+    dim = n.kwargs.get("dim", 0 if dim is None else dim)
+    start = n.kwargs.get("start", start)
+    end = n.kwargs.get("end", end)
+    step = n.kwargs.get("step", 1 if step is None else step)
+    return base, src, dim, start, end, step
+
+
+def _ss_region(n: Node):
+    """Region that ``slice_scatter`` ``n`` writes, in its base's memory."""
+    base, src, dim, start, end, step = _ss_args(n)
+    bv = _fx.val(base)
+    if step != 1 or not _last_dim(dim, bv.dim()):
+        return None
+    rb = _fx.Region.of(base)
+    return rb.slice_last(start or 0, end if end is not None else 2**63 - 1)
+
+
+class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
+    """Fuse RoPE + KV-cache write + decode q-prep per MLA layer (see module doc)."""
+
+    name = "mla_qk_rope_kvcache_fusion"
+
+    def __init__(self, *, backend: str = "auto", raw_form: bool = True):
+        super().__init__(backend=backend)
+        self.raw_form = raw_form
+
+    def source_modules(self) -> list:
+        import sys
+
+        from ..patterns import rope
+
+        return super().source_modules() + [rope, _fx, sys.modules[check_attention.__module__]]
+
+    def apply(self, graph: Graph) -> int:
+        handles = op_handles()
+        attns: dict = {}
+        updates: dict = {}
+        upd_ops = handles.kv_cache_update | handles.fused_rope
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            c = _fx.as_op_call(node, handles.attention)
+            if c is not None:
+                attns.setdefault(c.arg("layer_name"), []).append(c)
+                continue
+            c = _fx.as_op_call(node, upd_ops)
+            if c is not None:
+                updates.setdefault(c.arg("layer_name"), []).append(c)
+        if not updates:
+            return 0
+        order = _fx.order_index(graph)
+        count = 0
+        for ln, ups in updates.items():
+            where = f"layer {describe_layer(ln)}"
+            ats = attns.get(ln, [])
+            if len(ups) != 1 or len(ats) != 1:
+                self.refuse(where, "%d cache update(s) and %d attention call(s) use this layer_name",
+                            len(ups), len(ats))
+                continue
+            up, attn = ups[0], ats[0]
+            if up.op in handles.fused_rope:
+                plan = self._plan_fused_rope(up, attn, ln, where)
+            elif not self.raw_form:
+                self.refuse(where, "raw RoPE form and fuse_rope_kvcache_cat_mla is off")
+                continue
+            else:
+                plan = self._plan_raw(up, attn, ln, where)
+            if plan is None or not self._safe(plan, order, where):
+                continue
+            self._rewrite(graph, plan)
+            count += 1
+        return count
+
+    # --- planning ----------------------------------------------------------------
+    def _common(self, attn: _fx.OpCall, ln, where, kv_c, q):
+        why = check_attention(self, attn)
+        if why:
+            self.refuse(where, why)
+            return None
+        if attn.arg("kv_c_normed") is not kv_c:
+            self.refuse(where, "the attention reads another kv_c than the cache update writes")
+            return None
+        state = layer_state_for(self, ln, where)
+        if state is None:
+            return None
+        return state
+
+    def _q_from_attention(self, attn, where, R):
+        """(slice_scatter, base, P) behind the attention's q, or None."""
+        q = attn.arg("q")
+        qv = _fx.val(q)
+        while not _is_slice_scatter(q) and q.op == "call_function" and q.target in _RESHAPES:
+            q = q.args[0]  # view(view(slice_scatter)) back to the same shape
+        if _is_slice_scatter(q) and (tuple(_fx.val(q).shape) != tuple(qv.shape)
+                                     or tuple(_fx.val(q).stride()) != tuple(qv.stride())):
+            q = None
+        if not _is_slice_scatter(q):
+            self.refuse(where, "attention q is not a slice_scatter of rotated q_pe into q")
+            return None
+        base, src, dim, start, end, step = _ss_args(q)
+        bv = _fx.val(base)
+        if step != 1 or not _last_dim(dim, bv.dim()) or bv.dim() != 3:
+            self.refuse(where, "q slice_scatter is not along the last dim of [T, H, P+R]")
+            return None
+        P = int(start)
+        if bv.shape[-1] != P + R:
+            self.refuse(where, "q head dim %s != P %d + R %d", bv.shape[-1], P, R)
+            return None
+        return q, base, P
+
+    def _src_value(self, ss: Node, region):
+        """The rotated q_pe written by ``ss`` (through a ``copy`` into a slice of
+        the same memory), and the copy node if any."""
+        src = _ss_args(ss)[1]
+        if isinstance(src, Node) and src.target is aten.copy.default:
+            dest = src.args[0]
+            if _fx.Region.of(dest) != region or len(src.users) != 1:
+                return None, None
+            return src.args[1], src
+        return src, None
+
+    def _plan_raw(self, up: _fx.OpCall, attn: _fx.OpCall, ln, where) -> FusionPlan | None:
+        from ..patterns import rope
+
+        kv_c, k_rot = up.arg("kv_c_normed"), up.arg("k_pe")
+        state = self._common(attn, ln, where, kv_c, attn.arg("q"))
+        if state is None:
+            return None
+        if up.arg("kv_cache_dtype") != state.kv_cache_dtype:
+            self.refuse(where, "graph kv_cache_dtype %r != layer state's %r", up.arg("kv_cache_dtype"),
+                        state.kv_cache_dtype)
+            return None
+        if attn.arg("k_pe") is not k_rot:
+            self.refuse(where, "the attention reads another k_pe than the cache update writes")
+            return None
+        if attn.arg("kv_cache_dummy_dep") is not up.node or set(up.node.users) != {attn.node}:
+            self.refuse(where, "the cache update's token is not (only) the attention's kv_cache_dummy_dep")
+            return None
+        R = int(_fx.val(k_rot).shape[-1])
+        got = self._q_from_attention(attn, where, R)
+        if got is None:
+            return None
+        ss, base, P = got
+        q_pe_region = _fx.Region.of(base).slice_last(P, P + R)
+        q_rot, copy = self._src_value(ss, q_pe_region)
+        if q_rot is None:
+            self.refuse(where, "q slice_scatter source is not a copy into q[..., P:]")
+            return None
+        if len(ss.users) != 1:
+            pass  # other users of the rotated q are rewired to q
+        cone = rope.private_cone([q_rot, k_rot], {up.node, attn.node})
+        if cone is None:
+            self.refuse(where, "no RoPE subgraph")
+            return None
+        # a cone node (other than the outputs) with a user outside is a shared intermediate
+        for n in cone:
+            if n in (q_rot, k_rot):
+                continue
+            outside = [u for u in n.users if u not in cone]
+            if outside:
+                self.refuse(where, "RoPE intermediate %s has another user %s", n.name, outside[0].name)
+                return None
+        for u in q_rot.users:
+            if u is not copy and u is not ss and u not in cone:
+                pass  # rewired to the rotated slice of q
+        q_root = _fx.root_of(base)
+        m = rope.extract(cone, q_root, R)
+        if m is None:
+            self.refuse(where, "RoPE subgraph leaves are not (q, k, positions, cos_sin_cache)")
+            return None
+        if not rope.verify(m, q_pe_region, q_rot, k_rot, R):
+            self.refuse(where, "subgraph between q/k and the cache update does not compute RoPE")
+            return None
+        return FusionPlan(
+            ln=ln, attn=attn, update=up, q_orig=base, k_in=m.k_in, kv_c=kv_c, positions=m.positions,
+            cos_sin_cache=m.cos_sin_cache, is_neox=m.is_neox, out_dtype=state.q_out_dtype(_fx.val(base).dtype),
+            P=P, R=R, insert_before=up.node,
+            q_value_nodes=[ss], q_pe_value_nodes=[q_rot], k_value_nodes=[k_rot],
+            dead=[n for n in (copy, ss, up.node) if n is not None], cone=cone,
+        )
+
+    def _plan_fused_rope(self, up: _fx.OpCall, attn: _fx.OpCall, ln, where) -> FusionPlan | None:
+        if up.form != "v1":
+            self.refuse(where, "fused-rope op in %s form (only auto_functionalized v1 is handled)", up.form)
+            return None
+        kv_c = up.arg("kv_c")
+        state = self._common(attn, ln, where, kv_c, attn.arg("q"))
+        if state is None:
+            return None
+        if up.arg("kv_cache_dtype") != state.kv_cache_dtype:
+            self.refuse(where, "graph kv_cache_dtype %r != layer state's %r", up.arg("kv_cache_dtype"),
+                        state.kv_cache_dtype)
+            return None
+        q_pe, k_in = up.arg("q_pe"), up.arg("k_pe")
+        R = int(_fx.val(k_in).shape[-1])
+        dep, q_new, k_new = (up.output_users(i) for i in range(3))
+        if attn.arg("kv_cache_dummy_dep") not in dep or any(set(d.users) - {attn.node} for d in dep):
+            self.refuse(where, "the fused-rope token is not (only) the attention's kv_cache_dummy_dep")
+            return None
+        got = self._q_from_attention(attn, where, R)
+        if got is None:
+            return None
+        ss, base, P = got
+        q_pe_region = _fx.Region.of(base).slice_last(P, P + R)
+        if _fx.Region.of(q_pe) != q_pe_region:
+            self.refuse(where, "fused-rope q_pe is not q[..., P:] of the attention's q")
+            return None
+        q_orig = base
+        if (q_pe.op == "call_function" and q_pe.target is aten.slice.Tensor
+                and _fx.Region.of(q_pe.args[0]) == _fx.Region.of(base)):
+            q_orig = q_pe.args[0]  # the q the op read (defined before it; base may be regenerated after)
+        src, copy = self._src_value(ss, q_pe_region)
+        if src is None or src not in q_new:
+            self.refuse(where, "attention q is not built from the fused-rope op's rotated q_pe")
+            return None
+        k_region = _fx.Region.of(k_in)
+        root_values, dead = [], [n for n in (copy, ss, up.node) if n is not None]
+        k_values = []
+        for gi in k_new:
+            k_values.append(gi)
+            for u in gi.users:
+                if _is_slice_scatter(u) and _ss_args(u)[1] is gi and _ss_region(u) == k_region:
+                    root_values.append((u, _ss_args(u)[0]))
+        # other readers of the new q_pe value: users of q_new getitems besides ss/copy
+        q_pe_values = list(q_new)
+        dead += list(dep) + list(q_new) + list(k_new)
+        return FusionPlan(
+            ln=ln, attn=attn, update=up, q_orig=q_orig, k_in=k_in, kv_c=kv_c, positions=up.arg("positions"),
+            cos_sin_cache=up.arg("cos_sin_cache"), is_neox=bool(up.arg("is_neox")),
+            out_dtype=state.q_out_dtype(_fx.val(base).dtype), P=P, R=R, insert_before=up.node,
+            q_value_nodes=[ss], q_pe_value_nodes=q_pe_values, k_value_nodes=k_values,
+            root_value_nodes=root_values, dead=dead, cone=set(),
+        )
+
+    # --- safety ---------------------------------------------------------------------
+    def _safe(self, plan: FusionPlan, order: dict, where: str) -> bool:
+        """No reader of the memory the fused op rotates runs after it expecting
+        unrotated values; every input exists before the fusion point."""
+        at = order[plan.insert_before]
+        for inp in (plan.q_orig, plan.k_in, plan.kv_c, plan.positions, plan.cos_sin_cache):
+            if order.get(inp, -1) >= at:
+                self.refuse(where, "input %s is defined after the fusion point", inp.name)
+                return False
+        for n, base in plan.root_value_nodes:
+            if order.get(base, -1) >= at:
+                self.refuse(where, "mutated base %s is defined after the fusion point", base.name)
+                return False
+        going = set(plan.dead) | plan.cone | {plan.attn.node, plan.update.node}
+        going |= set(plan.q_value_nodes) | {n for n, _ in plan.root_value_nodes}
+        for target in (_fx.Region.of(plan.q_orig).slice_last(plan.P, plan.P + plan.R), _fx.Region.of(plan.k_in)):
+            root = target.root
+            if root.op == "placeholder":
+                self.refuse(where, "would rotate graph input %s in place", root.name)
+                return False
+            aliases, work = [], [root]
+            while work:
+                a = work.pop()
+                aliases.append(a)
+                work.extend(u for u in a.users if _fx.is_view(u))
+            for a in aliases:
+                for u in a.users:
+                    if u in going or _fx.is_view(u) or order.get(u, -1) < at:
+                        continue
+                    if u.op == "output":
+                        self.refuse(where, "rotated memory %s is a graph output", a.name)
+                        return False
+                    r = _fx.Region.of(a)
+                    if r is not None and r.disjoint_columns(target):
+                        continue
+                    self.refuse(where, "%s reads %s after the fusion point", u.name, a.name)
+                    return False
+        return True
+
+    # --- rewriting --------------------------------------------------------------------
+    def _rewrite(self, graph: Graph, plan: FusionPlan) -> None:
+        with graph.inserting_before(plan.insert_before):
+            qp = _fx.call(graph, FUSED, (plan.q_orig, plan.kv_c, plan.k_in, plan.positions, plan.cos_sin_cache,
+                                        plan.is_neox, plan.ln, plan.out_dtype, self.backend))
+        views: dict = {}
+        cursor = [qp]
+
+        def view_like(src: Node, like: Node) -> Node:
+            """A view of (mutated) ``src`` shaped like ``like``, placed after the fused op."""
+            shape = tuple(_fx.val(like).shape)
+            key = (src, shape)
+            if key in views:
+                return views[key]
+            sv = _fx.val(src)
+            if tuple(sv.shape) == shape:
+                views[key] = src
+                return src
+            with graph.inserting_after(cursor[0]):
+                if sv.dim() + 1 == len(shape) and shape[1] == 1:
+                    out = _fx.call(graph, aten.unsqueeze.default, (src, 1))
+                elif sv.dim() == len(shape) + 1 and sv.shape[1] == 1:
+                    out = _fx.call(graph, aten.squeeze.dim, (src, 1))
+                else:
+                    out = _fx.call(graph, aten.reshape.default, (src, list(shape)))
+            cursor[0] = out
+            views[key] = out
+            return out
+
+        attn = plan.attn
+        k_for_attn = view_like(plan.k_in, attn.arg("k_pe"))
+        for n in plan.k_value_nodes:
+            for u in list(n.users):
+                if u is attn.node or u is plan.update.node or (u.op == "call_function" and _is_slice_scatter(u)
+                                                               and any(u is r for r, _ in plan.root_value_nodes)):
+                    continue
+                u.replace_input_with(n, view_like(plan.k_in, n))
+        for ss, base in plan.root_value_nodes:
+            ss.replace_all_uses_with(base)
+        q_pe_view = None
+        for n in plan.q_pe_value_nodes:
+            for u in list(n.users):
+                if u in plan.dead or u in plan.q_value_nodes or u in plan.cone:
+                    continue
+                if q_pe_view is None:
+                    with graph.inserting_after(cursor[0]):
+                        q_pe_view = _fx.call(graph, aten.slice.Tensor, (plan.q_orig, -1, plan.P, plan.P + plan.R))
+                    cursor[0] = q_pe_view
+                u.replace_input_with(n, q_pe_view)
+        for n in plan.q_value_nodes:
+            for u in list(n.users):
+                if u is not attn.node:
+                    u.replace_input_with(n, plan.q_orig)
+        replace_attention(graph, attn, plan.q_orig, qp, plan.kv_c, k_for_attn, None)
+        for n in plan.dead:
+            if n.graph is graph and n.target is operator.getitem:
+                for u in list(n.users):
+                    if not u.users and u.target is operator.getitem:
+                        graph.erase_node(u)
+        _fx.erase_dead(graph, list(plan.dead) + [n for n, _ in plan.root_value_nodes] + list(plan.cone))
+        leftover = [n for n in plan.dead if not getattr(n, "_erased", False)]
+        if leftover:
+            raise AssertionError(f"mla fusion left {leftover} in the graph")

@@ -1,0 +1,136 @@
+"""Decode q-prep lift: make the decode q-prep of every MLA attention visible.
+
+vLLM's MLA attention op does q-absorb, q-concat and q-quant for its decode
+rows inside the op, opaque to torch.compile. In a decode-bucket graph this
+pass puts that work into the graph as ``mla_passes::mla_decode_q_prep`` (all
+rows, invariant 1) and calls ``mla_passes::mla_attention_with_prepped_q``,
+which hands the prepped rows to the layer's decode path, instead of the
+attention op::
+
+    # before (auto_functionalized v1; direct and v2 calls are handled alike)
+    af = auto_functionalized(vllm.unified_mla_attention_with_output, q=q,
+             kv_c_normed=kv_c, k_pe=k_pe, output=out, layer_name=ln, ...,
+             kv_cache_dummy_dep=dep)
+    y = getitem(af, 1)
+    # after
+    qp = mla_passes.mla_decode_q_prep(q, ln, L, R, out_dtype)
+    mla_passes.mla_attention_with_prepped_q(q, qp, kv_c, k_pe, out, ln, dep)   # in place
+    y = out
+
+``out_dtype`` (fp8 when the layer's backend takes a quantized q) is read at
+compile time from the layer state, through the placeholder's real
+``LayerName``; a layer the resolver does not know is left alone (debug log).
+Calls with output quantization or DCP are left alone. Idempotent: the
+rewritten call is no longer a vLLM attention op.
+
+The rewrite is procedural rather than an Inductor ``register_replacement``:
+``out_dtype`` comes from a run-time registry lookup per layer, the
+attention's mutated output has to be defunctionalized (an in-place call, see
+DESIGN §3), and three call forms (direct, v1, v2) would need three patterns.
+The pattern it implements is listed in :mod:`mla_passes.patterns.q_prep_lift`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph
+
+from .. import ops as _ops  # noqa: F401  (registers torch.ops.mla_passes)
+from ..layers import layer_name_str, resolve_layer
+from ..op_handles import op_handles
+from . import _fx
+from .base import MLAGraphPass
+
+Q_PREP = torch.ops.mla_passes.mla_decode_q_prep.default
+ATTN_PREPPED = torch.ops.mla_passes.mla_attention_with_prepped_q.default
+
+# Attention arguments the prepped-q path does not model: a call that sets
+# any of them is left alone.
+UNSUPPORTED_ARGS = ("output_scale", "output_block_scale", "quant_group_size", "q_dcp_replicated")
+
+
+def layer_state_for(pass_: MLAGraphPass, ln_node, where):
+    """The layer state behind a ``layer_name`` node, or None (refusal logged)."""
+    v = _fx.val(ln_node)
+    if v is None and not isinstance(ln_node, torch.fx.Node):
+        v = ln_node  # a constant str / LayerName
+    try:
+        return resolve_layer(v)
+    except (KeyError, TypeError) as e:
+        pass_.refuse(where, "layer state not resolvable at compile time (%s)", e)
+        return None
+
+
+def describe_layer(ln_node) -> str:
+    try:
+        return layer_name_str(_fx.val(ln_node) if isinstance(ln_node, torch.fx.Node) else ln_node)
+    except TypeError:
+        return str(ln_node)
+
+
+def replace_attention(graph: Graph, attn: _fx.OpCall, q, q_prepped, kv_c, k_pe, dep) -> torch.fx.Node:
+    """Insert the in-place ``mla_attention_with_prepped_q`` before ``attn.node``,
+    point users of the old output at ``output`` and erase the old call."""
+    output = attn.mutable_input("output")
+    ln = attn.arg("layer_name")
+    with graph.inserting_before(attn.node):
+        new = _fx.call(graph, ATTN_PREPPED, (q, q_prepped, kv_c, k_pe, output, ln, dep))
+    for gi in attn.mutated_value_getitems("output"):
+        gi.replace_all_uses_with(output)
+        graph.erase_node(gi)
+    for gi in list(attn.node.users):
+        if not gi.users:
+            graph.erase_node(gi)
+    if attn.node.users:
+        raise AssertionError(f"attention call {attn.node} still has users {list(attn.node.users)}")
+    graph.erase_node(attn.node)
+    return new
+
+
+def check_attention(pass_: MLAGraphPass, attn: _fx.OpCall):
+    """Why ``attn`` cannot take a prepped q (None when it can)."""
+    for name in UNSUPPORTED_ARGS:
+        if attn.arg(name) is not None:
+            return f"argument {name!r} is set"
+    try:
+        out = attn.mutable_input("output")
+    except NotImplementedError:
+        return "output is a view in an auto_functionalized_v2 call"
+    if not isinstance(out, torch.fx.Node):
+        return "output is not a graph value"
+    for gi in attn.node.users:
+        if attn.form != "direct" and gi not in attn.mutated_value_getitems("output") and gi.users:
+            return f"result {gi} of the attention call is used"
+    return None
+
+
+class MLADecodeQPrepLiftPass(MLAGraphPass):
+    """Lift the decode q-prep out of every MLA attention call (see module doc)."""
+
+    name = "mla_decode_q_prep_lift"
+
+    def apply(self, graph: Graph) -> int:
+        handles = op_handles()
+        count = 0
+        for node in list(graph.nodes):
+            attn = _fx.as_op_call(node, handles.attention)
+            if attn is None:
+                continue
+            ln = attn.arg("layer_name")
+            where = f"attention {node.name} ({describe_layer(ln)})"
+            why = check_attention(self, attn)
+            if why:
+                self.refuse(where, why)
+                continue
+            state = layer_state_for(self, ln, where)
+            if state is None:
+                continue
+            q, kv_c, k_pe = attn.arg("q"), attn.arg("kv_c_normed"), attn.arg("k_pe")
+            qv = _fx.val(q)
+            out_dtype = state.q_out_dtype(qv.dtype)
+            L, R = _fx.val(kv_c).shape[-1], _fx.val(k_pe).shape[-1]
+            with graph.inserting_before(node):
+                qp = _fx.call(graph, Q_PREP, (q, ln, int(L), int(R), out_dtype))
+            replace_attention(graph, attn, q, qp, kv_c, k_pe, attn.arg("kv_cache_dummy_dep"))
+            count += 1
+        return count

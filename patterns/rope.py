@@ -1,0 +1,344 @@
+"""RoPE in a post-grad graph: find the subgraph, prove it is RoPE, read its style.
+
+The raw form (DESIGN §3) computes RoPE with aten ops, and the exact op
+sequence varies with the rotary-embedding class (vLLM's native
+``RotaryEmbedding`` uses ``index`` + ``split`` + step-2 slices; the DeepSeek
+scaling variant uses full-width cos/sin with ``repeat_interleave``/``cat`` and a
+``rotate`` helper), with the pairing (NeoX or GPT-J), with dtype casts of the
+cos/sin cache, with how functionalization regenerated the views (one
+``reshape`` of the projection per slice in vLLM's CPU graph), and with CSE.
+An Inductor pattern (``register_replacement``/``PatternMatcherPass``) is one
+traced op sequence per variant x dtype x view layout; it would miss the next
+variant silently. So this module matches RoPE *semantically*:
+
+1. :func:`private_cone` collects the nodes that only feed the rotated q_pe /
+   k_pe (the subgraph the fusion may delete);
+2. :func:`extract` walks from the cone to its leaves: the q and k
+   projection outputs (through view ops), ``positions`` and
+   ``cos_sin_cache`` (found at the ``index``/``index_select``/``embedding``
+   that gathers cos/sin rows);
+3. :func:`verify` evaluates the subgraph once on random inputs (concrete
+   shapes; symbolic token counts substituted) and compares it with the
+   reference RoPE (:func:`mla_passes.kernels.reference.rope_fp32`) in NeoX
+   and GPT-J style; the verdict is cached by a structural signature of the
+   subgraph, so a 61-layer model pays for one evaluation.
+
+A subgraph that computes anything else (a sign flip, swapped sin/cos, an
+extra scale) fails the comparison and is left alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import operator
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+from torch.fx import Node
+
+from mla_passes.kernels.reference import cos_sin_for, rope_fp32
+from mla_passes.passes import _fx
+
+logger = logging.getLogger("mla_passes.passes")
+
+GATHER_OPS = frozenset({torch.ops.aten.index.Tensor, torch.ops.aten.index_select.default,
+                        torch.ops.aten.embedding.default})
+_PURE_NAMESPACES = ("aten", "prims")
+MAX_POS_ONLY_DEPTH = 12
+
+
+def _pure(n: Node) -> bool:
+    if n.op != "call_function":
+        return False
+    t = n.target
+    if t is operator.getitem:
+        return isinstance(n.args[0], Node) and _pure(n.args[0])
+    return isinstance(t, torch._ops.OpOverload) and t.namespace in _PURE_NAMESPACES and not t._schema.is_mutable
+
+
+def private_cone(outputs: list[Node], allowed_users: set[Node]) -> set[Node] | None:
+    """Pure nodes that feed only ``outputs`` (the outputs included).
+
+    ``outputs`` may have users outside (``allowed_users`` or anything: the
+    caller rewires those). A multi-output node joins only with all its getitems.
+    """
+    cone = set(outputs)
+    work = list(outputs)
+    while work:
+        n = work.pop()
+        for m in n.all_input_nodes:
+            if m in cone or not _pure(m):
+                continue
+            if all(u in cone for u in m.users):
+                cone.add(m)
+                work.append(m)
+    # a getitem whose multi-output source stayed outside is a boundary value
+    for n in list(cone):
+        if n.target is operator.getitem and n.args[0] not in cone and n not in outputs:
+            cone.discard(n)
+    # drop nodes that became disconnected from the outputs
+    live, work = set(), list(outputs)
+    while work:
+        n = work.pop()
+        if n in live:
+            continue
+        live.add(n)
+        work.extend(m for m in n.all_input_nodes if m in cone)
+    return live
+
+
+@dataclass
+class RopeMatch:
+    """What :func:`extract` + :func:`verify` found."""
+
+    positions: Node
+    cos_sin_cache: Node
+    q_root: Node
+    k_in: Node | None = None          # the [T,R] / [T,1,R] view the fused op rotates in place
+    is_neox: bool | None = None
+    cone: set = field(default_factory=set)
+    eval_nodes: list = field(default_factory=list)
+    leaves: list = field(default_factory=list)
+
+
+def _find_gather(start_nodes, R):
+    seen, work = set(), list(start_nodes)
+    depth = 0
+    while work and depth < 4 * MAX_POS_ONLY_DEPTH:
+        n = work.pop()
+        depth += 1
+        if n in seen or not isinstance(n, Node):
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target in GATHER_OPS:
+            table, idx = _gather_args(n)
+            tv, iv = _fx.val(table), _fx.val(idx)
+            if (isinstance(tv, torch.Tensor) and isinstance(iv, torch.Tensor) and tv.dim() == 2
+                    and tv.shape[-1] == R and tv.is_floating_point() and not iv.is_floating_point()
+                    and iv.dim() == 1):
+                return n, table, idx
+        if _pure(n):
+            work.extend(n.all_input_nodes)
+    return None
+
+
+def _gather_args(n: Node):
+    if n.target is torch.ops.aten.index.Tensor:
+        idx = n.args[1]
+        return n.args[0], (idx[0] if isinstance(idx, (list, tuple)) and len(idx) == 1 else None)
+    if n.target is torch.ops.aten.index_select.default:
+        return (n.args[0], n.args[2]) if n.args[1] in (0, -2) else (n.args[0], None)
+    return n.args[0], n.args[1]  # embedding(weight, indices)
+
+
+def _strip_casts(n: Node) -> Node:
+    while n.op == "call_function" and n.target in (torch.ops.prims.convert_element_type.default,
+                                                   torch.ops.aten._to_copy.default):
+        n = n.args[0]
+    return n
+
+
+def extract(cone: set[Node], q_root: Node, R: int) -> RopeMatch | None:
+    """Leaves of the RoPE subgraph ``cone``; None if they are not
+    ``(q_root, one k root, positions, cos_sin_cache)``."""
+    found = _find_gather(list(cone), R)
+    if found is None:
+        boundary = {m for n in cone for m in n.all_input_nodes if m not in cone}
+        found = _find_gather(list(boundary), R)
+    if found is None:
+        return None
+    gather, table, positions = found
+    if positions is None:
+        return None
+    cos_sin = _strip_casts(table)
+    if cos_sin.op not in ("placeholder", "get_attr"):
+        return None
+    special = {positions, cos_sin}
+
+    @functools.lru_cache(maxsize=None)
+    def pos_only(n: Node, depth: int = 0) -> bool:
+        if n in special:
+            return True
+        if depth > MAX_POS_ONLY_DEPTH or not _pure(n):
+            return False
+        return all(pos_only(m, depth + 1) for m in n.all_input_nodes)
+
+    eval_set = set(cone)
+    leaves: list[Node] = []
+    work = [m for n in cone for m in n.all_input_nodes if m not in cone]
+    while work:
+        b = work.pop()
+        if b in eval_set or b in leaves:
+            continue
+        if b in special or b is q_root or b.op in ("placeholder", "get_attr"):
+            leaves.append(b)
+        elif _fx.val(b) is not None and not isinstance(_fx.val(b), torch.Tensor) and b.op != "call_function":
+            leaves.append(b)
+        elif isinstance(_fx.val(b), (torch.SymInt, int)):
+            continue  # a size value, substituted at evaluation
+        elif _fx.is_view(b) or pos_only(b):
+            eval_set.add(b)
+            work.extend(b.all_input_nodes)
+        else:
+            leaves.append(b)
+    tensor_leaves = [x for x in leaves if isinstance(_fx.val(x), torch.Tensor)]
+    others = [x for x in tensor_leaves if x not in special and x is not q_root]
+    if positions not in leaves and positions not in eval_set:
+        return None
+    if len(others) > 1:
+        return None
+    order = {n: i for i, n in enumerate(q_root.graph.nodes)}
+    return RopeMatch(positions=positions, cos_sin_cache=cos_sin, q_root=q_root, cone=cone,
+                     eval_nodes=sorted(eval_set, key=order.__getitem__), leaves=tensor_leaves)
+
+
+# --- numeric verification ----------------------------------------------------------
+
+_verdicts: dict = {}
+
+
+def _token_symbols(*vals):
+    syms = set()
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            for s in list(v.shape) + list(v.stride()) + [v.storage_offset()]:
+                if isinstance(s, torch.SymInt):
+                    syms |= s.node.expr.free_symbols
+    return syms
+
+
+def _concrete(x, env):
+    if isinstance(x, torch.SymInt):
+        return int(x.node.expr.subs(env))
+    if isinstance(x, sympy.Expr):
+        return int(x.subs(env))
+    return x
+
+
+def _signature(m: RopeMatch, q_pe_region, k_rot: Node, q_rot: Node):
+    idx = {}
+    for i, n in enumerate(m.leaves):
+        idx[n] = ("leaf", i)
+    parts = []
+
+    def norm(a):
+        if isinstance(a, Node):
+            if a in idx:
+                return idx[a]
+            v = _fx.val(a)
+            if isinstance(v, torch.SymInt):
+                return ("sym", str(v.node.expr))
+            return ("ext", a.op, str(a.target))
+        if isinstance(a, (list, tuple)):
+            return tuple(norm(x) for x in a)
+        if isinstance(a, dict):
+            return tuple(sorted((k, norm(v)) for k, v in a.items()))
+        if isinstance(a, torch.SymInt):
+            return ("sym", str(a.node.expr))
+        return repr(a)
+
+    for leaf in m.leaves:
+        v = _fx.val(leaf)
+        parts.append(("leaf", leaf is m.q_root, leaf is m.positions, leaf is m.cos_sin_cache,
+                      tuple(map(str, v.shape)), tuple(map(str, v.stride())), str(v.dtype)))
+    for j, n in enumerate(m.eval_nodes):
+        idx[n] = ("n", j)
+        parts.append((str(n.target), norm(n.args), norm(n.kwargs)))
+    parts.append(("out", idx.get(q_rot), idx.get(k_rot), tuple(map(str, q_pe_region.size)),
+                  tuple(map(str, q_pe_region.stride)), str(q_pe_region.offset)))
+    return tuple(parts)
+
+
+def verify(m: RopeMatch, q_pe_region: "_fx.Region", q_rot: Node, k_rot: Node, R: int) -> bool:
+    """Evaluate the subgraph and set ``m.is_neox`` and ``m.k_in``; False if it is not RoPE."""
+    try:
+        sig = _signature(m, q_pe_region, k_rot, q_rot)
+        cached = _verdicts.get(sig)
+    except TypeError:
+        sig, cached = None, None
+    if cached is None:
+        cached = _evaluate(m, q_pe_region, q_rot, k_rot, R)
+        if sig is not None:
+            _verdicts[sig] = cached
+    if cached is False:
+        return False
+    is_neox, k_index = cached
+    m.is_neox = is_neox
+    m.k_in = m.eval_nodes[k_index]
+    return True
+
+
+def _evaluate(m: RopeMatch, q_pe_region, q_rot: Node, k_rot: Node, R: int):
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    syms = _token_symbols(*(_fx.val(x) for x in m.leaves + m.eval_nodes))
+    env = {s: 5 for s in syms}
+    g = torch.Generator().manual_seed(1234)
+    with unset_fake_temporarily(), torch.no_grad():
+        values = {}
+        for leaf in m.leaves:
+            v = _fx.val(leaf)
+            shape = [_concrete(s, env) for s in v.shape]
+            if leaf is m.positions:
+                hi = _concrete(_fx.val(m.cos_sin_cache).shape[0], env)
+                values[leaf] = torch.randint(0, hi, shape, generator=g).to(v.dtype)
+            else:
+                stride = [_concrete(s, env) for s in v.stride()]
+                t = torch.empty_strided(shape, stride, dtype=v.dtype)
+                flat = torch.randn(t.untyped_storage().nbytes() // t.element_size(), generator=g)
+                t = flat.to(v.dtype).as_strided(shape, stride, _concrete(v.storage_offset(), env))
+                values[leaf] = t
+
+        def get(a):
+            if isinstance(a, Node):
+                if a in values:
+                    return values[a]
+                v = _fx.val(a)
+                if isinstance(v, (torch.SymInt, int)):
+                    return _concrete(v, env)
+                raise KeyError(a)
+            if isinstance(a, (list, tuple)):
+                return type(a)(get(x) for x in a)
+            if isinstance(a, torch.SymInt):
+                return _concrete(a, env)
+            return a
+
+        try:
+            for n in m.eval_nodes:
+                values[n] = n.target(*get(n.args), **get(n.kwargs))
+        except Exception as e:  # noqa: BLE001 - anything that does not evaluate is not our RoPE
+            logger.debug("RoPE check: evaluating %s failed: %s", n, e)
+            return False
+        if q_rot not in values or k_rot not in values:
+            return False
+        qr = m.q_root
+        qpe = values[qr].as_strided([_concrete(s, env) for s in q_pe_region.size],
+                                    [_concrete(s, env) for s in q_pe_region.stride],
+                                    _concrete(q_pe_region.offset, env))
+        pos = values[m.positions]
+        cos, sin = cos_sin_for(values[m.cos_sin_cache], pos)
+        got_q = values[q_rot].float()
+        got_k = values[k_rot].float()
+        T = pos.shape[0]
+        for is_neox in (False, True):
+            ref_q = rope_fp32(qpe, cos[:, None, :], sin[:, None, :], is_neox)
+            if got_q.shape != ref_q.shape or not _close(got_q, ref_q):
+                logger.debug("RoPE check: q is not %s RoPE (shapes %s %s)", "NeoX" if is_neox else "GPT-J",
+                             tuple(got_q.shape), tuple(ref_q.shape))
+                continue
+            for j, n in enumerate(m.eval_nodes):
+                v = values.get(n)
+                if not _fx.is_view(n) or not isinstance(v, torch.Tensor) or v.numel() != T * R \
+                        or v.shape[-1] != R or v.dim() not in (2, 3):
+                    continue
+                ref_k = rope_fp32(v.reshape(T, R), cos, sin, is_neox)
+                if got_k.numel() == ref_k.numel() and _close(got_k.reshape(T, R), ref_k):
+                    return (is_neox, j)
+        return False
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    tol = 3e-2 * float(b.abs().max()) + 1e-3
+    return bool((a - b).abs().max() <= tol)
