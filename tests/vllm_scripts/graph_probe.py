@@ -93,3 +93,47 @@ class GraphProbePass(CustomGraphPass):
 
     def uuid(self):
         return f"mla-passes-test-graph-probe-{self.tag}"
+
+
+def _record(rec: dict) -> None:
+    path = os.environ.get("MLA_PROBE_OUT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def instrument_mla_passes() -> None:
+    """Record, from inside the worker, what the real MLAPassManager matched on
+    each call and how the prepped-q attention split rows (decode vs prefill).
+    Test instrumentation only: wraps, never changes, what runs."""
+    from mla_passes import pass_manager, vllm_compat
+
+    if getattr(pass_manager.MLAPassManager, "_probe_wrapped", False):
+        return
+    orig_call = pass_manager.MLAPassManager.__call__
+
+    def __call__(self, graph):
+        orig_call(self, graph)
+        _record({"tag": "manager", "pid": os.getpid(), "matched_counts": dict(self.matched_counts),
+                 "decision": self.last_decision, "op_counts_after": op_counts(graph)})
+
+    pass_manager.MLAPassManager.__call__ = __call__
+    pass_manager.MLAPassManager._probe_wrapped = True
+
+    orig_attn = vllm_compat.attention_with_prepped_q
+
+    def attention_with_prepped_q(layer_name, q, q_prepped, kv_c_normed, k_pe, output):
+        from vllm.forward_context import get_forward_context
+
+        md = get_forward_context().attn_metadata
+        md = md.get(str(getattr(layer_name, "value", layer_name))) if isinstance(md, dict) else md
+        if md is not None:
+            _record({"tag": "attention", "pid": os.getpid(), "num_decode_tokens": int(md.num_decode_tokens),
+                     "num_actual_tokens": int(md.num_actual_tokens), "q_prepped_dtype": str(q_prepped.dtype)})
+        orig_attn(layer_name, q, q_prepped, kv_c_normed, k_pe, output)
+
+    vllm_compat.attention_with_prepped_q = attention_with_prepped_q
+
+
+if os.environ.get("MLA_PROBE_INSTRUMENT") == "1":
+    instrument_mla_passes()

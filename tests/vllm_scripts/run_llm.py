@@ -1,0 +1,89 @@
+"""One vLLM process for tests/test_vllm_e2e.py: build the LLM in one mode,
+generate greedily, write everything the tests check to a JSON file.
+
+    python run_llm.py MODEL_DIR OUT_JSON MODE      MODE in {on, off, eager}
+
+``on``: pass_config.fuse_aiter_qk_rope_kvcache_mla=True plus a user post-grad
+pass (graph probe); ``off``: the same user pass, flag off; ``eager``:
+enforce_eager=True. The probe and the instrumented pass manager append JSON
+lines to OUT_JSON + ".jsonl" from inside the worker process.
+"""
+
+import json
+import os
+import sys
+
+PROMPT_LENS = (5, 9, 40)  # with max_num_batched_tokens=16: later steps mix decode rows and a prefill chunk
+MAX_TOKENS = 16
+
+
+def main() -> None:
+    model_dir, out_json, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    os.environ["PYTHONPATH"] = here + os.pathsep + os.environ.get("PYTHONPATH", "")
+    os.environ["MLA_PROBE_OUT"] = out_json + ".jsonl"
+    os.environ["MLA_PROBE_INSTRUMENT"] = "1"
+
+    from graph_probe import GraphProbePass
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    result: dict = {"mode": mode}
+    kwargs = dict(model=model_dir, skip_tokenizer_init=True, max_model_len=128, dtype="bfloat16",
+                  max_num_seqs=4, max_num_batched_tokens=16, kv_cache_memory_bytes=64 << 20, seed=0)
+    if mode == "eager":
+        kwargs["enforce_eager"] = True
+    else:
+        cc = {"inductor_compile_config": {"post_grad_custom_post_pass": GraphProbePass("user")}}
+        if mode == "on":
+            cc["pass_config"] = {"fuse_aiter_qk_rope_kvcache_mla": True}
+        kwargs["compilation_config"] = cc
+
+    if mode == "on":
+        result.update(config_checks())
+
+    llm = LLM(**kwargs)
+    vcfg = llm.llm_engine.vllm_config
+    ccfg = vcfg.compilation_config
+    post = ccfg.inductor_compile_config.get("post_grad_custom_post_pass")
+    result["post_pass_type"] = type(post).__name__ if post is not None else None
+    result["post_pass_members"] = [type(p).__name__ for p in getattr(post, "passes", [])]
+    result["pass_config_flag"] = getattr(ccfg.pass_config, "fuse_aiter_qk_rope_kvcache_mla", None)
+    result["compile_ranges_endpoints"] = ccfg.compile_ranges_endpoints
+    result["compilation_mode"] = int(ccfg.mode)
+    prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 3 * n) % 500 + 3 for i in range(n)]) for n in PROMPT_LENS]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                        use_tqdm=False)
+    result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+    with open(out_json, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def config_checks() -> dict:
+    """Config-surface facts, checked in this (main) process before the LLM."""
+    from pydantic import ValidationError
+    from vllm.config import CompilationConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    out = {}
+    try:
+        CompilationConfig(pass_config={"fuse_aiter_qk_rope_kvcache_mla_typo": True})
+        out["unknown_key_rejected"] = False
+    except ValidationError:
+        out["unknown_key_rejected"] = True
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", "x", "-cc.pass_config.fuse_aiter_qk_rope_kvcache_mla=true"])
+    out["cli_flag"] = AsyncEngineArgs.from_cli_args(args).compilation_config.pass_config.fuse_aiter_qk_rope_kvcache_mla
+    try:
+        args = parser.parse_args(["--model", "x", "-cc.pass_config.not_a_real_key=true"])
+        AsyncEngineArgs.from_cli_args(args)
+        out["cli_unknown_rejected"] = False
+    except (ValidationError, SystemExit, ValueError):
+        out["cli_unknown_rejected"] = True
+    return out
+
+
+if __name__ == "__main__":
+    main()
