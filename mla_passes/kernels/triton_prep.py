@@ -96,8 +96,9 @@ def _store_out(ptrs, x, mask, scale, MODE: tl.constexpr, FP8_MAX: tl.constexpr, 
         y = tl.math.div_rn(x, scale)
         y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
         if MODE == 1:
-            if INTERP and ptrs.dtype.element_ty == tl.float8e4nv:
-                y = _round_e4m3fn(y)
+            if INTERP:
+                if ptrs.dtype.element_ty == tl.float8e4nv:
+                    y = _round_e4m3fn(y)
             tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
         else:
             tl.store(ptrs, _fnuz_bits(y, INTERP), mask=mask)
@@ -275,6 +276,29 @@ def _gather_rows_kernel(
     tl.store(out_ptrs, x.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
 
 
+@triton.jit
+def _cache_write_kernel(kvc_ptr, kpe_ptr, slot_ptr, cache_ptr, scale_ptr, block_size,
+                        s_ct, s_kt, s_cb, s_co,
+                        L: tl.constexpr, R: tl.constexpr, MODE: tl.constexpr, FP8_MAX: tl.constexpr,
+                        INTERP: tl.constexpr):
+    """Unfused cache write only (one program per token): the stand-in for
+    vLLM's ``concat_and_cache_mla`` in the benchmark's unfused chain."""
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // block_size
+        row = cache_ptr + blk * s_cb + (slot - blk * block_size) * s_co
+        scale = 1.0
+        if MODE != 0:
+            scale = tl.load(scale_ptr)
+        offs = tl.arange(0, L)
+        x = tl.load(kvc_ptr + t * s_ct + offs).to(tl.float32)
+        _store_out(row + offs, x, offs < L, scale, MODE, FP8_MAX, INTERP)
+        offs_r = tl.arange(0, R)
+        y = tl.load(kpe_ptr + t * s_kt + offs_r).to(tl.float32)
+        _store_out(row + L + offs_r, y, offs_r < R, scale, MODE, FP8_MAX, INTERP)
+
+
 # --------------------------------------------------------------------- host side
 
 
@@ -394,3 +418,20 @@ def gather_cache_rows_triton(kv_cache, slots, kv_cache_dtype, k_scale, dtype) ->
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DEQUANT=fp8, FNUZ_BITS=fnuz_bits,
     )
     return out
+
+
+def concat_and_cache_mla_triton(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale) -> None:
+    """Only the cache write ``[kv_c | k_pe] -> kv_cache[slot]`` (k_pe already
+    rotated; L and R powers of two). For baselines; not part of the fused path."""
+    if is_fp8_kv_cache(kv_cache_dtype):
+        cache, mode, fmax = _fp8_target(kv_cache)
+    else:
+        cache, mode, fmax = kv_cache, _CAST, 0.0
+    T = kv_c.shape[0]
+    if T == 0:
+        return
+    _cache_write_kernel[(T,)](
+        kv_c, k_pe, slot_mapping, cache, k_scale, cache.shape[1],
+        kv_c.stride(0), k_pe.stride(0), cache.stride(0), cache.stride(1),
+        L=kv_c.shape[1], R=k_pe.shape[-1], MODE=mode, FP8_MAX=fmax, INTERP=_interpreting(),
+    )
