@@ -22,7 +22,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     >"$OUT/check.log" 2>&1 || rc=1
   tail -n 30 "$OUT/check.log"
   echo "== GPU tests"
-  python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_triton_kernel.py \
+  timeout 540 python3 -m pytest -q -m gpu -p no:cacheprovider --noconftest -rfE --durations=15 tests/test_triton_kernel.py \
     --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1 || rc=1
   tail -n 40 "$OUT/gpu_tests.log"
 fi
