@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this repo asks of a GPU, for one or two device calls:
-#   tools/gpu_check.sh tests   - variant cross-check + the GPU pytest tests
-#   tools/gpu_check.sh bench   - `mla-passes bench` (+ config sweep)
+#   tools/gpu_check.sh tests   - the GPU pytest tests
+#   tools/gpu_check.sh bench   - variant cross-check + `mla-passes bench` (+ config sweep)
 #   tools/gpu_check.sh all     - both
 # Logs and JSON go under $OUT (the device tool's result folder) or ./gpu_out.
 # Needs: torch with CUDA, triton, pytest; AITER's Triton sources under
@@ -17,16 +17,16 @@ nvidia-smi -L || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  echo "== variant cross-check (bf16, fp8 cache, fp8 q)"
-  python3 -m tools.bench --check-only --heads 16 128 --tokens 1 3 64 256 --json "$OUT/check.json" \
-    >"$OUT/check.log" 2>&1 || rc=1
-  tail -n 30 "$OUT/check.log"
   echo "== GPU tests"
   timeout 540 python3 -m pytest -q -m gpu -p no:cacheprovider --noconftest -rfE --durations=15 tests/test_triton_kernel.py \
     --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1 || rc=1
   tail -n 40 "$OUT/gpu_tests.log"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
+  echo "== variant cross-check (bf16, fp8 cache, fp8 q)"
+  python3 -m tools.bench --check-only --heads 16 128 --tokens 1 64 --json "$OUT/check.json" \
+    >"$OUT/check.log" 2>&1 || rc=1
+  tail -n 12 "$OUT/check.log"
   echo "== bench"
   python3 -m tools.bench ${BENCH_ARGS:---sweep} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || rc=1
 fi
