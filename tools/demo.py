@@ -143,45 +143,73 @@ def _fp8_close(name: str, got, ref, scale, fp8_dtype) -> Check:
                  f"<= 1 fp8 step per element; {n_diff}/{err.numel()} codes differ")
 
 
-def _compare(stack, off: dict, on: dict) -> list[Check]:
+def _rel(name: str, got, ref, *, tol: float) -> Check:
+    """Relative L2 error ``|got - ref| / |ref|``."""
+    err = ((got - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+    return Check(name, err, tol, err <= tol, "relative L2 error")
+
+
+def _compare(stack, off: dict, on: dict, eager_out=None) -> list[Check]:
+    """Layer 0 sees the same inputs on both sides: element by element, its
+    rotated q_pe/k_pe agree to bf16 rounding and its fp8 prepped q and cache
+    rows to one fp8 step. Deeper layers see inputs that already differ by
+    rounding (bf16 RoPE in the unfused graph vs fp32 in the fused op, an fp8
+    code flipped in a layer above), amplified by fp8 quantization: they are
+    held to relative L2 errors. Rows the step must not write are compared
+    bitwise in every layer."""
     import torch
 
     from mla_passes.kernels import gather_cache_rows
     from mla_passes.kernels.fp8 import is_fp8_kv_cache, platform_fp8_dtype
 
-    checks = [_close("stack output (bf16)", on["out"].float(), off["out"].float(), atol=3e-2, rtol=3e-2)]
+    out_on, out_off = on["out"].float(), off["out"].float()
+    err = (out_on - out_off).abs().max().item()
+    checks = [_rel("stack output", out_on, out_off, tol=3e-2)]
+    checks[0].detail += f"; max abs error {err:.3g}"
+    if eager_out is not None:
+        base = _rel("(for scale) passes off vs eager", out_off, eager_out.float(), tol=float("inf"))
+        base.detail = "relative L2 error of compiling alone; not a check"
+        checks.append(base)
     worst: dict[str, Check] = {}
 
     def keep(c: Check) -> None:
         w = worst.get(c.name)
-        if w is None or not c.ok or (w.ok and c.max_err > w.max_err):
-            worst[c.name] = c if (w is None or w.ok) else w
+        if w is None or (w.ok and (not c.ok or c.max_err > w.max_err)):
+            worst[c.name] = c
 
-    for name, state in stack.states.items():
+    for i, (name, state) in enumerate(stack.states.items()):
         a, b = off["probe"][name], on["probe"][name]
-        keep(_close("rotated q_pe (bf16)", b["q_pe"], a["q_pe"], atol=1e-2, rtol=1.6e-2))
-        keep(_close("rotated k_pe (bf16)", b["k_pe"], a["k_pe"], atol=1e-2, rtol=1.6e-2))
-        if a["q_scale"] is not None:
-            keep(_fp8_close("prepped q (fp8, dequant)", b["q_prepped"], a["q_prepped"], a["q_scale"],
-                            a["q_prepped_raw"].dtype))
-        else:
-            keep(_close("prepped q", b["q_prepped"], a["q_prepped"], atol=2e-2, rtol=2e-2))
         ca, cb = off["caches"][name], on["caches"][name]
         slots = state.slot_mapping
         written = torch.zeros(ca.shape[0] * ca.shape[1], dtype=torch.bool)
         written[slots[slots >= 0].long().cpu()] = True
         flat_a, flat_b = ca.view(-1, ca.shape[-1]), cb.view(-1, cb.shape[-1])
-        untouched_equal = torch.equal(flat_a[~written], flat_b[~written])
-        keep(Check("cache rows not written", 0.0 if untouched_equal else float("inf"), 0.0, untouched_equal,
-                   f"{int((~written).sum())} rows bitwise equal" if untouched_equal else "differ"))
         idx = written.nonzero().flatten()
         ra = gather_cache_rows(ca, idx, state.kv_cache_dtype, state.k_scale, dtype=torch.float32)
         rb = gather_cache_rows(cb, idx, state.kv_cache_dtype, state.k_scale, dtype=torch.float32)
-        if is_fp8_kv_cache(state.kv_cache_dtype):
-            keep(_fp8_close("cache rows written (fp8, dequant)", rb, ra, state.k_scale.float(),
-                            platform_fp8_dtype(ca.device)))
-        else:
-            keep(_close("cache rows written", rb, ra, atol=1e-2, rtol=1.6e-2))
+        fp8_q = a["q_scale"] is not None
+        fp8_cache = is_fp8_kv_cache(state.kv_cache_dtype)
+        if i == 0:
+            keep(_close("layer 0 rotated q_pe (bf16)", b["q_pe"], a["q_pe"], atol=1e-2, rtol=1.6e-2))
+            keep(_close("layer 0 rotated k_pe (bf16)", b["k_pe"], a["k_pe"], atol=1e-2, rtol=1.6e-2))
+            if fp8_q:
+                keep(_fp8_close("layer 0 prepped q (fp8)", b["q_prepped"], a["q_prepped"], a["q_scale"],
+                                a["q_prepped_raw"].dtype))
+            else:
+                keep(_close("layer 0 prepped q", b["q_prepped"], a["q_prepped"], atol=2e-2, rtol=2e-2))
+            if fp8_cache:
+                keep(_fp8_close("layer 0 cache rows written (fp8)", rb, ra, state.k_scale.float(),
+                                platform_fp8_dtype(ca.device)))
+            else:
+                keep(_close("layer 0 cache rows written", rb, ra, atol=1e-2, rtol=1.6e-2))
+        keep(_rel("every layer: rotated q_pe", b["q_pe"], a["q_pe"], tol=2e-2))
+        keep(_rel("every layer: rotated k_pe", b["k_pe"], a["k_pe"], tol=2e-2))
+        keep(_rel("every layer: prepped q", b["q_prepped"], a["q_prepped"], tol=5e-2))
+        keep(_rel("every layer: cache rows written", rb, ra, tol=5e-2))
+        untouched_equal = torch.equal(flat_a[~written], flat_b[~written])
+        keep(Check("every layer: cache rows not written", 0.0 if untouched_equal else float("inf"), 0.0,
+                   untouched_equal,
+                   f"{int((~written).sum())} rows per layer bitwise equal" if untouched_equal else "differ"))
     return checks + list(worst.values())
 
 
@@ -275,7 +303,16 @@ def run_demo(*, layers: int, heads: int, tokens: int, seed: int = 0, out: str | 
                         backend=backend, snapshot=snapshot)
         on = _run_once(stack, passes_on=True, dump_dir=dumps.get("on"), tokens=tokens, seed=seed,
                        backend=backend, snapshot=snapshot)
-        checks = _compare(stack, off, on)
+        # the eager module, same step, for the scale of compile-only rounding
+        import torch
+
+        from mla_passes.models import set_step
+
+        stack.restore_caches(snapshot)
+        set_step(stack, tokens, seed=seed + 1)
+        with torch.no_grad():
+            eager_out = stack.module(*stack.make_inputs(tokens, seed=seed + 1)).clone()
+        checks = _compare(stack, off, on, eager_out)
     finally:
         stack.unregister()
 
@@ -310,9 +347,9 @@ def format_result(r: DemoResult) -> str:
             f"  {'target':<{w}}  {'before':>6}  {'after':>6}"]
     out += [f"  {t:<{w}}  {b:>6}  {a:>6}" for t, b, a in r.op_table]
     out += [f"  {'total':<{w}}  {r.total_ops[0]:>6}  {r.total_ops[1]:>6}", "",
-            "passes on vs passes off, fresh inputs (max abs error / tolerance):"]
+            "passes on vs passes off, fresh inputs (error / tolerance):"]
     for ch in r.checks:
-        out.append(f"  {'ok  ' if ch.ok else 'FAIL'} {ch.name:<34} {ch.max_err:.3g} / {ch.tol:.3g}  ({ch.detail})")
+        out.append(f"  {'ok  ' if ch.ok else 'FAIL'} {ch.name:<37} {ch.max_err:<9.3g} / {ch.tol:<8.3g} ({ch.detail})")
     out += ["", f"lint (CUDA-graph capture) of the rewritten graph: {len(r.lint_findings)} findings"]
     out += [f"  {f}" for f in r.lint_findings]
     if r.dumps:
