@@ -352,6 +352,8 @@ def run(args) -> int:
                 if best:
                     row["sweep_best_us"], row["sweep_best_config"] = best
             rows.append(row)
+            print("[row] " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
+                  flush=True)
             del layers
             torch.cuda.empty_cache()
             print(f"[bench] H={H} T={T} done in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)

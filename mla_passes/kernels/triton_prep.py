@@ -192,9 +192,9 @@ def _mla_decode_prep_kernel(
             k_scale = tl.load(kscale_ptr)
         offs_l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
         lmask = offs_l < L
-        m = valid[:, None] & lmask[None, :]
-        x = tl.load(kvc_ptr + t64[:, None] * s_ct + offs_l[None, :] * s_cd, mask=m, other=0.0)
-        _store_out(cache_ptr + row[:, None] + offs_l[None, :] * s_cx, x.to(tl.float32), m,
+        cmask = valid[:, None] & lmask[None, :]
+        x = tl.load(kvc_ptr + t64[:, None] * s_ct + offs_l[None, :] * s_cd, mask=cmask, other=0.0)
+        _store_out(cache_ptr + row[:, None] + offs_l[None, :] * s_cx, x.to(tl.float32), cmask,
                    k_scale, KV_MODE, KV_MAX, INTERP)
         if lb == 0:
             pos = tl.load(pos_ptr + offs_t, mask=tmask, other=0).to(tl.int64)
@@ -229,17 +229,17 @@ def _mla_decode_prep_kernel(
             q_scale = tl.load(qscale_ptr)
         for hh in tl.static_range(ROPE_HEADS):
             h = h0 + hh
-            m = tm & ((tl.zeros([BLOCK_T], dtype=tl.int32) + h) < H)[:, None]
+            hmask = tm & ((tl.zeros([BLOCK_T], dtype=tl.int32) + h) < H)[:, None]
             q_row = q_ptr + t64[:, None] * s_qt + h * s_qh + P * s_qd
-            x1 = tl.load(q_row + o1[None, :] * s_qd, mask=m, other=0.0).to(tl.float32)
-            x2 = tl.load(q_row + o2[None, :] * s_qd, mask=m, other=0.0).to(tl.float32)
+            x1 = tl.load(q_row + o1[None, :] * s_qd, mask=hmask, other=0.0).to(tl.float32)
+            x2 = tl.load(q_row + o2[None, :] * s_qd, mask=hmask, other=0.0).to(tl.float32)
             r1 = x1 * c - x2 * s
             r2 = x2 * c + x1 * s
-            tl.store(q_row + o1[None, :] * s_qd, r1.to(q_ptr.dtype.element_ty), mask=m)
-            tl.store(q_row + o2[None, :] * s_qd, r2.to(q_ptr.dtype.element_ty), mask=m)
+            tl.store(q_row + o1[None, :] * s_qd, r1.to(q_ptr.dtype.element_ty), mask=hmask)
+            tl.store(q_row + o2[None, :] * s_qd, r2.to(q_ptr.dtype.element_ty), mask=hmask)
             o_row = qout_ptr + t64[:, None] * s_ot + h * s_oh + L * s_od
-            _store_out(o_row + o1[None, :] * s_od, r1, m, q_scale, Q_MODE, Q_MAX, INTERP)
-            _store_out(o_row + o2[None, :] * s_od, r2, m, q_scale, Q_MODE, Q_MAX, INTERP)
+            _store_out(o_row + o1[None, :] * s_od, r1, hmask, q_scale, Q_MODE, Q_MAX, INTERP)
+            _store_out(o_row + o2[None, :] * s_od, r2, hmask, q_scale, Q_MODE, Q_MAX, INTERP)
 
 
 @triton.jit
