@@ -18,16 +18,16 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
   echo "== GPU tests"
-  timeout 540 python3 -m pytest -q -m gpu -p no:cacheprovider --noconftest -rfE --durations=15 tests/test_triton_kernel.py \
+  timeout ${TEST_TIMEOUT:-540} python3 -m pytest -q -m gpu -p no:cacheprovider --noconftest -rfE --durations=15 tests/test_triton_kernel.py \
     --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1 || rc=1
   tail -n 40 "$OUT/gpu_tests.log"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   echo "== variant cross-check (bf16, fp8 cache, fp8 q)"
-  python3 -m tools.bench --check-only --heads 16 128 --tokens 1 64 --json "$OUT/check.json" \
+  timeout ${CHECK_TIMEOUT:-300} python3 -m tools.bench --check-only --heads 16 128 --tokens 1 64 --json "$OUT/check.json" \
     >"$OUT/check.log" 2>&1 || rc=1
   tail -n 12 "$OUT/check.log"
   echo "== bench"
-  python3 -m tools.bench ${BENCH_ARGS:---sweep} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || rc=1
+  timeout ${BENCH_TIMEOUT:-900} python3 -m tools.bench ${BENCH_ARGS---sweep} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || rc=1
 fi
 exit $rc
