@@ -29,7 +29,7 @@ import torch
 
 from .layers import MLALayerState, layer_name_str
 
-logger = logging.getLogger("mla_passes.vllm")
+logger = logging.getLogger("vllm.mla_passes")  # under vLLM's logger: shown with its handlers
 
 SUPPORTED_VLLM = ((0, 32), (0, 33))
 

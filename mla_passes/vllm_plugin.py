@@ -39,7 +39,7 @@ import logging
 import sys
 from typing import Optional
 
-logger = logging.getLogger("mla_passes.vllm")
+logger = logging.getLogger("vllm.mla_passes")  # under vLLM's logger: shown with its handlers
 
 FLAG = "fuse_aiter_qk_rope_kvcache_mla"
 MAX_TOKENS = "aiter_qk_rope_kvcache_fusion_max_token_num"

