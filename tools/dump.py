@@ -153,7 +153,7 @@ def run(args) -> int:
     print(f"mla-passes dump: {len(files)} graph files in {out}/ (passes {args.passes})")
     if custom_pass is not None:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(custom_pass.total_counts.items())) or "none"
-        print(f"  pass manager ran on {custom_pass.graphs} graphs; matches: {counts}")
+        print(f"  pass manager ran on {custom_pass.graphs} graph{'' if custom_pass.graphs == 1 else 's'}; matches: {counts}")
         print(f"  {len(ours)} before/after graphs of our passes: {out}/*.mla_passes_*.py")
     if rc:
         print(f"mla-passes dump: {script} exited with status {rc}", file=sys.stderr)
