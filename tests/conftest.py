@@ -45,7 +45,7 @@ def make_pm(fuse=True, max_num_seqs=256, **cfg):
 
 
 def run_case(pm=None, *, T=5, num_layers=2, inductor=False, functionalized_v2=False, num_decode_tokens=None,
-             dynamic=False, run_T=None, step_seed=1, stack=None, **stack_kw) -> CaseResult:
+             dynamic=False, run_T=None, step_seed=1, stack=None, pad_every=3, **stack_kw) -> CaseResult:
     """Build (or reuse) a stack, run it eagerly and compiled with ``pm`` on the
     same fresh inputs and caches, return outputs and caches of both."""
     stack_kw.setdefault("H", 4)
@@ -56,7 +56,7 @@ def run_case(pm=None, *, T=5, num_layers=2, inductor=False, functionalized_v2=Fa
     res = None
     for t in ([T] if run_T is None else run_T):
         pos, h = st.make_inputs(t, seed=100 + t)
-        set_step(st, t, num_decode_tokens=num_decode_tokens, seed=step_seed + t)
+        set_step(st, t, num_decode_tokens=num_decode_tokens, seed=step_seed + t, pad_every=pad_every)
         snap = st.snapshot_caches()
         with torch.no_grad():
             eager = st.module(pos, h)

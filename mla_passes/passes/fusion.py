@@ -375,11 +375,11 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         def view_like(src: Node, like: Node) -> Node:
             """A view of (mutated) ``src`` shaped like ``like``, placed after the fused op."""
             shape = tuple(_fx.val(like).shape)
-            key = (src, shape)
+            key = (src, tuple(map(str, shape)))
             if key in views:
                 return views[key]
             sv = _fx.val(src)
-            if tuple(sv.shape) == shape:
+            if tuple(map(str, sv.shape)) == key[1]:
                 views[key] = src
                 return src
             with graph.inserting_after(cursor[0]):
@@ -388,7 +388,8 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                 elif sv.dim() == len(shape) + 1 and sv.shape[1] == 1:
                     out = _fx.call(graph, aten.squeeze.dim, (src, 1))
                 else:
-                    out = _fx.call(graph, aten.reshape.default, (src, list(shape)))
+                    # token dim first, static trailing dims (a SymInt cannot be an FX constant)
+                    out = _fx.call(graph, aten.reshape.default, (src, [-1] + [int(d) for d in shape[1:]]))
             cursor[0] = out
             views[key] = out
             return out

@@ -1,0 +1,72 @@
+"""Decode-bucket gating, prefill graphs untouched, uuid stability and sensitivity."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import make_pm, run_case
+from mla_passes import MLAPassManager, PassConfig, compile_range
+from mla_passes.pass_manager import TokenRange
+
+
+def test_threshold_derivation():
+    cfg = PassConfig(fuse_aiter_qk_rope_kvcache_mla=True)
+    assert MLAPassManager(cfg, max_num_seqs=64, num_speculative_tokens=2).decode_max_tokens == 192
+    assert MLAPassManager(cfg, max_num_seqs=64).decode_max_tokens == 64
+    over = PassConfig(fuse_aiter_qk_rope_kvcache_mla=True, aiter_qk_rope_kvcache_fusion_max_token_num=7)
+    assert MLAPassManager(over, max_num_seqs=64).decode_max_tokens == 7
+    assert MLAPassManager(cfg).decode_max_tokens is None
+    pm = MLAPassManager(cfg, max_num_seqs=64, num_speculative_tokens=1)
+    assert pm.is_applicable_for_range(TokenRange(1, 128))
+    assert not pm.is_applicable_for_range(TokenRange(1, 129))
+    assert not MLAPassManager(PassConfig(), max_num_seqs=64).is_applicable_for_range(TokenRange(1, 2))
+
+
+def test_aiter_flag_turns_on_prerequisite():
+    assert PassConfig(fuse_aiter_qk_rope_kvcache_mla=True).fuse_rope_kvcache_cat_mla is True
+    assert PassConfig().fuse_rope_kvcache_cat_mla is None
+    with pytest.raises(ValueError, match="no_range_policy"):
+        PassConfig(no_range_policy="maybe")
+
+
+def test_prefill_range_graph_identical():
+    """A graph outside the decode bucket comes out exactly as with the passes off."""
+    pm = make_pm(max_num_seqs=4)
+    with compile_range(TokenRange(5, 512)):
+        res = run_case(pm, T=5)
+    assert pm.matched_counts == {"mla_qk_rope_kvcache_fusion": 0, "mla_decode_q_prep_lift": 0}
+    import torch
+    torch._dynamo.reset()
+    off = run_case(None, T=5, stack=res.stack)
+    assert res.backend.graph_after == off.backend.graph_after == res.backend.graph_before
+
+
+@pytest.mark.parametrize("policy,T,expect", [("infer", 5, 2), ("infer", 9, 0), ("apply", 9, 2), ("skip", 5, 0)])
+def test_no_range_policy(policy, T, expect):
+    pm = make_pm(max_num_seqs=8, no_range_policy=policy)
+    run_case(pm, T=T)
+    assert pm.matched_counts["mla_qk_rope_kvcache_fusion"] == expect
+
+
+def test_uuid_stable_and_sensitive():
+    a = make_pm(max_num_seqs=8)
+    assert a.uuid() == make_pm(max_num_seqs=8).uuid() == a.uuid()
+    assert a.uuid() != make_pm(max_num_seqs=16).uuid()
+    assert a.uuid() != make_pm(max_num_seqs=8, backend="reference").uuid()
+    assert a.uuid() != make_pm(max_num_seqs=8, fuse=False).uuid()
+    assert a.uuid() != make_pm(max_num_seqs=8, no_range_policy="apply").uuid()
+    with compile_range(4):
+        in_range = a.uuid()
+    assert in_range != a.uuid()
+
+
+def test_uuid_tracks_pass_source(monkeypatch):
+    """Editing a pass or pattern module changes the uuid."""
+    import mla_passes.pass_manager as pmod
+
+    a = make_pm(max_num_seqs=8)
+    before = a.uuid()
+    real = pmod._module_hash
+    monkeypatch.setattr(pmod, "_module_hash",
+                        lambda m: "edited" if m.__name__.endswith("patterns.rope") else real(m))
+    assert a.uuid() != before
