@@ -400,7 +400,7 @@ def format_report(pairs: list[GraphPair], *, all_ops: bool = False, show_identic
             out.append(p.diff)
     counts = collections.Counter(p.status for p in pairs)
     out.append(
-        f"-- {len(pairs)} graphs: {counts['changed']} changed, {counts['identical']} identical, "
+        f"-- {len(pairs)} graph{'' if len(pairs) == 1 else 's'}: {counts['changed']} changed, {counts['identical']} identical, "
         f"{counts['only_a']} only in A, {counts['only_b']} only in B\n"
     )
     return "".join(out)
