@@ -161,6 +161,15 @@ def _as_cache_bits(kv_cache: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
     return kv_cache
 
 
+def _max_step_tokens() -> int:
+    try:
+        from vllm.config import get_current_vllm_config
+
+        return int(get_current_vllm_config().scheduler_config.max_num_batched_tokens)
+    except Exception:
+        return 1 << 16
+
+
 class VllmLayerResolver:
     """Resolves a layer name to :class:`MLALayerState` from vLLM's contexts.
 
@@ -186,9 +195,10 @@ class VllmLayerResolver:
         if _is_quantized_kv_cache(kv_cache_dtype) and getattr(layer.impl, "supports_quant_query_input", False):
             q_scale = layer._q_scale.reshape(1)
         if slot_mapping is None:
-            if in_forward and attn_metadata is not None:
-                raise NotImplementedError(f"mla-passes: layer {layer_name!r} has no slot mapping in this step")
-            slot_mapping = torch.empty(0, dtype=torch.int64, device=w_uk_t.device)
+            # No cache write this step (vLLM's profile/dummy runs): all slots -1.
+            # Sized to the largest step; needs the op to take slot_mapping[:T]
+            # (vLLM pads slot mappings the same way).
+            slot_mapping = torch.full((_max_step_tokens(),), -1, dtype=torch.int64, device=w_uk_t.device)
         if kv_cache is None or kv_cache.numel() == 0:
             kv_cache = torch.empty((0, 1, layer.kv_lora_rank + layer.qk_rope_head_dim),
                                    dtype=w_uk_t.dtype, device=w_uk_t.device)
