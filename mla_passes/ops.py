@@ -137,12 +137,23 @@ def _fused_decode_prep_fake(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, la
     return q.new_empty((q.shape[0], q.shape[1], kv_c.shape[-1] + k_pe.shape[-1]), dtype=out_dtype)
 
 
+def _slots_for(slot_mapping: torch.Tensor, T: int) -> torch.Tensor:
+    """The first ``T`` slots; a shorter mapping (a padded batch) is padded
+    with -1 (no cache write), as vLLM pads its own slot mappings."""
+    n = slot_mapping.shape[0]
+    if n == T:
+        return slot_mapping
+    if n > T:
+        return slot_mapping[:T]
+    return torch.cat((slot_mapping, slot_mapping.new_full((T - n,), -1)))
+
+
 def _fused_decode_prep_impl(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend):
     state = resolve_layer(layer_name)
     _check_out_dtype("mla_fused_decode_prep", out_dtype, state, q, layer_name)
     q_out = _fused_decode_prep_fake(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend)
     kernels.fused_decode_prep(
-        q, kv_c, k_pe, state.w_uk_t, positions, cos_sin_cache, is_neox, state.slot_mapping,
+        q, kv_c, k_pe, state.w_uk_t, positions, cos_sin_cache, is_neox, _slots_for(state.slot_mapping, q.shape[0]),
         state.kv_cache, state.kv_cache_dtype, state.k_scale, state.q_scale, q_out, backend=backend,
     )
     return q_out

@@ -108,3 +108,22 @@ def test_layer_name_accepts_strings_and_vllm_style_objects():
     assert layer_name_str(Other()) == "x"
     with pytest.raises(TypeError, match="layer_name"):
         layer_name_str(3)
+
+
+@pytest.mark.parametrize("extra", [-2, 3])
+def test_fused_op_slot_mapping_longer_or_shorter_than_T(layer, extra):
+    """vLLM pads slot mappings: a longer one is cut to T, a shorter one padded with -1."""
+    T = 6
+    case, ln = layer(T)
+    state = resolve_layer(ln)
+    expect = case.clone()
+    if extra > 0:
+        state.slot_mapping = torch.cat((case.slot_mapping, torch.arange(extra) + 1000))
+    else:
+        state.slot_mapping = case.slot_mapping[:T + extra]
+        expect.slot_mapping = torch.cat((case.slot_mapping[:T + extra], torch.full((-extra,), -1)))
+    fused_decode_prep(*expect.kernel_args(), backend="reference")
+    out = ops.mla_fused_decode_prep(case.q, case.kv_c, case.k_pe, case.positions, case.cos_sin_cache,
+                                    case.is_neox, ln, torch.float8_e4m3fn, "reference")
+    assert torch.equal(state.kv_cache.view(torch.uint8), expect.kv_cache.view(torch.uint8))
+    assert torch.equal(out.view(torch.uint8), expect.q_out.view(torch.uint8))
