@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, nargs="+", default=list(DEFAULT_HEADS))
     parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS))
     parser.add_argument("--variants", default="fused,compile,aiter",
-                        help="comma-separated subset of fused,compile,aiter")
+                        help="comma-separated subset of fused,compile,aiter (diagnosis: fused_absorb, "
+                             "fused_cache, fused_rope, fused_empty = the kernel with only that part on)")
     parser.add_argument("--layers", type=int, default=8, help="independent layers per graph (default 8)")
     parser.add_argument("--reps", type=int, default=25, help="timed batches per variant; the median is reported")
     parser.add_argument("--inner", type=int, default=10, help="graph replays per timed batch")
@@ -133,6 +134,10 @@ def _variants(names, is_neox, device):
     out = {}
     if "fused" in names:
         out["fused"] = lambda ly: fused_decode_prep_triton(*ly.case.kernel_args(), ly.dims)
+    for parts, label in ((1, "absorb"), (2, "cache"), (4, "rope"), (0, "empty")):
+        if f"fused_{label}" in names:  # diagnosis: the kernel with only some parts switched on
+            out[f"fused_{label}"] = (lambda ly, parts=parts:
+                                     fused_decode_prep_triton(*ly.case.kernel_args(), ly.dims, _parts=parts))
     if "compile" in names:
         compiled = torch.compile(_make_chain(is_neox), fullgraph=True, dynamic=False)
         out["compile"] = lambda ly: compiled(
@@ -264,8 +269,9 @@ def min_bytes(T: int, H: int, model_bytes: int = 2) -> int:
     return reads + writes
 
 
-SWEEP = [dict(BLOCK_T=bt, BLOCK_L=bl, ROPE_HEADS=8, num_warps=nw)
-         for bt in (16, 32, 64) for bl in (32, 64, 128) for nw in (4, 8)]
+SWEEP = [dict(BLOCK_T=bt, BLOCK_L=bl, LB_ITERS=it, ROPE_HEADS=8, num_warps=nw, num_stages=3)
+         for bt in (16, 32, 64) for bl, it in ((32, 1), (64, 1), (128, 1), (64, 2), (128, 2), (128, 4))
+         for nw in ((4,) if bt < 64 else (4, 8))]
 
 
 def _geomean(xs):
@@ -333,6 +339,11 @@ def run(args) -> int:
                     row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
                     print(f"[bench] {name} H={H} T={T} failed: {row[f'{name}_error']}", file=sys.stderr)
             row["config"] = triton_prep.launch_config(T, H, L, device)
+            if "fused" in variants:  # the compiler's resource report for the heuristic config
+                k = variants["fused"](layers[0])
+                if k is not None:
+                    row["kernel"] = dict(n_regs=getattr(k, "n_regs", None), n_spills=getattr(k, "n_spills", None),
+                                         shared=getattr(getattr(k, "metadata", None), "shared", None))
             if args.sweep and "fused" in variants:
                 best = None
                 for cfg in SWEEP:

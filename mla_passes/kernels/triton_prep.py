@@ -14,11 +14,11 @@ for DeepSeek-V3 at H=128), which this grid reads once per token block.
 Grid ``(programs_per_token_block, token_blocks)``; in each token block of
 ``BLOCK_T`` tokens the programs are, in order:
 
-* ``H * NUM_LB`` absorb programs, one per (head, block of ``BLOCK_L`` latent
-  columns): ``[BLOCK_T, P] x [P, BLOCK_L]`` with ``tl.dot`` -> ``q_out[..., :L]``;
-* ``NUM_LB`` cache programs: ``kv_c`` columns -> the cache rows (slot >= 0);
-  the first of them also rotates ``k_pe`` (in place, every token) and writes
-  its rotated half of the cache row;
+* ``H * NUM_LC`` absorb programs, one per (head, chunk of ``LB_ITERS x BLOCK_L``
+  latent columns): q_nope ``[BLOCK_T, P]`` loaded once, then a pipelined loop of
+  ``[BLOCK_T, P] x [P, BLOCK_L]`` ``tl.dot`` tiles -> ``q_out[..., :L]``;
+* one cache program: ``[kv_c | rope(k_pe)]`` -> the cache rows (slot >= 0),
+  and ``k_pe`` rotated in place (every token);
 * ``ceil(H / ROPE_HEADS)`` rope programs: ``q_pe`` of ``ROPE_HEADS`` heads,
   rotated in place and written (quantized) into ``q_out[..., L:]``.
 
@@ -131,115 +131,119 @@ def _mla_decode_prep_kernel(
     s_ot, s_oh, s_od,
     P: tl.constexpr, L: tl.constexpr, R: tl.constexpr,
     P_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, NUM_LB: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, LB_ITERS: tl.constexpr, NUM_LC: tl.constexpr,
     ROPE_HEADS: tl.constexpr,
     IS_NEOX: tl.constexpr,
     Q_MODE: tl.constexpr, Q_MAX: tl.constexpr,
     KV_MODE: tl.constexpr, KV_MAX: tl.constexpr,
-    DOT_F32: tl.constexpr, INTERP: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERP: tl.constexpr, PARTS: tl.constexpr,
 ):
     HALF: tl.constexpr = R // 2
     EVEN_P: tl.constexpr = P == P_PAD
-    EVEN_L: tl.constexpr = (L % BLOCK_L) == 0
+    EVEN_L: tl.constexpr = (L % (BLOCK_L * LB_ITERS)) == 0
+    CACHE_BLOCK: tl.constexpr = 128
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = offs_t < T
     t64 = offs_t.to(tl.int64)
-    n_mm = H * NUM_LB
+    n_mm = H * NUM_LC
 
     if pid < n_mm:
-        # ---- q-absorb: q_out[t, h, l-block] = q_nope[t, h] @ W_UK_T[h][:, l-block]
-        h = pid // NUM_LB
-        lb = pid - h * NUM_LB
-        offs_p = tl.arange(0, P_PAD)
-        offs_l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
-        a_ptrs = q_ptr + t64[:, None] * s_qt + h * s_qh + offs_p[None, :] * s_qd
-        w_ptrs = w_ptr + h * s_wh + offs_p[:, None] * s_wp + offs_l[None, :] * s_wl
-        if EVEN_P:
-            a = tl.load(a_ptrs, mask=tmask[:, None], other=0.0)
-            if EVEN_L:
-                w = tl.load(w_ptrs)
+        # ---- q-absorb: q_out[t, h, chunk] = q_nope[t, h] @ W_UK_T[h][:, chunk]
+        # (a chunk is LB_ITERS blocks of BLOCK_L latent columns; q_nope loaded once)
+        if PARTS % 2 == 1:
+            h = pid // NUM_LC
+            lc = pid - h * NUM_LC
+            offs_p = tl.arange(0, P_PAD)
+            a_ptrs = q_ptr + t64[:, None] * s_qt + h * s_qh + offs_p[None, :] * s_qd
+            if EVEN_P:
+                a = tl.load(a_ptrs, mask=tmask[:, None], other=0.0)
             else:
-                w = tl.load(w_ptrs, mask=(offs_l < L)[None, :], other=0.0)
-        else:
-            pmask = offs_p < P
-            a = tl.load(a_ptrs, mask=tmask[:, None] & pmask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=pmask[:, None] & (offs_l < L)[None, :], other=0.0)
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            acc = tl.dot(a, w)
-        q_scale = 1.0
-        if Q_MODE != 0:
-            q_scale = tl.load(qscale_ptr)
-        o_ptrs = qout_ptr + t64[:, None] * s_ot + h * s_oh + offs_l[None, :] * s_od
-        if EVEN_L:
-            o_mask = tmask[:, None]
-        else:
-            o_mask = tmask[:, None] & (offs_l < L)[None, :]
-        _store_out(o_ptrs, acc, o_mask, q_scale, Q_MODE, Q_MAX, INTERP)
-    elif pid < n_mm + NUM_LB:
-        # ---- cache write: [kv_c | rope(k_pe)] -> cache row slot, slot >= 0
-        lb = pid - n_mm
-        slot = tl.load(slot_ptr + offs_t, mask=tmask, other=-1).to(tl.int64)
-        valid = tmask & (slot >= 0)
-        slot = tl.where(valid, slot, 0)
-        blk = slot // block_size
-        row = blk * s_cb + (slot - blk * block_size) * s_co
-        k_scale = 1.0
-        if KV_MODE != 0:
-            k_scale = tl.load(kscale_ptr)
-        offs_l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
-        lmask = offs_l < L
-        cmask = valid[:, None] & lmask[None, :]
-        x = tl.load(kvc_ptr + t64[:, None] * s_ct + offs_l[None, :] * s_cd, mask=cmask, other=0.0)
-        _store_out(cache_ptr + row[:, None] + offs_l[None, :] * s_cx, x.to(tl.float32), cmask,
-                   k_scale, KV_MODE, KV_MAX, INTERP)
-        if lb == 0:
+                a = tl.load(a_ptrs, mask=tmask[:, None] & (offs_p < P)[None, :], other=0.0)
+            if DOT_F32:
+                a = a.to(tl.float32)
+            q_scale = 1.0
+            if Q_MODE != 0:
+                q_scale = tl.load(qscale_ptr)
+            w_base = w_ptr + h * s_wh + offs_p[:, None] * s_wp
+            o_base = qout_ptr + t64[:, None] * s_ot + h * s_oh
+            for j in range(LB_ITERS):
+                offs_l = (lc * LB_ITERS + j) * BLOCK_L + tl.arange(0, BLOCK_L)
+                w_ptrs = w_base + offs_l[None, :] * s_wl
+                if EVEN_P and EVEN_L:
+                    w = tl.load(w_ptrs)
+                else:
+                    w = tl.load(w_ptrs, mask=(offs_p < P)[:, None] & (offs_l < L)[None, :], other=0.0)
+                if DOT_F32:
+                    acc = tl.dot(a, w.to(tl.float32), input_precision="ieee")
+                else:
+                    acc = tl.dot(a, w)
+                if EVEN_L:
+                    o_mask = tmask[:, None]
+                else:
+                    o_mask = tmask[:, None] & (offs_l < L)[None, :]
+                _store_out(o_base + offs_l[None, :] * s_od, acc, o_mask, q_scale, Q_MODE, Q_MAX, INTERP)
+    elif pid == n_mm:
+        # ---- cache write: [kv_c | rope(k_pe)] -> cache row slot (slot >= 0);
+        # k_pe rotated in place for every token
+        if PARTS // 2 % 2 == 1:
+            slot = tl.load(slot_ptr + offs_t, mask=tmask, other=-1).to(tl.int64)
             pos = tl.load(pos_ptr + offs_t, mask=tmask, other=0).to(tl.int64)
             i, o1, o2, imask = _pair_offsets(HALF_PAD, HALF, IS_NEOX)
-            cs = cs_ptr + pos[:, None] * s_cs0
             tm = tmask[:, None] & imask[None, :]
-            c = tl.load(cs + i[None, :] * s_cs1, mask=tm, other=0.0).to(tl.float32)
-            s = tl.load(cs + (i[None, :] + HALF) * s_cs1, mask=tm, other=0.0).to(tl.float32)
             k_row = kpe_ptr + t64[:, None] * s_kt
             x1 = tl.load(k_row + o1[None, :] * s_kd, mask=tm, other=0.0).to(tl.float32)
             x2 = tl.load(k_row + o2[None, :] * s_kd, mask=tm, other=0.0).to(tl.float32)
+            cs = cs_ptr + pos[:, None] * s_cs0
+            c = tl.load(cs + i[None, :] * s_cs1, mask=tm, other=0.0).to(tl.float32)
+            s = tl.load(cs + (i[None, :] + HALF) * s_cs1, mask=tm, other=0.0).to(tl.float32)
+            valid = tmask & (slot >= 0)
+            slot = tl.where(valid, slot, 0)
+            blk = slot // block_size
+            c_row = cache_ptr + (blk * s_cb + (slot - blk * block_size) * s_co)[:, None]
+            k_scale = 1.0
+            if KV_MODE != 0:
+                k_scale = tl.load(kscale_ptr)
+            for lb in tl.static_range((L + CACHE_BLOCK - 1) // CACHE_BLOCK):
+                offs_c = lb * CACHE_BLOCK + tl.arange(0, CACHE_BLOCK)
+                cmask = valid[:, None] & (offs_c < L)[None, :]
+                x = tl.load(kvc_ptr + t64[:, None] * s_ct + offs_c[None, :] * s_cd, mask=cmask, other=0.0)
+                _store_out(c_row + offs_c[None, :] * s_cx, x.to(tl.float32), cmask, k_scale, KV_MODE, KV_MAX,
+                           INTERP)
             r1 = x1 * c - x2 * s
             r2 = x2 * c + x1 * s
             vm = valid[:, None] & imask[None, :]
-            c_row = cache_ptr + row[:, None]
             _store_out(c_row + (L + o1[None, :]) * s_cx, r1, vm, k_scale, KV_MODE, KV_MAX, INTERP)
             _store_out(c_row + (L + o2[None, :]) * s_cx, r2, vm, k_scale, KV_MODE, KV_MAX, INTERP)
-            # in place, for every token (slot < 0 too)
             tl.store(k_row + o1[None, :] * s_kd, r1.to(kpe_ptr.dtype.element_ty), mask=tm)
             tl.store(k_row + o2[None, :] * s_kd, r2.to(kpe_ptr.dtype.element_ty), mask=tm)
     else:
-        # ---- q RoPE: q_pe rotated in place and into q_out[..., L:]
-        h0 = (pid - n_mm - NUM_LB) * ROPE_HEADS
-        pos = tl.load(pos_ptr + offs_t, mask=tmask, other=0).to(tl.int64)
-        i, o1, o2, imask = _pair_offsets(HALF_PAD, HALF, IS_NEOX)
-        cs = cs_ptr + pos[:, None] * s_cs0
-        tm = tmask[:, None] & imask[None, :]
-        c = tl.load(cs + i[None, :] * s_cs1, mask=tm, other=0.0).to(tl.float32)
-        s = tl.load(cs + (i[None, :] + HALF) * s_cs1, mask=tm, other=0.0).to(tl.float32)
-        q_scale = 1.0
-        if Q_MODE != 0:
-            q_scale = tl.load(qscale_ptr)
-        for hh in tl.static_range(ROPE_HEADS):
-            h = h0 + hh
-            hmask = tm & ((tl.zeros([BLOCK_T], dtype=tl.int32) + h) < H)[:, None]
-            q_row = q_ptr + t64[:, None] * s_qt + h * s_qh + P * s_qd
-            x1 = tl.load(q_row + o1[None, :] * s_qd, mask=hmask, other=0.0).to(tl.float32)
-            x2 = tl.load(q_row + o2[None, :] * s_qd, mask=hmask, other=0.0).to(tl.float32)
-            r1 = x1 * c - x2 * s
-            r2 = x2 * c + x1 * s
-            tl.store(q_row + o1[None, :] * s_qd, r1.to(q_ptr.dtype.element_ty), mask=hmask)
-            tl.store(q_row + o2[None, :] * s_qd, r2.to(q_ptr.dtype.element_ty), mask=hmask)
-            o_row = qout_ptr + t64[:, None] * s_ot + h * s_oh + L * s_od
-            _store_out(o_row + o1[None, :] * s_od, r1, hmask, q_scale, Q_MODE, Q_MAX, INTERP)
-            _store_out(o_row + o2[None, :] * s_od, r2, hmask, q_scale, Q_MODE, Q_MAX, INTERP)
+        # ---- q RoPE: q_pe of ROPE_HEADS heads rotated in place and into q_out[..., L:]
+        if PARTS // 4 % 2 == 1:
+            h0 = (pid - n_mm - 1) * ROPE_HEADS
+            pos_q = tl.load(pos_ptr + offs_t, mask=tmask, other=0).to(tl.int64)
+            qi, q1, q2, qimask = _pair_offsets(HALF_PAD, HALF, IS_NEOX)
+            qtm = tmask[:, None] & qimask[None, :]
+            qcs = cs_ptr + pos_q[:, None] * s_cs0
+            qc = tl.load(qcs + qi[None, :] * s_cs1, mask=qtm, other=0.0).to(tl.float32)
+            qs = tl.load(qcs + (qi[None, :] + HALF) * s_cs1, mask=qtm, other=0.0).to(tl.float32)
+            rq_scale = 1.0
+            if Q_MODE != 0:
+                rq_scale = tl.load(qscale_ptr)
+            for hh in tl.static_range(ROPE_HEADS):
+                hq = h0 + hh
+                hmask = qtm & ((tl.zeros([BLOCK_T], dtype=tl.int32) + hq) < H)[:, None]
+                q_row = q_ptr + t64[:, None] * s_qt + hq * s_qh + P * s_qd
+                y1 = tl.load(q_row + q1[None, :] * s_qd, mask=hmask, other=0.0).to(tl.float32)
+                y2 = tl.load(q_row + q2[None, :] * s_qd, mask=hmask, other=0.0).to(tl.float32)
+                ry1 = y1 * qc - y2 * qs
+                ry2 = y2 * qc + y1 * qs
+                tl.store(q_row + q1[None, :] * s_qd, ry1.to(q_ptr.dtype.element_ty), mask=hmask)
+                tl.store(q_row + q2[None, :] * s_qd, ry2.to(q_ptr.dtype.element_ty), mask=hmask)
+                o_row = qout_ptr + t64[:, None] * s_ot + hq * s_oh + L * s_od
+                _store_out(o_row + q1[None, :] * s_od, ry1, hmask, rq_scale, Q_MODE, Q_MAX, INTERP)
+                _store_out(o_row + q2[None, :] * s_od, ry2, hmask, rq_scale, Q_MODE, Q_MAX, INTERP)
 
 
 @triton.jit
@@ -330,18 +334,23 @@ def launch_config(T: int, H: int, L: int, device: torch.device) -> dict:
     """Block sizes for one call; a function of the shape only (graph-stable).
 
     ``BLOCK_T``: tokens per ``tl.dot`` (>= 16, the smallest MMA tile).
-    ``BLOCK_L``: latent columns per absorb program; narrower when the
-    (head, column-block, token-block) grid would not fill the GPU twice.
+    ``BLOCK_L`` x ``LB_ITERS``: latent columns per absorb program (a loop of
+    ``LB_ITERS`` tiles, so q_nope is loaded once and W tiles stream through
+    the software pipeline); fewer columns per program when the
+    (head, column-chunk, token-block) grid would not fill the GPU twice.
     """
     block_t = 16 if T <= 16 else (32 if T <= 32 else 64)
     n_tb = triton.cdiv(T, block_t)
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
-    block_l = 128
-    while block_l > 32 and H * triton.cdiv(L, block_l) * n_tb < 2 * sms:
+    block_l = max(16, min(128, _next_pow2(L)))
+    iters = max(1, triton.cdiv(L, block_l))
+    while iters > 1 and H * triton.cdiv(L, block_l * iters) * n_tb < 2 * sms:
+        iters //= 2
+    while block_l > 32 and H * triton.cdiv(L, block_l * iters) * n_tb < 2 * sms:
         block_l //= 2
-    block_l = max(16, min(block_l, _next_pow2(L)))
     num_warps = 8 if block_t * block_l >= 64 * 128 else 4
-    return dict(BLOCK_T=block_t, BLOCK_L=block_l, ROPE_HEADS=8, num_warps=num_warps)
+    return dict(BLOCK_T=block_t, BLOCK_L=block_l, LB_ITERS=iters, ROPE_HEADS=8, num_warps=num_warps,
+                num_stages=3)
 
 
 _CONFIG_OVERRIDE: dict | None = None  # set by tools/bench.py to compare configurations
@@ -349,16 +358,18 @@ _CONFIG_OVERRIDE: dict | None = None  # set by tools/bench.py to compare configu
 
 def fused_decode_prep_triton(
     q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, is_neox, slot_mapping,
-    kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims,
-) -> None:
+    kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims, *, _parts: int = 7,
+):
     """The Triton backend of :func:`mla_passes.kernels.fused_decode_prep`.
 
     Arguments as there; ``dims`` is the :class:`~.validate.PrepDims` the
     argument checks returned. One launch, no allocation, no host sync.
+    (``_parts`` switches parts off, for timing them apart: 1 absorb, 2 cache, 4 rope.)
+    Returns Triton's compiled-kernel handle (registers, spills) or None.
     """
     T, H, P, L, R = dims.T, dims.H, dims.P, dims.L, dims.R
     if T == 0:
-        return
+        return None
     if is_fp8_kv_cache(kv_cache_dtype):
         cache, kv_mode, kv_max = _fp8_target(kv_cache)
     else:
@@ -371,14 +382,14 @@ def fused_decode_prep_triton(
     cfg = dict(launch_config(T, H, L, q.device))
     if _CONFIG_OVERRIDE:
         cfg.update(_CONFIG_OVERRIDE)
-    block_t, block_l, rope_heads = cfg["BLOCK_T"], cfg["BLOCK_L"], cfg["ROPE_HEADS"]
-    num_lb = triton.cdiv(L, block_l)
-    grid = (H * num_lb + num_lb + triton.cdiv(H, rope_heads), triton.cdiv(T, block_t))
+    block_t, block_l, iters, rope_heads = cfg["BLOCK_T"], cfg["BLOCK_L"], cfg["LB_ITERS"], cfg["ROPE_HEADS"]
+    num_lc = triton.cdiv(L, block_l * iters)
+    grid = (H * num_lc + 1 + triton.cdiv(H, rope_heads), triton.cdiv(T, block_t))
     # tl.dot needs one operand dtype; fp32 when the two differ, for fp32
     # models, and for bf16 under the CPU interpreter (its bf16 dot is wrong).
     dot_f32 = (q.dtype != w_uk_t.dtype or q.dtype == torch.float32
                or (q.dtype == torch.bfloat16 and _interpreting()))
-    _mla_decode_prep_kernel[grid](
+    return _mla_decode_prep_kernel[grid](
         q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, slot_mapping, cache,
         k_scale, q_scale if q_scale is not None else k_scale, qo,
         T, H, dims.block_size,
@@ -390,11 +401,11 @@ def fused_decode_prep_triton(
         cache.stride(0), cache.stride(1), cache.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2),
         P=P, L=L, R=R, P_PAD=max(16, _next_pow2(P)), HALF_PAD=_next_pow2(R // 2),
-        BLOCK_T=block_t, BLOCK_L=block_l, NUM_LB=num_lb, ROPE_HEADS=rope_heads,
+        BLOCK_T=block_t, BLOCK_L=block_l, LB_ITERS=iters, NUM_LC=num_lc, ROPE_HEADS=rope_heads,
         IS_NEOX=bool(is_neox),
         Q_MODE=q_mode, Q_MAX=q_max, KV_MODE=kv_mode, KV_MAX=kv_max,
-        DOT_F32=dot_f32, INTERP=_interpreting(),
-        num_warps=cfg["num_warps"],
+        DOT_F32=dot_f32, INTERP=_interpreting(), PARTS=_parts,
+        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )
 
 
