@@ -49,13 +49,20 @@ _PURE_NAMESPACES = ("aten", "prims")
 MAX_POS_ONLY_DEPTH = 12
 
 
+_pure_targets: dict = {}
+
+
 def _pure(n: Node) -> bool:
     if n.op != "call_function":
         return False
     t = n.target
     if t is operator.getitem:
         return isinstance(n.args[0], Node) and _pure(n.args[0])
-    return isinstance(t, torch._ops.OpOverload) and t.namespace in _PURE_NAMESPACES and not t._schema.is_mutable
+    p = _pure_targets.get(t)
+    if p is None:
+        p = _pure_targets[t] = (isinstance(t, torch._ops.OpOverload) and t.namespace in _PURE_NAMESPACES
+                                and not t._schema.is_mutable)
+    return p
 
 
 def private_cone(outputs: list[Node], allowed_users: set[Node]) -> set[Node] | None:
@@ -103,24 +110,36 @@ class RopeMatch:
     leaves: list = field(default_factory=list)
 
 
-def _find_gather(start_nodes, R):
-    seen, work = set(), list(start_nodes)
-    depth = 0
-    while work and depth < 4 * MAX_POS_ONLY_DEPTH:
-        n = work.pop()
-        depth += 1
-        if n in seen or not isinstance(n, Node):
-            continue
-        seen.add(n)
-        if n.op == "call_function" and n.target in GATHER_OPS:
-            table, idx = _gather_args(n)
-            tv, iv = _fx.val(table), _fx.val(idx)
-            if (isinstance(tv, torch.Tensor) and isinstance(iv, torch.Tensor) and tv.dim() == 2
-                    and tv.shape[-1] == R and tv.is_floating_point() and not iv.is_floating_point()
-                    and iv.dim() == 1):
-                return n, table, idx
-        if _pure(n):
-            work.extend(n.all_input_nodes)
+def _is_gather(n: Node, R: int):
+    if n.op != "call_function" or n.target not in GATHER_OPS:
+        return None
+    table, idx = _gather_args(n)
+    tv, iv = _fx.val(table), _fx.val(idx)
+    if (isinstance(tv, torch.Tensor) and isinstance(iv, torch.Tensor) and tv.dim() == 2
+            and tv.shape[-1] == R and tv.is_floating_point() and not iv.is_floating_point() and iv.dim() == 1):
+        return n, table, idx
+    return None
+
+
+def _find_gather(cone, R, max_depth: int = 4):
+    """The cos/sin gather: in the cone, else at most ``max_depth`` pure steps
+    above it (a gather CSE'd across layers)."""
+    for n in cone:
+        found = _is_gather(n, R)
+        if found:
+            return found
+    frontier = {m for n in cone for m in n.all_input_nodes if m not in cone}
+    seen = set(frontier)
+    for _ in range(max_depth):
+        nxt = set()
+        for n in frontier:
+            found = _is_gather(n, R)
+            if found:
+                return found
+            if _pure(n):
+                nxt.update(m for m in n.all_input_nodes if m not in seen)
+        seen |= nxt
+        frontier = nxt
     return None
 
 
@@ -140,13 +159,10 @@ def _strip_casts(n: Node) -> Node:
     return n
 
 
-def extract(cone: set[Node], q_root: Node, R: int) -> RopeMatch | None:
+def extract(cone: set[Node], q_root: Node, R: int, order: dict | None = None) -> RopeMatch | None:
     """Leaves of the RoPE subgraph ``cone``; None if they are not
     ``(q_root, one k root, positions, cos_sin_cache)``."""
-    found = _find_gather(list(cone), R)
-    if found is None:
-        boundary = {m for n in cone for m in n.all_input_nodes if m not in cone}
-        found = _find_gather(list(boundary), R)
+    found = _find_gather(cone, R)
     if found is None:
         return None
     gather, table, positions = found
@@ -189,9 +205,10 @@ def extract(cone: set[Node], q_root: Node, R: int) -> RopeMatch | None:
         return None
     if len(others) > 1:
         return None
-    order = {n: i for i, n in enumerate(q_root.graph.nodes)}
+    order = order if order is not None else {n: i for i, n in enumerate(q_root.graph.nodes)}
     return RopeMatch(positions=positions, cos_sin_cache=cos_sin, q_root=q_root, cone=cone,
-                     eval_nodes=sorted(eval_set, key=order.__getitem__), leaves=tensor_leaves)
+                     eval_nodes=sorted(eval_set, key=order.__getitem__),
+                     leaves=sorted(tensor_leaves, key=order.__getitem__))
 
 
 # --- numeric verification ----------------------------------------------------------
@@ -217,38 +234,38 @@ def _concrete(x, env):
     return x
 
 
+def _s(x) -> object:
+    """A hashable, cheap stand-in for a size (ints stay ints)."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        x = x.node.expr
+    return int(x) if getattr(x, "is_Integer", False) else str(x)
+
+
 def _signature(m: RopeMatch, q_pe_region, k_rot: Node, q_rot: Node):
-    idx = {}
-    for i, n in enumerate(m.leaves):
-        idx[n] = ("leaf", i)
-    parts = []
-
-    def norm(a):
-        if isinstance(a, Node):
-            if a in idx:
-                return idx[a]
-            v = _fx.val(a)
-            if isinstance(v, torch.SymInt):
-                return ("sym", str(v.node.expr))
-            return ("ext", a.op, str(a.target))
-        if isinstance(a, (list, tuple)):
-            return tuple(norm(x) for x in a)
-        if isinstance(a, dict):
-            return tuple(sorted((k, norm(v)) for k, v in a.items()))
-        if isinstance(a, torch.SymInt):
-            return ("sym", str(a.node.expr))
-        return repr(a)
-
-    for leaf in m.leaves:
-        v = _fx.val(leaf)
-        parts.append(("leaf", leaf is m.q_root, leaf is m.positions, leaf is m.cos_sin_cache,
-                      tuple(map(str, v.shape)), tuple(map(str, v.stride())), str(v.dtype)))
+    """Structure of the subgraph with node references replaced by local
+    indices (layer-independent, hashable); equal signatures, equal verdicts."""
+    idx = {n: i for i, n in enumerate(m.leaves)}
+    base = len(idx)
     for j, n in enumerate(m.eval_nodes):
-        idx[n] = ("n", j)
-        parts.append((str(n.target), norm(n.args), norm(n.kwargs)))
-    parts.append(("out", idx.get(q_rot), idx.get(k_rot), tuple(map(str, q_pe_region.size)),
-                  tuple(map(str, q_pe_region.stride)), str(q_pe_region.offset)))
-    return tuple(parts)
+        idx[n] = base + j
+
+    def ref(a):
+        i = idx.get(a)
+        if i is not None:
+            return i
+        v = _fx.val(a)
+        return ("sym", _s(v)) if isinstance(v, torch.SymInt) else ("ext", a.op, type(v).__name__)
+
+    parts = [("leaf", leaf is m.q_root, leaf is m.positions, leaf is m.cos_sin_cache,
+              tuple(map(_s, _fx.val(leaf).shape)), tuple(map(_s, _fx.val(leaf).stride())), _fx.val(leaf).dtype)
+             for leaf in m.leaves]
+    map_arg = torch.fx.node.map_arg
+    parts += [(n.target, map_arg(n.args, ref), map_arg(n.kwargs, ref)) for n in m.eval_nodes]
+    parts.append(("out", idx.get(q_rot), idx.get(k_rot), tuple(map(_s, q_pe_region.size)),
+                  tuple(map(_s, q_pe_region.stride)), _s(q_pe_region.offset)))
+    return tuple(parts)  # map_arg returns fx's hashable immutable_list/dict
 
 
 def verify(m: RopeMatch, q_pe_region: "_fx.Region", q_rot: Node, k_rot: Node, R: int) -> bool:

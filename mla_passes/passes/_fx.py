@@ -58,9 +58,11 @@ def val(node) -> object:
 
 
 def _expr(x):
+    """A size as a plain int when static, else its sympy expression."""
     if isinstance(x, torch.SymInt):
-        return x.node.expr
-    return sympy.Integer(x) if isinstance(x, int) else x
+        e = x.node.expr
+        return int(e) if e.is_Integer else e
+    return x
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,12 @@ class Region:
     def slice_last(self, start, end) -> "Region":
         """This region sliced ``[start:end]`` along its last dim."""
         size = list(self.size)
-        end = sympy.Min(end, size[-1]) if not isinstance(end, int) or end < 2**62 else size[-1]
-        size[-1] = sympy.simplify(end - start)
-        return Region(self.root, tuple(size), self.stride, sympy.simplify(self.offset + start * self.stride[-1]))
+        if isinstance(end, int) and end >= 2**62:
+            end = size[-1]
+        elif isinstance(end, int) and isinstance(size[-1], int):
+            end = min(end, size[-1])
+        size[-1] = end - start
+        return Region(self.root, tuple(size), self.stride, self.offset + start * self.stride[-1])
 
     def disjoint_columns(self, other: "Region") -> bool:
         """True when both are row-major pieces of the same rows with
@@ -95,10 +100,12 @@ class Region:
         if len(self.stride) < 2 or len(other.stride) < 2 or self.stride[-1] != 1 or other.stride[-1] != 1:
             return False
         row = self.stride[-2]
-        if other.stride[-2] != row or not (isinstance(row, sympy.Integer) and row > 0):
+        if other.stride[-2] != row or not (isinstance(row, int) and row > 0):
             return False
         a0, b0 = self.offset, other.offset
-        if not (isinstance(a0, sympy.Integer) and isinstance(b0, sympy.Integer)):
+        if not (isinstance(a0, int) and isinstance(b0, int)):
+            return False
+        if not (isinstance(self.size[-1], int) and isinstance(other.size[-1], int)):
             return False
         a0, b0 = int(a0) % int(row), int(b0) % int(row)
         a1, b1 = a0 + self.size[-1], b0 + other.size[-1]
@@ -178,17 +185,39 @@ def fake_mode_of(*nodes):
     return detect_fake_mode([val(n) for n in nodes if isinstance(val(n), torch.Tensor)])
 
 
+def _fake_impls() -> dict:
+    """Our ops' Python fake impls, called directly: going through the
+    dispatcher in fake mode costs ~1 ms per node (cache keys over opaque args)."""
+    from .. import ops
+
+    return {
+        torch.ops.mla_passes.mla_decode_q_prep.default: ops._decode_q_prep_fake,
+        torch.ops.mla_passes.mla_fused_decode_prep.default: ops._fused_decode_prep_fake,
+        torch.ops.mla_passes.mla_attention_with_prepped_q.default: ops._attention_with_prepped_q_fake,
+        aten.unsqueeze.default: lambda x, d: x.unsqueeze(d),
+        aten.squeeze.dim: lambda x, d: x.squeeze(d),
+        aten.slice.Tensor: lambda x, d, a, b: x[(slice(None),) * (x.dim() + d if d < 0 else d) + (slice(a, b),)],
+        aten.reshape.default: lambda x, s: x.reshape(s),
+    }
+
+
+_FAKE: dict = {}
+
+
 def call(graph: Graph, target, args, kwargs=None, *, fake_mode=None) -> Node:
     """Insert ``target(*args)`` at the graph's insert point with ``meta["val"]``."""
+    if not _FAKE:
+        _FAKE.update(_fake_impls())
     node = graph.call_function(target, tuple(args), kwargs or {})
     fa = torch.fx.node.map_arg(node.args, val)
     fk = torch.fx.node.map_arg(node.kwargs, val)
+    fn = _FAKE.get(target, target)
     mode = fake_mode or fake_mode_of(*node.all_input_nodes)
     if mode is not None:
         with mode:
-            node.meta["val"] = target(*fa, **fk)
+            node.meta["val"] = fn(*fa, **fk)
     else:
-        node.meta["val"] = target(*fa, **fk)
+        node.meta["val"] = fn(*fa, **fk)
     return node
 
 

@@ -157,7 +157,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                 self.refuse(where, "raw RoPE form and fuse_rope_kvcache_cat_mla is off")
                 continue
             else:
-                plan = self._plan_raw(up, attn, ln, where)
+                plan = self._plan_raw(up, attn, ln, where, order)
             if plan is None or not self._safe(plan, order, where):
                 continue
             self._rewrite(graph, plan)
@@ -212,7 +212,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             return src.args[1], src
         return src, None
 
-    def _plan_raw(self, up: _fx.OpCall, attn: _fx.OpCall, ln, where) -> FusionPlan | None:
+    def _plan_raw(self, up: _fx.OpCall, attn: _fx.OpCall, ln, where, order=None) -> FusionPlan | None:
         from ..patterns import rope
 
         kv_c, k_rot = up.arg("kv_c_normed"), up.arg("k_pe")
@@ -257,7 +257,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             if u is not copy and u is not ss and u not in cone:
                 pass  # rewired to the rotated slice of q
         q_root = _fx.root_of(base)
-        m = rope.extract(cone, q_root, R)
+        m = rope.extract(cone, q_root, R, order)
         if m is None:
             self.refuse(where, "RoPE subgraph leaves are not (q, k, positions, cos_sin_cache)")
             return None
