@@ -95,18 +95,29 @@ INTERP_CASES = {
                           q_fp8_dtype=FN, block_size=64, k_pe_3d=True),
     "guarded_q_out": dict(T=5, H=3, P=16, L=32, R=8, dtype=torch.float16, q_fp8_dtype=FN,
                           kv_cache_dtype="fp8", guard=True),
+    # one head, more kv_c tiles than programs: the cache-copy loop; a ragged last column chunk
+    "one_head_tile_loop": dict(T=18, H=1, P=16, L=80, R=8, dtype=torch.float16, kv_cache_dtype="fp8",
+                               q_fp8_dtype=FN, cfg=dict(BLOCK_T=16, BLOCK_L=16, LB_ITERS=2, num_warps=4)),
+    "looped_columns": dict(T=20, H=3, P=32, L=128, R=16, dtype=torch.float16, is_neox=False,
+                           cfg=dict(BLOCK_T=32, BLOCK_L=32, LB_ITERS=4, num_warps=4)),
 }
 
 
 def _interp_case(name: str) -> None:
     kw = dict(INTERP_CASES[name])
-    int32, guard = kw.pop("int32", False), kw.pop("guard", False)
+    int32, guard, cfg = kw.pop("int32", False), kw.pop("guard", False), kw.pop("cfg", None)
     case = make_case(seed=len(name), **kw)
+    from mla_passes.kernels import triton_prep
+
+    triton_prep._CONFIG_OVERRIDE = cfg
     if int32:
         case.positions, case.slot_mapping = case.positions.int(), case.slot_mapping.int()
     big = _with_guarded_q_out(case) if guard else None
     cache_fp8 = kw.get("cache_fp8_dtype") or platform_fp8_dtype("cpu")
-    check_case(case, _run_triton, cache_fp8=cache_fp8)
+    try:
+        check_case(case, _run_triton, cache_fp8=cache_fp8)
+    finally:
+        triton_prep._CONFIG_OVERRIDE = None
     if guard:
         _check_guard(big)
 

@@ -269,7 +269,7 @@ def min_bytes(T: int, H: int, model_bytes: int = 2) -> int:
     return reads + writes
 
 
-SWEEP = [dict(BLOCK_T=bt, BLOCK_L=bl, LB_ITERS=it, ROPE_HEADS=8, num_warps=nw, num_stages=3)
+SWEEP = [dict(BLOCK_T=bt, BLOCK_L=bl, LB_ITERS=it, num_warps=nw, num_stages=3)
          for bt in (16, 32, 64) for bl, it in ((32, 1), (64, 1), (128, 1), (64, 2), (128, 2), (128, 4))
          for nw in ((4,) if bt < 64 else (4, 8))]
 

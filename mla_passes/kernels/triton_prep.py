@@ -7,20 +7,25 @@ and ``k_pe`` (NeoX or GPT-J pairs, written back in place), the concat into
 ``q_scale`` is None) and the latent-cache write of ``[kv_c | rope(k_pe)]`` for
 the tokens whose slot is ``>= 0``.
 
-Why one kernel: at decode sizes the step is bound by bytes and launches, not
-by arithmetic. The bytes are dominated by ``W_UK_T`` (``H*P*L`` elements, 16 MiB
-for DeepSeek-V3 at H=128), which this grid reads once per token block.
+Why one kernel: at decode sizes the step is bound by bytes, launches and
+memory latency, not by arithmetic. The bytes are dominated by ``W_UK_T``
+(``H*P*L`` elements, 16 MiB for DeepSeek-V3 at H=128), which this grid reads
+once per token block.
 
-Grid ``(programs_per_token_block, token_blocks)``; in each token block of
-``BLOCK_T`` tokens the programs are, in order:
+Grid ``(H * NUM_LC, token_blocks)``: one program per (head, chunk of
+``LB_ITERS x BLOCK_L`` latent columns, block of ``BLOCK_T`` tokens). Each
+program computes its absorb chunk (q_nope ``[BLOCK_T, P]`` loaded once, then a
+pipelined loop of ``[BLOCK_T, P] x [P, BLOCK_L]`` ``tl.dot`` tiles ->
+``q_out[..., :L]``) and, spread over the programs by masks:
 
-* ``H * NUM_LC`` absorb programs, one per (head, chunk of ``LB_ITERS x BLOCK_L``
-  latent columns): q_nope ``[BLOCK_T, P]`` loaded once, then a pipelined loop of
-  ``[BLOCK_T, P] x [P, BLOCK_L]`` ``tl.dot`` tiles -> ``q_out[..., :L]``;
-* one cache program: ``[kv_c | rope(k_pe)]`` -> the cache rows (slot >= 0),
-  and ``k_pe`` rotated in place (every token);
-* ``ceil(H / ROPE_HEADS)`` rope programs: ``q_pe`` of ``ROPE_HEADS`` heads,
-  rotated in place and written (quantized) into ``q_out[..., L:]``.
+* the head's last-chunk program: RoPE of the head's ``q_pe`` (in place, and
+  quantized into ``q_out[..., L:]``);
+* program ``k``: kv_c column tile ``k`` -> the cache rows of slot >= 0;
+* the last program: RoPE of ``k_pe`` (in place, every token) and its cache part.
+
+All of a program's loads are issued before its first store (a store could
+alias a later load, so the compiler keeps that order): the side jobs cost no
+extra memory round trip on the critical path; they hide behind the W tiles.
 
 Every memory location is read and written by exactly one program, so there is
 no ordering inside the launch to get wrong. The wrapper allocates nothing and
@@ -118,6 +123,12 @@ def _pair_offsets(HALF_PAD: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.conste
 
 
 @triton.jit
+def _flag(cond, BLOCK_T: tl.constexpr):
+    """A scalar condition as a [BLOCK_T] bool block (masks need blocks)."""
+    return (tl.zeros([BLOCK_T], dtype=tl.int32) + cond.to(tl.int32)) != 0
+
+
+@triton.jit
 def _mla_decode_prep_kernel(
     q_ptr, kvc_ptr, kpe_ptr, w_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr,
     kscale_ptr, qscale_ptr, qout_ptr,
@@ -132,7 +143,6 @@ def _mla_decode_prep_kernel(
     P: tl.constexpr, L: tl.constexpr, R: tl.constexpr,
     P_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, LB_ITERS: tl.constexpr, NUM_LC: tl.constexpr,
-    ROPE_HEADS: tl.constexpr,
     IS_NEOX: tl.constexpr,
     Q_MODE: tl.constexpr, Q_MAX: tl.constexpr,
     KV_MODE: tl.constexpr, KV_MAX: tl.constexpr,
@@ -141,109 +151,106 @@ def _mla_decode_prep_kernel(
     HALF: tl.constexpr = R // 2
     EVEN_P: tl.constexpr = P == P_PAD
     EVEN_L: tl.constexpr = (L % (BLOCK_L * LB_ITERS)) == 0
-    CACHE_BLOCK: tl.constexpr = 128
+    NUM_LT: tl.constexpr = (L + BLOCK_L - 1) // BLOCK_L  # kv_c tiles of a cache row
     pid = tl.program_id(0)
     tb = tl.program_id(1)
+    n_progs = H * NUM_LC
+    h = pid // NUM_LC
+    lc = pid - h * NUM_LC
     offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = offs_t < T
     t64 = offs_t.to(tl.int64)
-    n_mm = H * NUM_LC
 
-    if pid < n_mm:
-        # ---- q-absorb: q_out[t, h, chunk] = q_nope[t, h] @ W_UK_T[h][:, chunk]
-        # (a chunk is LB_ITERS blocks of BLOCK_L latent columns; q_nope loaded once)
-        if PARTS % 2 == 1:
-            h = pid // NUM_LC
-            lc = pid - h * NUM_LC
-            offs_p = tl.arange(0, P_PAD)
-            a_ptrs = q_ptr + t64[:, None] * s_qt + h * s_qh + offs_p[None, :] * s_qd
-            if EVEN_P:
-                a = tl.load(a_ptrs, mask=tmask[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=tmask[:, None] & (offs_p < P)[None, :], other=0.0)
-            if DOT_F32:
-                a = a.to(tl.float32)
-            q_scale = 1.0
-            if Q_MODE != 0:
-                q_scale = tl.load(qscale_ptr)
-            w_base = w_ptr + h * s_wh + offs_p[:, None] * s_wp
-            o_base = qout_ptr + t64[:, None] * s_ot + h * s_oh
-            for j in range(LB_ITERS):
-                offs_l = (lc * LB_ITERS + j) * BLOCK_L + tl.arange(0, BLOCK_L)
-                w_ptrs = w_base + offs_l[None, :] * s_wl
-                if EVEN_P and EVEN_L:
-                    w = tl.load(w_ptrs)
-                else:
-                    w = tl.load(w_ptrs, mask=(offs_p < P)[:, None] & (offs_l < L)[None, :], other=0.0)
-                if DOT_F32:
-                    acc = tl.dot(a, w.to(tl.float32), input_precision="ieee")
-                else:
-                    acc = tl.dot(a, w)
-                if EVEN_L:
-                    o_mask = tmask[:, None]
-                else:
-                    o_mask = tmask[:, None] & (offs_l < L)[None, :]
-                _store_out(o_base + offs_l[None, :] * s_od, acc, o_mask, q_scale, Q_MODE, Q_MAX, INTERP)
-    elif pid == n_mm:
-        # ---- cache write: [kv_c | rope(k_pe)] -> cache row slot (slot >= 0);
-        # k_pe rotated in place for every token
-        if PARTS // 2 % 2 == 1:
-            slot = tl.load(slot_ptr + offs_t, mask=tmask, other=-1).to(tl.int64)
-            pos = tl.load(pos_ptr + offs_t, mask=tmask, other=0).to(tl.int64)
-            i, o1, o2, imask = _pair_offsets(HALF_PAD, HALF, IS_NEOX)
-            tm = tmask[:, None] & imask[None, :]
-            k_row = kpe_ptr + t64[:, None] * s_kt
-            x1 = tl.load(k_row + o1[None, :] * s_kd, mask=tm, other=0.0).to(tl.float32)
-            x2 = tl.load(k_row + o2[None, :] * s_kd, mask=tm, other=0.0).to(tl.float32)
-            cs = cs_ptr + pos[:, None] * s_cs0
-            c = tl.load(cs + i[None, :] * s_cs1, mask=tm, other=0.0).to(tl.float32)
-            s = tl.load(cs + (i[None, :] + HALF) * s_cs1, mask=tm, other=0.0).to(tl.float32)
-            valid = tmask & (slot >= 0)
-            slot = tl.where(valid, slot, 0)
-            blk = slot // block_size
-            c_row = cache_ptr + (blk * s_cb + (slot - blk * block_size) * s_co)[:, None]
-            k_scale = 1.0
-            if KV_MODE != 0:
-                k_scale = tl.load(kscale_ptr)
-            for lb in tl.static_range((L + CACHE_BLOCK - 1) // CACHE_BLOCK):
-                offs_c = lb * CACHE_BLOCK + tl.arange(0, CACHE_BLOCK)
-                cmask = valid[:, None] & (offs_c < L)[None, :]
-                x = tl.load(kvc_ptr + t64[:, None] * s_ct + offs_c[None, :] * s_cd, mask=cmask, other=0.0)
-                _store_out(c_row + offs_c[None, :] * s_cx, x.to(tl.float32), cmask, k_scale, KV_MODE, KV_MAX,
-                           INTERP)
-            r1 = x1 * c - x2 * s
-            r2 = x2 * c + x1 * s
-            vm = valid[:, None] & imask[None, :]
-            _store_out(c_row + (L + o1[None, :]) * s_cx, r1, vm, k_scale, KV_MODE, KV_MAX, INTERP)
-            _store_out(c_row + (L + o2[None, :]) * s_cx, r2, vm, k_scale, KV_MODE, KV_MAX, INTERP)
-            tl.store(k_row + o1[None, :] * s_kd, r1.to(kpe_ptr.dtype.element_ty), mask=tm)
-            tl.store(k_row + o2[None, :] * s_kd, r2.to(kpe_ptr.dtype.element_ty), mask=tm)
+    # Who does what besides its absorb chunk (all by masks, no branches):
+    #   q RoPE of head h      <- the head's last chunk program
+    #   k RoPE + its cache part <- the last program
+    #   kv_c tile k -> cache   <- program k (and k + n_progs, ... when H is tiny)
+    do_q = _flag((lc == NUM_LC - 1) & (PARTS // 4 % 2 == 1), BLOCK_T) & tmask
+    do_k = _flag((pid == n_progs - 1) & (PARTS // 2 % 2 == 1), BLOCK_T) & tmask
+    do_c = _flag((pid < NUM_LT) & (PARTS // 2 % 2 == 1), BLOCK_T) & tmask
+
+    # ---- every load first, so all latencies overlap (stores could alias them)
+    offs_p = tl.arange(0, P_PAD)
+    a_ptrs = q_ptr + t64[:, None] * s_qt + h * s_qh + offs_p[None, :] * s_qd
+    if EVEN_P:
+        a = tl.load(a_ptrs, mask=tmask[:, None], other=0.0)
     else:
-        # ---- q RoPE: q_pe of ROPE_HEADS heads rotated in place and into q_out[..., L:]
-        if PARTS // 4 % 2 == 1:
-            h0 = (pid - n_mm - 1) * ROPE_HEADS
-            pos_q = tl.load(pos_ptr + offs_t, mask=tmask, other=0).to(tl.int64)
-            qi, q1, q2, qimask = _pair_offsets(HALF_PAD, HALF, IS_NEOX)
-            qtm = tmask[:, None] & qimask[None, :]
-            qcs = cs_ptr + pos_q[:, None] * s_cs0
-            qc = tl.load(qcs + qi[None, :] * s_cs1, mask=qtm, other=0.0).to(tl.float32)
-            qs = tl.load(qcs + (qi[None, :] + HALF) * s_cs1, mask=qtm, other=0.0).to(tl.float32)
-            rq_scale = 1.0
-            if Q_MODE != 0:
-                rq_scale = tl.load(qscale_ptr)
-            for hh in tl.static_range(ROPE_HEADS):
-                hq = h0 + hh
-                hmask = qtm & ((tl.zeros([BLOCK_T], dtype=tl.int32) + hq) < H)[:, None]
-                q_row = q_ptr + t64[:, None] * s_qt + hq * s_qh + P * s_qd
-                y1 = tl.load(q_row + q1[None, :] * s_qd, mask=hmask, other=0.0).to(tl.float32)
-                y2 = tl.load(q_row + q2[None, :] * s_qd, mask=hmask, other=0.0).to(tl.float32)
-                ry1 = y1 * qc - y2 * qs
-                ry2 = y2 * qc + y1 * qs
-                tl.store(q_row + q1[None, :] * s_qd, ry1.to(q_ptr.dtype.element_ty), mask=hmask)
-                tl.store(q_row + q2[None, :] * s_qd, ry2.to(q_ptr.dtype.element_ty), mask=hmask)
-                o_row = qout_ptr + t64[:, None] * s_ot + hq * s_oh + L * s_od
-                _store_out(o_row + q1[None, :] * s_od, ry1, hmask, rq_scale, Q_MODE, Q_MAX, INTERP)
-                _store_out(o_row + q2[None, :] * s_od, ry2, hmask, rq_scale, Q_MODE, Q_MAX, INTERP)
+        a = tl.load(a_ptrs, mask=tmask[:, None] & (offs_p < P)[None, :], other=0.0)
+    if DOT_F32:
+        a = a.to(tl.float32)
+    pos = tl.load(pos_ptr + offs_t, mask=do_q | do_k, other=0).to(tl.int64)
+    slot = tl.load(slot_ptr + offs_t, mask=do_k | do_c, other=-1).to(tl.int64)
+    i, o1, o2, imask = _pair_offsets(HALF_PAD, HALF, IS_NEOX)
+    qm = do_q[:, None] & imask[None, :]
+    km = do_k[:, None] & imask[None, :]
+    cs = cs_ptr + pos[:, None] * s_cs0
+    c = tl.load(cs + i[None, :] * s_cs1, mask=qm | km, other=0.0).to(tl.float32)
+    s = tl.load(cs + (i[None, :] + HALF) * s_cs1, mask=qm | km, other=0.0).to(tl.float32)
+    q_row = q_ptr + t64[:, None] * s_qt + h * s_qh + P * s_qd
+    y1 = tl.load(q_row + o1[None, :] * s_qd, mask=qm, other=0.0).to(tl.float32)
+    y2 = tl.load(q_row + o2[None, :] * s_qd, mask=qm, other=0.0).to(tl.float32)
+    k_row = kpe_ptr + t64[:, None] * s_kt
+    x1 = tl.load(k_row + o1[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
+    x2 = tl.load(k_row + o2[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
+    offs_c = pid * BLOCK_L + tl.arange(0, BLOCK_L)
+    cm = do_c[:, None] & (offs_c < L)[None, :]
+    kv = tl.load(kvc_ptr + t64[:, None] * s_ct + offs_c[None, :] * s_cd, mask=cm, other=0.0)
+    q_scale = 1.0
+    if Q_MODE != 0:
+        q_scale = tl.load(qscale_ptr)
+    k_scale = 1.0
+    if KV_MODE != 0:
+        k_scale = tl.load(kscale_ptr)
+
+    # ---- q-absorb: q_out[t, h, chunk] = q_nope[t, h] @ W_UK_T[h][:, chunk], W tiles pipelined
+    if PARTS % 2 == 1:
+        w_base = w_ptr + h * s_wh + offs_p[:, None] * s_wp
+        o_base = qout_ptr + t64[:, None] * s_ot + h * s_oh
+        for j in range(LB_ITERS):
+            offs_l = (lc * LB_ITERS + j) * BLOCK_L + tl.arange(0, BLOCK_L)
+            w_ptrs = w_base + offs_l[None, :] * s_wl
+            if EVEN_P and EVEN_L:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=(offs_p < P)[:, None] & (offs_l < L)[None, :], other=0.0)
+            if DOT_F32:
+                acc = tl.dot(a, w.to(tl.float32), input_precision="ieee")
+            else:
+                acc = tl.dot(a, w)
+            if EVEN_L:
+                o_mask = tmask[:, None]
+            else:
+                o_mask = tmask[:, None] & (offs_l < L)[None, :]
+            _store_out(o_base + offs_l[None, :] * s_od, acc, o_mask, q_scale, Q_MODE, Q_MAX, INTERP)
+
+    # ---- q RoPE: q_pe rotated in place and into q_out[..., L:]
+    ry1 = y1 * c - y2 * s
+    ry2 = y2 * c + y1 * s
+    tl.store(q_row + o1[None, :] * s_qd, ry1.to(q_ptr.dtype.element_ty), mask=qm)
+    tl.store(q_row + o2[None, :] * s_qd, ry2.to(q_ptr.dtype.element_ty), mask=qm)
+    o_row = qout_ptr + t64[:, None] * s_ot + h * s_oh + L * s_od
+    _store_out(o_row + o1[None, :] * s_od, ry1, qm, q_scale, Q_MODE, Q_MAX, INTERP)
+    _store_out(o_row + o2[None, :] * s_od, ry2, qm, q_scale, Q_MODE, Q_MAX, INTERP)
+
+    # ---- cache rows of slot >= 0: kv_c tile(s) and the rotated k_pe; k_pe in place (every token)
+    valid = slot >= 0
+    slot = tl.where(valid, slot, 0)
+    blk = slot // block_size
+    c_row = cache_ptr + (blk * s_cb + (slot - blk * block_size) * s_co)[:, None]
+    _store_out(c_row + offs_c[None, :] * s_cx, kv.to(tl.float32), cm & valid[:, None],
+               k_scale, KV_MODE, KV_MAX, INTERP)
+    for k in range(pid + n_progs, NUM_LT, n_progs):  # only when H * NUM_LC < NUM_LT
+        offs_k = k * BLOCK_L + tl.arange(0, BLOCK_L)
+        km2 = (tmask & valid)[:, None] & (offs_k < L)[None, :]
+        kv2 = tl.load(kvc_ptr + t64[:, None] * s_ct + offs_k[None, :] * s_cd, mask=km2, other=0.0)
+        _store_out(c_row + offs_k[None, :] * s_cx, kv2.to(tl.float32), km2, k_scale, KV_MODE, KV_MAX, INTERP)
+    r1 = x1 * c - x2 * s
+    r2 = x2 * c + x1 * s
+    vm = km & valid[:, None]
+    _store_out(c_row + (L + o1[None, :]) * s_cx, r1, vm, k_scale, KV_MODE, KV_MAX, INTERP)
+    _store_out(c_row + (L + o2[None, :]) * s_cx, r2, vm, k_scale, KV_MODE, KV_MAX, INTERP)
+    tl.store(k_row + o1[None, :] * s_kd, r1.to(kpe_ptr.dtype.element_ty), mask=km)
+    tl.store(k_row + o2[None, :] * s_kd, r2.to(kpe_ptr.dtype.element_ty), mask=km)
 
 
 @triton.jit
@@ -349,8 +356,7 @@ def launch_config(T: int, H: int, L: int, device: torch.device) -> dict:
     while block_l > 32 and H * triton.cdiv(L, block_l * iters) * n_tb < 2 * sms:
         block_l //= 2
     num_warps = 8 if block_t * block_l >= 64 * 128 else 4
-    return dict(BLOCK_T=block_t, BLOCK_L=block_l, LB_ITERS=iters, ROPE_HEADS=8, num_warps=num_warps,
-                num_stages=3)
+    return dict(BLOCK_T=block_t, BLOCK_L=block_l, LB_ITERS=iters, num_warps=num_warps, num_stages=3)
 
 
 _CONFIG_OVERRIDE: dict | None = None  # set by tools/bench.py to compare configurations
@@ -382,9 +388,9 @@ def fused_decode_prep_triton(
     cfg = dict(launch_config(T, H, L, q.device))
     if _CONFIG_OVERRIDE:
         cfg.update(_CONFIG_OVERRIDE)
-    block_t, block_l, iters, rope_heads = cfg["BLOCK_T"], cfg["BLOCK_L"], cfg["LB_ITERS"], cfg["ROPE_HEADS"]
+    block_t, block_l, iters = cfg["BLOCK_T"], cfg["BLOCK_L"], cfg["LB_ITERS"]
     num_lc = triton.cdiv(L, block_l * iters)
-    grid = (H * num_lc + 1 + triton.cdiv(H, rope_heads), triton.cdiv(T, block_t))
+    grid = (H * num_lc, triton.cdiv(T, block_t))
     # tl.dot needs one operand dtype; fp32 when the two differ, for fp32
     # models, and for bf16 under the CPU interpreter (its bf16 dot is wrong).
     dot_f32 = (q.dtype != w_uk_t.dtype or q.dtype == torch.float32
@@ -401,7 +407,7 @@ def fused_decode_prep_triton(
         cache.stride(0), cache.stride(1), cache.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2),
         P=P, L=L, R=R, P_PAD=max(16, _next_pow2(P)), HALF_PAD=_next_pow2(R // 2),
-        BLOCK_T=block_t, BLOCK_L=block_l, LB_ITERS=iters, NUM_LC=num_lc, ROPE_HEADS=rope_heads,
+        BLOCK_T=block_t, BLOCK_L=block_l, LB_ITERS=iters, NUM_LC=num_lc,
         IS_NEOX=bool(is_neox),
         Q_MODE=q_mode, Q_MAX=q_max, KV_MODE=kv_mode, KV_MAX=kv_max,
         DOT_F32=dot_f32, INTERP=_interpreting(), PARTS=_parts,
