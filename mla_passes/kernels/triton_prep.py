@@ -132,7 +132,7 @@ def _flag(cond, BLOCK_T: tl.constexpr):
 def _mla_decode_prep_kernel(
     q_ptr, kvc_ptr, kpe_ptr, w_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr,
     kscale_ptr, qscale_ptr, qout_ptr,
-    T, H, block_size,
+    T, H,
     s_qt, s_qh, s_qd,
     s_ct, s_cd,
     s_kt, s_kd,
@@ -140,7 +140,7 @@ def _mla_decode_prep_kernel(
     s_cs0, s_cs1,
     s_cb, s_co, s_cx,
     s_ot, s_oh, s_od,
-    P: tl.constexpr, L: tl.constexpr, R: tl.constexpr,
+    P: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     P_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, LB_ITERS: tl.constexpr, NUM_LC: tl.constexpr,
     IS_NEOX: tl.constexpr,
@@ -235,8 +235,8 @@ def _mla_decode_prep_kernel(
     # ---- cache rows of slot >= 0: kv_c tile(s) and the rotated k_pe; k_pe in place (every token)
     valid = slot >= 0
     slot = tl.where(valid, slot, 0)
-    blk = slot // block_size
-    c_row = cache_ptr + (blk * s_cb + (slot - blk * block_size) * s_co)[:, None]
+    blk = slot // BLOCK_SIZE  # a constant divisor: a shift for the usual powers of two
+    c_row = cache_ptr + (blk * s_cb + (slot - blk * BLOCK_SIZE) * s_co)[:, None]
     _store_out(c_row + offs_c[None, :] * s_cx, kv.to(tl.float32), cm & valid[:, None],
                k_scale, KV_MODE, KV_MAX, INTERP)
     for k in range(pid + n_progs, NUM_LT, n_progs):  # only when H * NUM_LC < NUM_LT
@@ -256,9 +256,9 @@ def _mla_decode_prep_kernel(
 @triton.jit
 def _gather_rows_kernel(
     cache_ptr, slot_ptr, scale_ptr, out_ptr,
-    N, D, block_size,
+    N, D,
     s_cb, s_co, s_cx, s_on, s_od,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DEQUANT: tl.constexpr, FNUZ_BITS: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -268,8 +268,8 @@ def _gather_rows_kernel(
     slot = tl.load(slot_ptr + offs_n, mask=nmask, other=-1).to(tl.int64)
     valid = nmask & (slot >= 0)
     slot = tl.where(valid, slot, 0)
-    blk = slot // block_size
-    row = blk * s_cb + (slot - blk * block_size) * s_co
+    blk = slot // BLOCK_SIZE
+    row = blk * s_cb + (slot - blk * BLOCK_SIZE) * s_co
     m = valid[:, None] & dmask[None, :]
     raw = tl.load(cache_ptr + row[:, None] + offs_d[None, :] * s_cx, mask=m)  # masked-off: see where below
     if FNUZ_BITS:
@@ -288,17 +288,17 @@ def _gather_rows_kernel(
 
 
 @triton.jit
-def _cache_write_kernel(kvc_ptr, kpe_ptr, slot_ptr, cache_ptr, scale_ptr, block_size,
+def _cache_write_kernel(kvc_ptr, kpe_ptr, slot_ptr, cache_ptr, scale_ptr,
                         s_ct, s_kt, s_cb, s_co,
-                        L: tl.constexpr, R: tl.constexpr, MODE: tl.constexpr, FP8_MAX: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr, L: tl.constexpr, R: tl.constexpr, MODE: tl.constexpr, FP8_MAX: tl.constexpr,
                         INTERP: tl.constexpr):
     """Unfused cache write only (one program per token): the stand-in for
     vLLM's ``concat_and_cache_mla`` in the benchmark's unfused chain."""
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
-        blk = slot // block_size
-        row = cache_ptr + blk * s_cb + (slot - blk * block_size) * s_co
+        blk = slot // BLOCK_SIZE
+        row = cache_ptr + blk * s_cb + (slot - blk * BLOCK_SIZE) * s_co
         scale = 1.0
         if MODE != 0:
             scale = tl.load(scale_ptr)
@@ -340,23 +340,32 @@ def _num_sms(device_index: int) -> int:
 def launch_config(T: int, H: int, L: int, device: torch.device) -> dict:
     """Block sizes for one call; a function of the shape only (graph-stable).
 
-    ``BLOCK_T``: tokens per ``tl.dot`` (>= 16, the smallest MMA tile).
-    ``BLOCK_L`` x ``LB_ITERS``: latent columns per absorb program (a loop of
-    ``LB_ITERS`` tiles, so q_nope is loaded once and W tiles stream through
-    the software pipeline); fewer columns per program when the
-    (head, column-chunk, token-block) grid would not fill the GPU twice.
+    Measured on an H200 (``mla-passes bench --sweep``, DeepSeek-V3 dims): small
+    token blocks win almost everywhere, because the side jobs (RoPE, cache
+    rows) of a program cost latency per token of its block; many heads with a
+    mid-sized batch prefer 64-token blocks that stream all of L through one
+    program. Otherwise: the widest column chunk (a pipelined loop of
+    ``BLOCK_L`` tiles, q_nope loaded once) that still gives about 1.5 programs
+    per SM.
     """
-    block_t = 16 if T <= 16 else (32 if T <= 32 else 64)
-    n_tb = triton.cdiv(T, block_t)
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
-    block_l = max(16, min(128, _next_pow2(L)))
-    iters = max(1, triton.cdiv(L, block_l))
-    while iters > 1 and H * triton.cdiv(L, block_l * iters) * n_tb < 2 * sms:
-        iters //= 2
-    while block_l > 32 and H * triton.cdiv(L, block_l * iters) * n_tb < 2 * sms:
-        block_l //= 2
-    num_warps = 8 if block_t * block_l >= 64 * 128 else 4
-    return dict(BLOCK_T=block_t, BLOCK_L=block_l, LB_ITERS=iters, num_warps=num_warps, num_stages=3)
+    l_pad = _next_pow2(L)
+    if H >= 64 and 64 <= T <= 128:
+        block_l = min(128, l_pad)
+        return dict(BLOCK_T=64, BLOCK_L=block_l, LB_ITERS=triton.cdiv(L, block_l), num_warps=8, num_stages=3)
+    block_t = 16
+    n_tb = triton.cdiv(T, block_t)
+    chunk = l_pad
+    while chunk > 32 and H * triton.cdiv(L, chunk) * n_tb < 1.5 * sms:
+        chunk //= 2
+    chunk = max(16, chunk)
+    if chunk <= 64:
+        block_l, iters = chunk, 1
+    elif chunk == 128:
+        block_l, iters = 64, 2
+    else:
+        block_l, iters = 128, chunk // 128
+    return dict(BLOCK_T=block_t, BLOCK_L=block_l, LB_ITERS=iters, num_warps=4, num_stages=3)
 
 
 _CONFIG_OVERRIDE: dict | None = None  # set by tools/bench.py to compare configurations
@@ -398,7 +407,7 @@ def fused_decode_prep_triton(
     return _mla_decode_prep_kernel[grid](
         q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, slot_mapping, cache,
         k_scale, q_scale if q_scale is not None else k_scale, qo,
-        T, H, dims.block_size,
+        T, H,
         q.stride(0), q.stride(1), q.stride(2),
         kv_c.stride(0), kv_c.stride(1),
         k_pe.stride(0), k_pe.stride(-1),
@@ -406,7 +415,7 @@ def fused_decode_prep_triton(
         cos_sin_cache.stride(0), cos_sin_cache.stride(1),
         cache.stride(0), cache.stride(1), cache.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2),
-        P=P, L=L, R=R, P_PAD=max(16, _next_pow2(P)), HALF_PAD=_next_pow2(R // 2),
+        P=P, L=L, R=R, BLOCK_SIZE=dims.block_size, P_PAD=max(16, _next_pow2(P)), HALF_PAD=_next_pow2(R // 2),
         BLOCK_T=block_t, BLOCK_L=block_l, LB_ITERS=iters, NUM_LC=num_lc,
         IS_NEOX=bool(is_neox),
         Q_MODE=q_mode, Q_MAX=q_max, KV_MODE=kv_mode, KV_MAX=kv_max,
@@ -430,9 +439,9 @@ def gather_cache_rows_triton(kv_cache, slots, kv_cache_dtype, k_scale, dtype) ->
     BLOCK_N, BLOCK_D = 16, 128
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))
     _gather_rows_kernel[grid](
-        cache, slots, k_scale, out, N, D, kv_cache.shape[1],
+        cache, slots, k_scale, out, N, D,
         cache.stride(0), cache.stride(1), cache.stride(2), out.stride(0), out.stride(1),
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DEQUANT=fp8, FNUZ_BITS=fnuz_bits,
+        BLOCK_SIZE=kv_cache.shape[1], BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DEQUANT=fp8, FNUZ_BITS=fnuz_bits,
     )
     return out
 
@@ -448,7 +457,7 @@ def concat_and_cache_mla_triton(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dty
     if T == 0:
         return
     _cache_write_kernel[(T,)](
-        kv_c, k_pe, slot_mapping, cache, k_scale, cache.shape[1],
+        kv_c, k_pe, slot_mapping, cache, k_scale,
         kv_c.stride(0), k_pe.stride(0), cache.stride(0), cache.stride(1),
-        L=kv_c.shape[1], R=k_pe.shape[-1], MODE=mode, FP8_MAX=fmax, INTERP=_interpreting(),
+        BLOCK_SIZE=cache.shape[1], L=kv_c.shape[1], R=k_pe.shape[-1], MODE=mode, FP8_MAX=fmax, INTERP=_interpreting(),
     )
