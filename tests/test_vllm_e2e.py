@@ -70,9 +70,10 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     model_dir = build_tiny_deepseek_v2(work / "tiny_deepseek_v2")
     t0 = time.time()
     results = {"on": _finish(*_start(model_dir, work, "on"))}
-    # flag-off and eager runs are independent: run them side by side
-    started = [_start(model_dir, work, m) for m in ("off", "eager")]
-    for mode, s in zip(("off", "eager"), started):
+    # the lift-only, flag-off and eager runs are independent: run them side by side
+    modes = ("lift", "off", "eager")
+    started = [_start(model_dir, work, m) for m in modes]
+    for mode, s in zip(modes, started):
         results[mode] = _finish(*s)
     results["_seconds"] = time.time() - t0
     return results
@@ -129,6 +130,20 @@ def test_passes_fired_in_the_real_graph(runs):
     assert prepped == NUM_MLA_LAYERS, ops
     assert sum(v for k, v in ops.items() if "mla_fused_decode_prep" in k) == NUM_MLA_LAYERS, ops
     assert not any("unified_mla_attention_with_output" in k for k in ops), ops
+
+
+def test_lift_alone_on_the_real_graph(runs):
+    """With only the lift pass kept, it lifts every MLA layer of vLLM's real
+    graph (no fusion) and the tokens stay exactly those of flag off."""
+    managers = [m for m in _records(runs["lift"], "manager") if any(m["matched_counts"].values())]
+    assert managers, "the lift pass never matched"
+    counts = managers[0]["matched_counts"]
+    assert sum(v for k, v in counts.items() if "lift" in k) == NUM_MLA_LAYERS, counts
+    assert not any(v for k, v in counts.items() if "fusion" in k), counts
+    ops = managers[0]["op_counts_after"]
+    assert sum(v for k, v in ops.items() if "mla_decode_q_prep" in k) == NUM_MLA_LAYERS, ops
+    assert sum(v for k, v in ops.items() if "mla_attention_with_prepped_q" in k) == NUM_MLA_LAYERS, ops
+    assert runs["lift"]["tokens"] == runs["off"]["tokens"]
 
 
 def test_prepped_q_attention_saw_mixed_steps(runs):

@@ -1,10 +1,12 @@
 """One vLLM process for tests/test_vllm_e2e.py: build the LLM in one mode,
 generate greedily, write everything the tests check to a JSON file.
 
-    python run_llm.py MODEL_DIR OUT_JSON MODE      MODE in {on, off, eager}
+    python run_llm.py MODEL_DIR OUT_JSON MODE      MODE in {on, lift, off, eager}
 
 ``on``: pass_config.fuse_aiter_qk_rope_kvcache_mla=True plus a user post-grad
-pass (graph probe); ``off``: the same user pass, flag off; ``eager``:
+pass (graph probe); ``lift``: the same, with only the q-prep lift pass kept
+in the manager (so the lift is seen on vLLM's real graph, not just the
+fusion that subsumes it); ``off``: the same user pass, flag off; ``eager``:
 enforce_eager=True. The probe and the instrumented pass manager append JSON
 lines to OUT_JSON + ".jsonl" from inside the worker process.
 """
@@ -36,7 +38,9 @@ def main() -> None:
         kwargs["enforce_eager"] = True
     else:
         cc = {"inductor_compile_config": {"post_grad_custom_post_pass": GraphProbePass("user")}}
-        if mode == "on":
+        if mode == "lift":
+            os.environ["MLA_PROBE_ONLY_PASSES"] = "lift"  # read by the instrumented manager in the worker
+        if mode in ("on", "lift"):
             cc["pass_config"] = {"fuse_aiter_qk_rope_kvcache_mla": True}
         kwargs["compilation_config"] = cc
 
