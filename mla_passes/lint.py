@@ -281,7 +281,7 @@ def lint_graph(graph: fx.Graph | fx.GraphModule) -> list[Finding]:
 # --- dumped graph files ------------------------------------------------------
 
 def _text_views(parsed) -> Iterable[_View]:
-    from mla_passes.tools.graphdiff import _split_top_level
+    from mla_passes.graph_files import _split_top_level
 
     anns = {n.name: n.val for n in parsed.nodes}
     for n in parsed.nodes:
@@ -308,7 +308,7 @@ def _text_views(parsed) -> Iterable[_View]:
 def lint_source(src: str) -> list[Finding]:
     """Findings for the text of one graph file (``print_readable`` output or a
     depyf dump file)."""
-    from mla_passes.tools.graphdiff import parse_graph_source
+    from mla_passes.graph_files import parse_graph_source
 
     return [f for v in _text_views(parse_graph_source(src)) for f in _check(v)]
 
@@ -316,7 +316,7 @@ def lint_source(src: str) -> list[Finding]:
 def lint_path(path: str | Path) -> dict[str, list[Finding]]:
     """Lint one graph file, or every graph file of a dump folder (kernel and
     bytecode files skipped): ``{file: findings}``."""
-    from mla_passes.tools.graphdiff import collect_graph_files, is_graph_source
+    from mla_passes.graph_files import collect_graph_files, is_graph_source
 
     path = Path(path)
     if path.is_dir():

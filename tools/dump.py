@@ -113,7 +113,7 @@ def dumping(out: str | os.PathLike, custom_pass):
 
 
 def graph_files(out: str | os.PathLike) -> list[Path]:
-    from .graphdiff import collect_graph_files
+    from mla_passes.graph_files import collect_graph_files
 
     return sorted(collect_graph_files(out).values())
 

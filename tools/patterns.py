@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
 
 def readable(code: str) -> str:
     """FX code without the ``;  x = y = None`` tails (they only free memory)."""
-    from .graphdiff import _NONE_TAIL
+    from mla_passes.graph_files import _NONE_TAIL
 
     return "\n".join(_NONE_TAIL.sub("", line) for line in code.splitlines())
 
