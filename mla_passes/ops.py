@@ -111,8 +111,14 @@ def _check_out_dtype(op: str, out_dtype: torch.dtype, state, q: torch.Tensor, la
 
 # --- mla_decode_q_prep -------------------------------------------------------
 
+def _decode_q_prep_out_spec(q, layer_name, kv_lora_rank, qk_rope_head_dim, out_dtype):
+    """(like, shape, dtype) of the new output: ``like.new_empty(shape, dtype=dtype)``."""
+    return q, (q.shape[0], q.shape[1], kv_lora_rank + qk_rope_head_dim), out_dtype
+
+
 def _decode_q_prep_fake(q, layer_name, kv_lora_rank, qk_rope_head_dim, out_dtype):
-    return q.new_empty((q.shape[0], q.shape[1], kv_lora_rank + qk_rope_head_dim), dtype=out_dtype)
+    like, shape, dtype = _decode_q_prep_out_spec(q, layer_name, kv_lora_rank, qk_rope_head_dim, out_dtype)
+    return like.new_empty(shape, dtype=dtype)
 
 
 def _decode_q_prep_impl(q, layer_name, kv_lora_rank, qk_rope_head_dim, out_dtype):
@@ -133,8 +139,15 @@ def _decode_q_prep_impl(q, layer_name, kv_lora_rank, qk_rope_head_dim, out_dtype
 
 # --- mla_fused_decode_prep ---------------------------------------------------
 
+def _fused_decode_prep_out_spec(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend):
+    """(like, shape, dtype) of the new output: ``like.new_empty(shape, dtype=dtype)``."""
+    return q, (q.shape[0], q.shape[1], kv_c.shape[-1] + k_pe.shape[-1]), out_dtype
+
+
 def _fused_decode_prep_fake(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend):
-    return q.new_empty((q.shape[0], q.shape[1], kv_c.shape[-1] + k_pe.shape[-1]), dtype=out_dtype)
+    like, shape, dtype = _fused_decode_prep_out_spec(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name,
+                                                     out_dtype, backend)
+    return like.new_empty(shape, dtype=dtype)
 
 
 def _slots_for(slot_mapping: torch.Tensor, T: int) -> torch.Tensor:

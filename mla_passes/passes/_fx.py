@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import Graph, Node
 
 aten = torch.ops.aten
@@ -185,6 +186,13 @@ def fake_mode_of(*nodes):
     return detect_fake_mode([val(n) for n in nodes if isinstance(val(n), torch.Tensor)])
 
 
+def graph_fake_mode(graph: Graph):
+    """The fake mode of ``graph``'s values (its placeholders', or the tracing
+    context's), or None. A pass computes it once per graph and hands it to
+    :func:`call` instead of detecting it per new node."""
+    return fake_mode_of(*graph.find_nodes(op="placeholder"))
+
+
 def _fake_impls() -> dict:
     """Our ops' Python fake impls, called directly: going through the
     dispatcher in fake mode costs ~1 ms per node (cache keys over opaque args)."""
@@ -201,18 +209,52 @@ def _fake_impls() -> dict:
     }
 
 
+def _fresh_outs() -> dict:
+    """Ops whose one output is a new tensor (its own storage): target ->
+    ``fn(*args) -> (like, shape, dtype)`` (the op's ``*_out_spec`` in ops.py,
+    which its fake impl also uses)."""
+    from .. import ops
+
+    return {
+        torch.ops.mla_passes.mla_decode_q_prep.default: ops._decode_q_prep_out_spec,
+        torch.ops.mla_passes.mla_fused_decode_prep.default: ops._fused_decode_prep_out_spec,
+    }
+
+
+def fresh_fake(mode, like: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """What ``like.new_empty(shape, dtype=dtype)`` gives under fake ``mode``
+    (a new contiguous FakeTensor with its own storage on ``like``'s device),
+    built the way the mode wraps a meta kernel's output, without the
+    ~0.2 ms dispatch (cache key and cache entry over the arguments)."""
+    from torch._subclasses.fake_tensor import in_kernel_invocation_manager
+
+    with in_kernel_invocation_manager(mode):
+        meta = torch.empty(shape, dtype=dtype, layout=like.layout, device="meta")
+    return mode.fake_tensor_converter.from_meta_and_device(mode, meta, like.device)
+
+
 _FAKE: dict = {}
+_FRESH: dict = {}
 
 
 def call(graph: Graph, target, args, kwargs=None, *, fake_mode=None) -> Node:
-    """Insert ``target(*args)`` at the graph's insert point with ``meta["val"]``."""
+    """Insert ``target(*args)`` at the graph's insert point with ``meta["val"]``
+    (``fake_mode``: the graph's, from :func:`graph_fake_mode`; else detected
+    from the arguments)."""
     if not _FAKE:
         _FAKE.update(_fake_impls())
+        _FRESH.update(_fresh_outs())
     node = graph.call_function(target, tuple(args), kwargs or {})
     fa = torch.fx.node.map_arg(node.args, val)
     fk = torch.fx.node.map_arg(node.kwargs, val)
-    fn = _FAKE.get(target, target)
     mode = fake_mode or fake_mode_of(*node.all_input_nodes)
+    spec = _FRESH.get(target)
+    if spec is not None and mode is not None:
+        like, shape, dtype = spec(*fa, **fk)
+        if isinstance(like, FakeTensor) and like.fake_mode is mode:
+            node.meta["val"] = fresh_fake(mode, like, shape, dtype)
+            return node
+    fn = _FAKE.get(target, target)
     if mode is not None:
         with mode:
             node.meta["val"] = fn(*fa, **fk)

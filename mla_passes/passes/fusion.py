@@ -142,6 +142,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         if not updates:
             return 0
         order = _fx.order_index(graph)
+        mode = _fx.graph_fake_mode(graph)
         count = 0
         for ln, ups in updates.items():
             where = f"layer {describe_layer(ln)}"
@@ -160,7 +161,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                 plan = self._plan_raw(up, attn, ln, where, order)
             if plan is None or not self._safe(plan, order, where):
                 continue
-            self._rewrite(graph, plan)
+            self._rewrite(graph, plan, mode)
             count += 1
         return count
 
@@ -365,10 +366,10 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         return True
 
     # --- rewriting --------------------------------------------------------------------
-    def _rewrite(self, graph: Graph, plan: FusionPlan) -> None:
+    def _rewrite(self, graph: Graph, plan: FusionPlan, mode=None) -> None:
         with graph.inserting_before(plan.insert_before):
             qp = _fx.call(graph, FUSED, (plan.q_orig, plan.kv_c, plan.k_in, plan.positions, plan.cos_sin_cache,
-                                        plan.is_neox, plan.ln, plan.out_dtype, self.backend))
+                                        plan.is_neox, plan.ln, plan.out_dtype, self.backend), fake_mode=mode)
         views: dict = {}
         cursor = [qp]
 
@@ -384,12 +385,13 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                 return src
             with graph.inserting_after(cursor[0]):
                 if sv.dim() + 1 == len(shape) and shape[1] == 1:
-                    out = _fx.call(graph, aten.unsqueeze.default, (src, 1))
+                    out = _fx.call(graph, aten.unsqueeze.default, (src, 1), fake_mode=mode)
                 elif sv.dim() == len(shape) + 1 and sv.shape[1] == 1:
-                    out = _fx.call(graph, aten.squeeze.dim, (src, 1))
+                    out = _fx.call(graph, aten.squeeze.dim, (src, 1), fake_mode=mode)
                 else:
                     # token dim first, static trailing dims (a SymInt cannot be an FX constant)
-                    out = _fx.call(graph, aten.reshape.default, (src, [-1] + [int(d) for d in shape[1:]]))
+                    out = _fx.call(graph, aten.reshape.default, (src, [-1] + [int(d) for d in shape[1:]]),
+                                   fake_mode=mode)
             cursor[0] = out
             views[key] = out
             return out
@@ -411,14 +413,15 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                     continue
                 if q_pe_view is None:
                     with graph.inserting_after(cursor[0]):
-                        q_pe_view = _fx.call(graph, aten.slice.Tensor, (plan.q_orig, -1, plan.P, plan.P + plan.R))
+                        q_pe_view = _fx.call(graph, aten.slice.Tensor, (plan.q_orig, -1, plan.P, plan.P + plan.R),
+                                             fake_mode=mode)
                     cursor[0] = q_pe_view
                 u.replace_input_with(n, q_pe_view)
         for n in plan.q_value_nodes:
             for u in list(n.users):
                 if u is not attn.node:
                     u.replace_input_with(n, plan.q_orig)
-        replace_attention(graph, attn, plan.q_orig, qp, plan.kv_c, k_for_attn, None)
+        replace_attention(graph, attn, plan.q_orig, qp, plan.kv_c, k_for_attn, None, fake_mode=mode)
         for n in plan.dead:
             if n.graph is graph and n.target is operator.getitem:
                 for u in list(n.users):

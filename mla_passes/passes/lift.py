@@ -68,13 +68,15 @@ def describe_layer(ln_node) -> str:
         return str(ln_node)
 
 
-def replace_attention(graph: Graph, attn: _fx.OpCall, q, q_prepped, kv_c, k_pe, dep) -> torch.fx.Node:
+def replace_attention(graph: Graph, attn: _fx.OpCall, q, q_prepped, kv_c, k_pe, dep, *,
+                      fake_mode=None) -> torch.fx.Node:
     """Insert the in-place ``mla_attention_with_prepped_q`` before ``attn.node``,
-    point users of the old output at ``output`` and erase the old call."""
+    point users of the old output at ``output`` and erase the old call
+    (``fake_mode``: the graph's, see :func:`_fx.graph_fake_mode`)."""
     output = attn.mutable_input("output")
     ln = attn.arg("layer_name")
     with graph.inserting_before(attn.node):
-        new = _fx.call(graph, ATTN_PREPPED, (q, q_prepped, kv_c, k_pe, output, ln, dep))
+        new = _fx.call(graph, ATTN_PREPPED, (q, q_prepped, kv_c, k_pe, output, ln, dep), fake_mode=fake_mode)
     for gi in attn.mutated_value_getitems("output"):
         gi.replace_all_uses_with(output)
         graph.erase_node(gi)
@@ -112,6 +114,7 @@ class MLADecodeQPrepLiftPass(MLAGraphPass):
     def apply(self, graph: Graph) -> int:
         handles = op_handles()
         count = 0
+        mode = None  # the graph's fake mode, found at the first rewrite
         for node in list(graph.nodes):
             attn = _fx.as_op_call(node, handles.attention)
             if attn is None:
@@ -129,8 +132,10 @@ class MLADecodeQPrepLiftPass(MLAGraphPass):
             qv = _fx.val(q)
             out_dtype = state.q_out_dtype(qv.dtype)
             L, R = _fx.val(kv_c).shape[-1], _fx.val(k_pe).shape[-1]
+            if mode is None:
+                mode = _fx.graph_fake_mode(graph)
             with graph.inserting_before(node):
-                qp = _fx.call(graph, Q_PREP, (q, ln, int(L), int(R), out_dtype))
-            replace_attention(graph, attn, q, qp, kv_c, k_pe, attn.arg("kv_cache_dummy_dep"))
+                qp = _fx.call(graph, Q_PREP, (q, ln, int(L), int(R), out_dtype), fake_mode=mode)
+            replace_attention(graph, attn, q, qp, kv_c, k_pe, attn.arg("kv_cache_dummy_dep"), fake_mode=mode)
             count += 1
         return count
