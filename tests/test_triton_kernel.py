@@ -100,6 +100,13 @@ INTERP_CASES = {
                                q_fp8_dtype=FN, cfg=dict(BLOCK_T=16, BLOCK_L=16, LB_ITERS=2, num_warps=4)),
     "looped_columns": dict(T=20, H=3, P=32, L=128, R=16, dtype=torch.float16, is_neox=False,
                            cfg=dict(BLOCK_T=32, BLOCK_L=32, LB_ITERS=4, num_warps=4)),
+    # GEMV absorb (2 tokens, 2 column tiles); side programs of 2 tokens x 2 heads: 3 head blocks,
+    # kv_c split over them (the last one's columns all past L), k_pe on the last
+    "gemv_side_blocks": dict(T=7, H=5, P=32, L=64, R=16, dtype=torch.float16, kv_cache_dtype="fp8",
+                             q_fp8_dtype=FN, block_size=4,
+                             cfg=dict(BLOCK_T=2, BLOCK_L=16, LB_ITERS=2, GEMV=True, SIDE_T=2, SIDE_H=2)),
+    "gemv_odd_dims_one_head_sides": dict(T=5, H=3, P=24, L=40, R=12, dtype=torch.bfloat16, is_neox=False,
+                                         cfg=dict(BLOCK_T=4, BLOCK_L=16, LB_ITERS=1, SIDE_T=4, SIDE_H=1)),
 }
 
 

@@ -123,16 +123,141 @@ def _pair_offsets(HALF_PAD: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.conste
 
 
 @triton.jit
-def _flag(cond, BLOCK_T: tl.constexpr):
-    """A scalar condition as a [BLOCK_T] bool block (masks need blocks)."""
-    return (tl.zeros([BLOCK_T], dtype=tl.int32) + cond.to(tl.int32)) != 0
+def _side_job(
+    s, q_ptr, kvc_ptr, kpe_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr, kscale_ptr, qscale_ptr, qout_ptr,
+    T, H,
+    s_qt, s_qh, s_qd, s_ct, s_cd, s_kt, s_kd, s_cs0, s_cs1, s_cb, s_co, s_cx, s_ot, s_oh, s_od,
+    P: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_SIZE: tl.constexpr, HALF_PAD: tl.constexpr,
+    ST: tl.constexpr, SH: tl.constexpr, NHB: tl.constexpr, KVW: tl.constexpr, IS_NEOX: tl.constexpr,
+    Q_MODE: tl.constexpr, Q_MAX: tl.constexpr, KV_MODE: tl.constexpr, KV_MAX: tl.constexpr,
+    DO_Q: tl.constexpr, DO_C: tl.constexpr, INTERP: tl.constexpr,
+):
+    """RoPE and cache rows of ``ST`` tokens: q_pe of heads ``[hb*SH, hb*SH+SH)``,
+    kv_c columns ``[hb*KVW, hb*KVW+KVW)`` into the cache, and (last head block)
+    k_pe rotated in place and into the cache. Loads first, the one dependent
+    load (cos/sin rows at the positions) last."""
+    HALF: tl.constexpr = R // 2
+    tb = s // NHB
+    hb = s - tb * NHB
+    offs_t = tb * ST + tl.arange(0, ST)
+    tmask = offs_t < T
+    t64 = offs_t.to(tl.int64)
+    i, o1, o2, imask = _pair_offsets(HALF_PAD, HALF, IS_NEOX)
+    pos = tl.load(pos_ptr + offs_t, mask=tmask, other=0)
+    slot = tl.load(slot_ptr + offs_t, mask=tmask, other=-1).to(tl.int64)
+    offs_h = hb * SH + tl.arange(0, SH)
+    qm = (tmask[:, None] & (offs_h < H)[None, :])[:, :, None] & imask[None, None, :]
+    q_row = q_ptr + (t64 * s_qt)[:, None, None] + (offs_h * s_qh)[None, :, None] + P * s_qd
+    if DO_Q:
+        y1 = tl.load(q_row + o1[None, None, :] * s_qd, mask=qm, other=0.0).to(tl.float32)
+        y2 = tl.load(q_row + o2[None, None, :] * s_qd, mask=qm, other=0.0).to(tl.float32)
+    k_row = kpe_ptr + (t64 * s_kt)[:, None]
+    last_hb = (tl.zeros([ST], dtype=tl.int32) + hb) == NHB - 1  # a block: masks need blocks
+    km = (tmask & last_hb)[:, None] & imask[None, :]
+    offs_c = hb * KVW + tl.arange(0, KVW)
+    cm = tmask[:, None] & (offs_c < L)[None, :]
+    if DO_C:
+        x1 = tl.load(k_row + o1[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
+        x2 = tl.load(k_row + o2[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
+        kv = tl.load(kvc_ptr + (t64 * s_ct)[:, None] + offs_c[None, :] * s_cd, mask=cm, other=0.0)
+    q_scale = 1.0
+    if Q_MODE != 0:
+        q_scale = tl.load(qscale_ptr)
+    k_scale = 1.0
+    if KV_MODE != 0:
+        k_scale = tl.load(kscale_ptr)
+    cs = cs_ptr + pos.to(tl.int64)[:, None] * s_cs0
+    pm = tmask[:, None] & imask[None, :]
+    c = tl.load(cs + i[None, :] * s_cs1, mask=pm, other=0.0).to(tl.float32)
+    sn = tl.load(cs + (i[None, :] + HALF) * s_cs1, mask=pm, other=0.0).to(tl.float32)
+
+    if DO_Q:  # q_pe rotated in place and into q_out[..., L:]
+        c3 = c[:, None, :]
+        s3 = sn[:, None, :]
+        ry1 = y1 * c3 - y2 * s3
+        ry2 = y2 * c3 + y1 * s3
+        tl.store(q_row + o1[None, None, :] * s_qd, ry1.to(q_ptr.dtype.element_ty), mask=qm)
+        tl.store(q_row + o2[None, None, :] * s_qd, ry2.to(q_ptr.dtype.element_ty), mask=qm)
+        o_row = qout_ptr + (t64 * s_ot)[:, None, None] + (offs_h * s_oh)[None, :, None] + L * s_od
+        _store_out(o_row + o1[None, None, :] * s_od, ry1, qm, q_scale, Q_MODE, Q_MAX, INTERP)
+        _store_out(o_row + o2[None, None, :] * s_od, ry2, qm, q_scale, Q_MODE, Q_MAX, INTERP)
+    if DO_C:  # cache rows of slot >= 0; k_pe in place for every token
+        valid = slot >= 0
+        slot = tl.where(valid, slot, 0)
+        blk = slot // BLOCK_SIZE  # a constant divisor: a shift for the usual powers of two
+        c_row = cache_ptr + (blk * s_cb + (slot - blk * BLOCK_SIZE) * s_co)[:, None]
+        _store_out(c_row + offs_c[None, :] * s_cx, kv.to(tl.float32), cm & valid[:, None],
+                   k_scale, KV_MODE, KV_MAX, INTERP)
+        r1 = x1 * c - x2 * sn
+        r2 = x2 * c + x1 * sn
+        vm = km & valid[:, None]
+        _store_out(c_row + (L + o1[None, :]) * s_cx, r1, vm, k_scale, KV_MODE, KV_MAX, INTERP)
+        _store_out(c_row + (L + o2[None, :]) * s_cx, r2, vm, k_scale, KV_MODE, KV_MAX, INTERP)
+        tl.store(k_row + o1[None, :] * s_kd, r1.to(kpe_ptr.dtype.element_ty), mask=km)
+        tl.store(k_row + o2[None, :] * s_kd, r2.to(kpe_ptr.dtype.element_ty), mask=km)
+
+
+@triton.jit
+def _absorb_job(
+    a_id, q_ptr, w_ptr, qscale_ptr, qout_ptr,
+    T, N_TB,
+    s_qt, s_qh, s_qd, s_wh, s_wp, s_wl, s_ot, s_oh, s_od,
+    P: tl.constexpr, L: tl.constexpr, P_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, LB_ITERS: tl.constexpr, NUM_LC: tl.constexpr,
+    GEMV: tl.constexpr, Q_MODE: tl.constexpr, Q_MAX: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
+):
+    """``q_out[tokens, h, chunk] = q_nope[tokens, h] @ W_UK_T[h][:, chunk]``: a
+    block of ``BLOCK_T`` tokens (the programs of one W tile are adjacent, so a
+    tile comes from DRAM once and from L2 after), ``LB_ITERS`` column tiles of
+    ``BLOCK_L``. ``GEMV``: broadcast-multiply and sum over P in fp32 (no
+    16-row padding of a tl.dot) for a handful of tokens."""
+    EVEN_P: tl.constexpr = P == P_PAD
+    EVEN_L: tl.constexpr = (L % (BLOCK_L * LB_ITERS)) == 0
+    tb = a_id % N_TB
+    hl = a_id // N_TB
+    h = hl // NUM_LC
+    lc = hl - h * NUM_LC
+    offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs_t < T
+    t64 = offs_t.to(tl.int64)
+    offs_p = tl.arange(0, P_PAD)
+    a_ptrs = q_ptr + (t64 * s_qt)[:, None] + h * s_qh + offs_p[None, :] * s_qd
+    if EVEN_P:
+        a = tl.load(a_ptrs, mask=tmask[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs, mask=tmask[:, None] & (offs_p < P)[None, :], other=0.0)
+    if DOT_F32 or GEMV:
+        a = a.to(tl.float32)
+    q_scale = 1.0
+    if Q_MODE != 0:
+        q_scale = tl.load(qscale_ptr)
+    w_base = w_ptr + h * s_wh + offs_p[:, None] * s_wp
+    o_base = qout_ptr + (t64 * s_ot)[:, None] + h * s_oh
+    for j in range(LB_ITERS):
+        offs_l = (lc * LB_ITERS + j) * BLOCK_L + tl.arange(0, BLOCK_L)
+        w_ptrs = w_base + offs_l[None, :] * s_wl
+        if EVEN_P and EVEN_L:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=(offs_p < P)[:, None] & (offs_l < L)[None, :], other=0.0)
+        if GEMV:
+            acc = tl.sum(a[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        elif DOT_F32:
+            acc = tl.dot(a, w.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(a, w)
+        if EVEN_L:
+            o_mask = tmask[:, None]
+        else:
+            o_mask = tmask[:, None] & (offs_l < L)[None, :]
+        _store_out(o_base + offs_l[None, :] * s_od, acc, o_mask, q_scale, Q_MODE, Q_MAX, INTERP)
 
 
 @triton.jit
 def _mla_decode_prep_kernel(
     q_ptr, kvc_ptr, kpe_ptr, w_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr,
     kscale_ptr, qscale_ptr, qout_ptr,
-    T, H,
+    T, H, N_SIDE, N_TB,
     s_qt, s_qh, s_qd,
     s_ct, s_cd,
     s_kt, s_kd,
@@ -143,114 +268,24 @@ def _mla_decode_prep_kernel(
     P: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     P_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, LB_ITERS: tl.constexpr, NUM_LC: tl.constexpr,
+    GEMV: tl.constexpr, ST: tl.constexpr, SH: tl.constexpr, NHB: tl.constexpr, KVW: tl.constexpr,
     IS_NEOX: tl.constexpr,
     Q_MODE: tl.constexpr, Q_MAX: tl.constexpr,
     KV_MODE: tl.constexpr, KV_MAX: tl.constexpr,
-    DOT_F32: tl.constexpr, INTERP: tl.constexpr, PARTS: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERP: tl.constexpr, DO_Q: tl.constexpr, DO_C: tl.constexpr,
 ):
-    HALF: tl.constexpr = R // 2
-    EVEN_P: tl.constexpr = P == P_PAD
-    EVEN_L: tl.constexpr = (L % (BLOCK_L * LB_ITERS)) == 0
-    NUM_LT: tl.constexpr = (L + BLOCK_L - 1) // BLOCK_L  # kv_c tiles of a cache row
     pid = tl.program_id(0)
-    tb = tl.program_id(1)
-    n_progs = H * NUM_LC
-    h = pid // NUM_LC
-    lc = pid - h * NUM_LC
-    offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = offs_t < T
-    t64 = offs_t.to(tl.int64)
-
-    # Who does what besides its absorb chunk (all by masks, no branches):
-    #   q RoPE of head h      <- the head's last chunk program
-    #   k RoPE + its cache part <- the last program
-    #   kv_c tile k -> cache   <- program k (and k + n_progs, ... when H is tiny)
-    do_q = _flag((lc == NUM_LC - 1) & (PARTS // 4 % 2 == 1), BLOCK_T) & tmask
-    do_k = _flag((pid == n_progs - 1) & (PARTS // 2 % 2 == 1), BLOCK_T) & tmask
-    do_c = _flag((pid < NUM_LT) & (PARTS // 2 % 2 == 1), BLOCK_T) & tmask
-
-    # ---- every load first, so all latencies overlap (stores could alias them)
-    offs_p = tl.arange(0, P_PAD)
-    a_ptrs = q_ptr + t64[:, None] * s_qt + h * s_qh + offs_p[None, :] * s_qd
-    if EVEN_P:
-        a = tl.load(a_ptrs, mask=tmask[:, None], other=0.0)
+    if pid < N_SIDE:
+        _side_job(pid, q_ptr, kvc_ptr, kpe_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr, kscale_ptr, qscale_ptr,
+                  qout_ptr, T, H,
+                  s_qt, s_qh, s_qd, s_ct, s_cd, s_kt, s_kd, s_cs0, s_cs1, s_cb, s_co, s_cx, s_ot, s_oh, s_od,
+                  P, L, R, BLOCK_SIZE, HALF_PAD, ST, SH, NHB, KVW, IS_NEOX,
+                  Q_MODE, Q_MAX, KV_MODE, KV_MAX, DO_Q, DO_C, INTERP)
     else:
-        a = tl.load(a_ptrs, mask=tmask[:, None] & (offs_p < P)[None, :], other=0.0)
-    if DOT_F32:
-        a = a.to(tl.float32)
-    pos = tl.load(pos_ptr + offs_t, mask=do_q | do_k, other=0).to(tl.int64)
-    slot = tl.load(slot_ptr + offs_t, mask=do_k | do_c, other=-1).to(tl.int64)
-    i, o1, o2, imask = _pair_offsets(HALF_PAD, HALF, IS_NEOX)
-    qm = do_q[:, None] & imask[None, :]
-    km = do_k[:, None] & imask[None, :]
-    cs = cs_ptr + pos[:, None] * s_cs0
-    c = tl.load(cs + i[None, :] * s_cs1, mask=qm | km, other=0.0).to(tl.float32)
-    s = tl.load(cs + (i[None, :] + HALF) * s_cs1, mask=qm | km, other=0.0).to(tl.float32)
-    q_row = q_ptr + t64[:, None] * s_qt + h * s_qh + P * s_qd
-    y1 = tl.load(q_row + o1[None, :] * s_qd, mask=qm, other=0.0).to(tl.float32)
-    y2 = tl.load(q_row + o2[None, :] * s_qd, mask=qm, other=0.0).to(tl.float32)
-    k_row = kpe_ptr + t64[:, None] * s_kt
-    x1 = tl.load(k_row + o1[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
-    x2 = tl.load(k_row + o2[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
-    offs_c = pid * BLOCK_L + tl.arange(0, BLOCK_L)
-    cm = do_c[:, None] & (offs_c < L)[None, :]
-    kv = tl.load(kvc_ptr + t64[:, None] * s_ct + offs_c[None, :] * s_cd, mask=cm, other=0.0)
-    q_scale = 1.0
-    if Q_MODE != 0:
-        q_scale = tl.load(qscale_ptr)
-    k_scale = 1.0
-    if KV_MODE != 0:
-        k_scale = tl.load(kscale_ptr)
-
-    # ---- q-absorb: q_out[t, h, chunk] = q_nope[t, h] @ W_UK_T[h][:, chunk], W tiles pipelined
-    if PARTS % 2 == 1:
-        w_base = w_ptr + h * s_wh + offs_p[:, None] * s_wp
-        o_base = qout_ptr + t64[:, None] * s_ot + h * s_oh
-        for j in range(LB_ITERS):
-            offs_l = (lc * LB_ITERS + j) * BLOCK_L + tl.arange(0, BLOCK_L)
-            w_ptrs = w_base + offs_l[None, :] * s_wl
-            if EVEN_P and EVEN_L:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=(offs_p < P)[:, None] & (offs_l < L)[None, :], other=0.0)
-            if DOT_F32:
-                acc = tl.dot(a, w.to(tl.float32), input_precision="ieee")
-            else:
-                acc = tl.dot(a, w)
-            if EVEN_L:
-                o_mask = tmask[:, None]
-            else:
-                o_mask = tmask[:, None] & (offs_l < L)[None, :]
-            _store_out(o_base + offs_l[None, :] * s_od, acc, o_mask, q_scale, Q_MODE, Q_MAX, INTERP)
-
-    # ---- q RoPE: q_pe rotated in place and into q_out[..., L:]
-    ry1 = y1 * c - y2 * s
-    ry2 = y2 * c + y1 * s
-    tl.store(q_row + o1[None, :] * s_qd, ry1.to(q_ptr.dtype.element_ty), mask=qm)
-    tl.store(q_row + o2[None, :] * s_qd, ry2.to(q_ptr.dtype.element_ty), mask=qm)
-    o_row = qout_ptr + t64[:, None] * s_ot + h * s_oh + L * s_od
-    _store_out(o_row + o1[None, :] * s_od, ry1, qm, q_scale, Q_MODE, Q_MAX, INTERP)
-    _store_out(o_row + o2[None, :] * s_od, ry2, qm, q_scale, Q_MODE, Q_MAX, INTERP)
-
-    # ---- cache rows of slot >= 0: kv_c tile(s) and the rotated k_pe; k_pe in place (every token)
-    valid = slot >= 0
-    slot = tl.where(valid, slot, 0)
-    blk = slot // BLOCK_SIZE  # a constant divisor: a shift for the usual powers of two
-    c_row = cache_ptr + (blk * s_cb + (slot - blk * BLOCK_SIZE) * s_co)[:, None]
-    _store_out(c_row + offs_c[None, :] * s_cx, kv.to(tl.float32), cm & valid[:, None],
-               k_scale, KV_MODE, KV_MAX, INTERP)
-    for k in range(pid + n_progs, NUM_LT, n_progs):  # only when H * NUM_LC < NUM_LT
-        offs_k = k * BLOCK_L + tl.arange(0, BLOCK_L)
-        km2 = (tmask & valid)[:, None] & (offs_k < L)[None, :]
-        kv2 = tl.load(kvc_ptr + t64[:, None] * s_ct + offs_k[None, :] * s_cd, mask=km2, other=0.0)
-        _store_out(c_row + offs_k[None, :] * s_cx, kv2.to(tl.float32), km2, k_scale, KV_MODE, KV_MAX, INTERP)
-    r1 = x1 * c - x2 * s
-    r2 = x2 * c + x1 * s
-    vm = km & valid[:, None]
-    _store_out(c_row + (L + o1[None, :]) * s_cx, r1, vm, k_scale, KV_MODE, KV_MAX, INTERP)
-    _store_out(c_row + (L + o2[None, :]) * s_cx, r2, vm, k_scale, KV_MODE, KV_MAX, INTERP)
-    tl.store(k_row + o1[None, :] * s_kd, r1.to(kpe_ptr.dtype.element_ty), mask=km)
-    tl.store(k_row + o2[None, :] * s_kd, r2.to(kpe_ptr.dtype.element_ty), mask=km)
+        _absorb_job(pid - N_SIDE, q_ptr, w_ptr, qscale_ptr, qout_ptr, T, N_TB,
+                    s_qt, s_qh, s_qd, s_wh, s_wp, s_wl, s_ot, s_oh, s_od,
+                    P, L, P_PAD, BLOCK_T, BLOCK_L, LB_ITERS, NUM_LC,
+                    GEMV, Q_MODE, Q_MAX, DOT_F32, INTERP)
 
 
 @triton.jit
@@ -337,35 +372,28 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_config(T: int, H: int, L: int, device: torch.device) -> dict:
+def launch_config(T: int, H: int, L: int, device: torch.device, P: int = 128) -> dict:
     """Block sizes for one call; a function of the shape only (graph-stable).
 
-    Measured on an H200 (``mla-passes bench --sweep``, DeepSeek-V3 dims): small
-    token blocks win almost everywhere, because the side jobs (RoPE, cache
-    rows) of a program cost latency per token of its block; many heads with a
-    mid-sized batch prefer 64-token blocks that stream all of L through one
-    program. Otherwise: the widest column chunk (a pipelined loop of
-    ``BLOCK_L`` tiles, q_nope loaded once) that still gives about 1.5 programs
-    per SM.
+    Absorb programs: ``BLOCK_T`` tokens x ``LB_ITERS`` tiles of ``BLOCK_L``
+    latent columns of one head (``GEMV``: no tl.dot, for a few tokens). Side
+    programs: ``SIDE_T`` tokens x ``SIDE_H`` heads of q RoPE, plus a slice of
+    those tokens' cache rows.
     """
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
-    l_pad = _next_pow2(L)
-    if H >= 64 and 64 <= T <= 128:
-        block_l = min(128, l_pad)
-        return dict(BLOCK_T=64, BLOCK_L=block_l, LB_ITERS=triton.cdiv(L, block_l), num_warps=8, num_stages=3)
-    block_t = 16
-    n_tb = triton.cdiv(T, block_t)
-    chunk = l_pad
-    while chunk > 32 and H * triton.cdiv(L, chunk) * n_tb < 1.5 * sms:
-        chunk //= 2
-    chunk = max(16, chunk)
-    if chunk <= 64:
-        block_l, iters = chunk, 1
-    elif chunk == 128:
-        block_l, iters = 64, 2
-    else:
-        block_l, iters = 128, chunk // 128
-    return dict(BLOCK_T=block_t, BLOCK_L=block_l, LB_ITERS=iters, num_warps=4, num_stages=3)
+    l_pad, p_pad, h_pad = _next_pow2(L), max(16, _next_pow2(P)), _next_pow2(H)
+    side = dict(SIDE_T=1, SIDE_H=min(h_pad, 32))
+    if T <= 4:
+        bt = _next_pow2(T)
+        bl = min(128, l_pad)
+        while bl > 16 and (bt * p_pad * bl > 8192 or H * triton.cdiv(L, bl) < 4 * sms):
+            bl //= 2
+        return dict(BLOCK_T=bt, BLOCK_L=bl, LB_ITERS=1, GEMV=True, num_warps=4, num_stages=2, **side)
+    if T <= 32:
+        return dict(BLOCK_T=16, BLOCK_L=min(64, l_pad), LB_ITERS=1, GEMV=False, num_warps=4, num_stages=2, **side)
+    if T <= 64:
+        return dict(BLOCK_T=64, BLOCK_L=min(64, l_pad), LB_ITERS=1, GEMV=False, num_warps=4, num_stages=2, **side)
+    return dict(BLOCK_T=64, BLOCK_L=min(128, l_pad), LB_ITERS=1, GEMV=False, num_warps=4, num_stages=2, **side)
 
 
 _CONFIG_OVERRIDE: dict | None = None  # set by tools/bench.py to compare configurations
@@ -379,8 +407,9 @@ def fused_decode_prep_triton(
 
     Arguments as there; ``dims`` is the :class:`~.validate.PrepDims` the
     argument checks returned. One launch, no allocation, no host sync.
-    (``_parts`` switches parts off, for timing them apart: 1 absorb, 2 cache, 4 rope.)
-    Returns Triton's compiled-kernel handle (registers, spills) or None.
+    (``_parts`` switches parts off, for timing them apart: 1 absorb, 2 cache
+    rows and k RoPE, 4 q RoPE.) Returns Triton's compiled-kernel handle
+    (registers, spills) or None.
     """
     T, H, P, L, R = dims.T, dims.H, dims.P, dims.L, dims.R
     if T == 0:
@@ -394,20 +423,28 @@ def fused_decode_prep_triton(
     else:
         qo, q_mode, q_max = q_out, _CAST, 0.0
 
-    cfg = dict(launch_config(T, H, L, q.device))
+    cfg = dict(launch_config(T, H, L, q.device, P))
     if _CONFIG_OVERRIDE:
         cfg.update(_CONFIG_OVERRIDE)
     block_t, block_l, iters = cfg["BLOCK_T"], cfg["BLOCK_L"], cfg["LB_ITERS"]
+    gemv = bool(cfg.get("GEMV", False)) or block_t < 16
     num_lc = triton.cdiv(L, block_l * iters)
-    grid = (H * num_lc, triton.cdiv(T, block_t))
+    n_tb = triton.cdiv(T, block_t)
+    st, sh = cfg["SIDE_T"], min(cfg["SIDE_H"], _next_pow2(H))
+    nhb = triton.cdiv(H, sh)
+    kvw = _next_pow2(triton.cdiv(L, nhb))
+    n_side = triton.cdiv(T, st) * nhb if _parts & 6 else 0
+    n_abs = H * num_lc * n_tb if _parts & 1 else 0
+    if n_side + n_abs == 0:
+        return None
     # tl.dot needs one operand dtype; fp32 when the two differ, for fp32
     # models, and for bf16 under the CPU interpreter (its bf16 dot is wrong).
     dot_f32 = (q.dtype != w_uk_t.dtype or q.dtype == torch.float32
                or (q.dtype == torch.bfloat16 and _interpreting()))
-    return _mla_decode_prep_kernel[grid](
+    return _mla_decode_prep_kernel[(n_side + n_abs,)](
         q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, slot_mapping, cache,
         k_scale, q_scale if q_scale is not None else k_scale, qo,
-        T, H,
+        T, H, n_side, n_tb,
         q.stride(0), q.stride(1), q.stride(2),
         kv_c.stride(0), kv_c.stride(1),
         k_pe.stride(0), k_pe.stride(-1),
@@ -417,10 +454,11 @@ def fused_decode_prep_triton(
         qo.stride(0), qo.stride(1), qo.stride(2),
         P=P, L=L, R=R, BLOCK_SIZE=dims.block_size, P_PAD=max(16, _next_pow2(P)), HALF_PAD=_next_pow2(R // 2),
         BLOCK_T=block_t, BLOCK_L=block_l, LB_ITERS=iters, NUM_LC=num_lc,
+        GEMV=gemv, ST=st, SH=sh, NHB=nhb, KVW=kvw,
         IS_NEOX=bool(is_neox),
         Q_MODE=q_mode, Q_MAX=q_max, KV_MODE=kv_mode, KV_MAX=kv_max,
-        DOT_F32=dot_f32, INTERP=_interpreting(), PARTS=_parts,
-        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        DOT_F32=dot_f32, INTERP=_interpreting(), DO_Q=bool(_parts & 4), DO_C=bool(_parts & 2),
+        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
     )
 
 
