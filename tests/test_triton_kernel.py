@@ -93,6 +93,8 @@ INTERP_CASES = {
     "all_padding": dict(T=4, H=2, P=16, L=32, R=8, dtype=torch.float16, pad_every=1, q_fp8_dtype=FN),
     "deepseek_dims": dict(T=3, H=2, P=128, L=512, R=64, dtype=torch.float16, kv_cache_dtype="fp8",
                           q_fp8_dtype=FN, block_size=64, k_pe_3d=True),
+    "one_token_gemv": dict(T=1, H=2, P=128, L=512, R=64, dtype=torch.float16, kv_cache_dtype="fp8",
+                           q_fp8_dtype=FN, block_size=16),
     "guarded_q_out": dict(T=5, H=3, P=16, L=32, R=8, dtype=torch.float16, q_fp8_dtype=FN,
                           kv_cache_dtype="fp8", guard=True),
     # one head, more kv_c tiles than programs: the cache-copy loop; a ragged last column chunk

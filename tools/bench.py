@@ -269,9 +269,11 @@ def min_bytes(T: int, H: int, model_bytes: int = 2) -> int:
     return reads + writes
 
 
-SWEEP = [dict(BLOCK_T=bt, BLOCK_L=bl, LB_ITERS=it, num_warps=nw, num_stages=3)
-         for bt in (16, 32, 64) for bl, it in ((32, 1), (64, 1), (128, 1), (64, 2), (128, 2), (128, 4))
-         for nw in ((4,) if bt < 64 else (4, 8))]
+SWEEP = ([dict(BLOCK_T=1, BLOCK_L=bl, LB_ITERS=1, GEMV=True, num_warps=4, num_stages=2) for bl in (32, 64, 128)]
+         + [dict(BLOCK_T=bt, BLOCK_L=bl, LB_ITERS=it, GEMV=False, num_warps=nw, num_stages=3 if it > 1 else 2)
+            for bt in (16, 32, 64, 128) for bl, it in ((32, 1), (64, 1), (128, 1), (64, 2))
+            for nw in ((4,) if bt < 64 else (4, 8))])
+# (the side programs keep the heuristic's SIDE_T/SIDE_H; tools/kernel_sweep.py sweeps those too)
 
 
 def _geomean(xs):
@@ -347,7 +349,7 @@ def run(args) -> int:
             if args.sweep and "fused" in variants:
                 best = None
                 for cfg in SWEEP:
-                    if cfg["BLOCK_T"] > max(16, triton.next_power_of_2(T)):
+                    if cfg["BLOCK_T"] > max(16, triton.next_power_of_2(T)) or (cfg["GEMV"] and T > 1):
                         continue
                     triton_prep._CONFIG_OVERRIDE = cfg
                     try:
