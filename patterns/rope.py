@@ -75,10 +75,13 @@ def private_cone(outputs: list[Node], allowed_users: set[Node]) -> set[Node] | N
     work = list(outputs)
     while work:
         n = work.pop()
-        for m in n.all_input_nodes:
+        for m in n._input_nodes:  # all_input_nodes without the list copy; the graph is not changed here
             if m in cone or not _pure(m):
                 continue
-            if all(u in cone for u in m.users):
+            for u in m.users:
+                if u not in cone:
+                    break
+            else:
                 cone.add(m)
                 work.append(m)
     # a getitem whose multi-output source stayed outside is a boundary value
@@ -92,7 +95,7 @@ def private_cone(outputs: list[Node], allowed_users: set[Node]) -> set[Node] | N
         if n in live:
             continue
         live.add(n)
-        work.extend(m for m in n.all_input_nodes if m in cone)
+        work.extend(m for m in n._input_nodes if m in cone)
     return live
 
 
@@ -128,7 +131,7 @@ def _find_gather(cone, R, max_depth: int = 4):
         found = _is_gather(n, R)
         if found:
             return found
-    frontier = {m for n in cone for m in n.all_input_nodes if m not in cone}
+    frontier = {m for n in cone for m in n._input_nodes if m not in cone}
     seen = set(frontier)
     for _ in range(max_depth):
         nxt = set()
@@ -137,7 +140,7 @@ def _find_gather(cone, R, max_depth: int = 4):
             if found:
                 return found
             if _pure(n):
-                nxt.update(m for m in n.all_input_nodes if m not in seen)
+                nxt.update(m for m in n._input_nodes if m not in seen)
         seen |= nxt
         frontier = nxt
     return None
@@ -179,24 +182,25 @@ def extract(cone: set[Node], q_root: Node, R: int, order: dict | None = None) ->
             return True
         if depth > MAX_POS_ONLY_DEPTH or not _pure(n):
             return False
-        return all(pos_only(m, depth + 1) for m in n.all_input_nodes)
+        return all(pos_only(m, depth + 1) for m in n._input_nodes)
 
     eval_set = set(cone)
     leaves: list[Node] = []
-    work = [m for n in cone for m in n.all_input_nodes if m not in cone]
+    work = [m for n in cone for m in n._input_nodes if m not in cone]
     while work:
         b = work.pop()
         if b in eval_set or b in leaves:
             continue
+        v = b.meta.get("val")
         if b in special or b is q_root or b.op in ("placeholder", "get_attr"):
             leaves.append(b)
-        elif _fx.val(b) is not None and not isinstance(_fx.val(b), torch.Tensor) and b.op != "call_function":
+        elif v is not None and not isinstance(v, torch.Tensor) and b.op != "call_function":
             leaves.append(b)
-        elif isinstance(_fx.val(b), (torch.SymInt, int)):
+        elif isinstance(v, (torch.SymInt, int)):
             continue  # a size value, substituted at evaluation
         elif _fx.is_view(b) or pos_only(b):
             eval_set.add(b)
-            work.extend(b.all_input_nodes)
+            work.extend(b._input_nodes)
         else:
             leaves.append(b)
     tensor_leaves = [x for x in leaves if isinstance(_fx.val(x), torch.Tensor)]

@@ -122,18 +122,18 @@ class OpCall:
 
     def arg(self, name: str):
         if self.form == "direct":
-            for i, a in enumerate(self.schema.arguments):
-                if a.name == name:
-                    if i < len(self.node.args):
-                        return self.node.args[i]
-                    return self.node.kwargs.get(name, a.default_value if a.has_default_value() else None)
-            raise KeyError(name)
-        if self.form == "v2" and _is_mutable(self.schema, name):
+            i, a = _schema_info(self.op).args.get(name, (None, None))
+            if a is None:
+                raise KeyError(name)
+            if i < len(self.node.args):
+                return self.node.args[i]
+            return self.node.kwargs.get(name, a.default_value if a.has_default_value() else None)
+        if self.form == "v2" and name in _schema_info(self.op).mutable:
             return self.mutable_input(name)
         return self.node.kwargs.get(name)
 
     def mutable_names(self) -> list[str]:
-        return [a.name for a in self.schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        return list(_schema_info(self.op).mutable)
 
     def mutable_input(self, name: str):
         """The node passed for mutable argument ``name`` (v2: its base, only
@@ -161,11 +161,25 @@ class OpCall:
         return [] if idx is None else self.output_users(1 + idx)
 
 
-def _is_mutable(schema, name) -> bool:
-    for a in schema.arguments:
-        if a.name == name:
-            return a.alias_info is not None and a.alias_info.is_write
-    return False
+@dataclass(frozen=True)
+class _SchemaInfo:
+    args: dict     # name -> (position, Argument), first of a name wins
+    mutable: tuple  # names of the arguments the op writes, in schema order
+
+
+_SCHEMA_INFO: dict = {}
+
+
+def _schema_info(op) -> _SchemaInfo:
+    """``op``'s arguments by name (schemas are walked once per op, not per lookup)."""
+    info = _SCHEMA_INFO.get(op)
+    if info is None:
+        args: dict = {}
+        for i, a in enumerate(op._schema.arguments):
+            args.setdefault(a.name, (i, a))
+        mutable = tuple(a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write)
+        info = _SCHEMA_INFO[op] = _SchemaInfo(args, mutable)
+    return info
 
 
 def as_op_call(node: Node, ops) -> OpCall | None:
@@ -178,6 +192,17 @@ def as_op_call(node: Node, ops) -> OpCall | None:
     if node.target is auto_functionalized_v2 and node.args and node.args[0] in ops:
         return OpCall(node, node.args[0], "v2")
     return None
+
+
+def find_op_calls(graph: Graph, ops) -> list[OpCall]:
+    """Every call of one of ``ops`` (any form), in graph order. Looks the
+    candidates up in the graph's (op, target) index instead of visiting
+    every node."""
+    cands = []
+    for t in (*ops, auto_functionalized, auto_functionalized_v2):
+        cands.extend(graph.find_nodes(op="call_function", target=t, sort=False))
+    cands.sort()  # fx nodes order by their position in the graph
+    return [c for n in cands if (c := as_op_call(n, ops)) is not None]
 
 
 def fake_mode_of(*nodes):
@@ -245,6 +270,9 @@ def call(graph: Graph, target, args, kwargs=None, *, fake_mode=None) -> Node:
         _FAKE.update(_fake_impls())
         _FRESH.update(_fresh_outs())
     node = graph.call_function(target, tuple(args), kwargs or {})
+    if isinstance(target, torch._ops.OpOverload) and not target._schema.returns:
+        node.meta["val"] = None  # what its fake impl gives: an op that returns nothing
+        return node
     fa = torch.fx.node.map_arg(node.args, val)
     fk = torch.fx.node.map_arg(node.kwargs, val)
     mode = fake_mode or fake_mode_of(*node.all_input_nodes)
@@ -270,9 +298,10 @@ def erase_dead(graph: Graph, nodes) -> int:
     explicit = set(work)
     erased = 0
     seen = set()
+    keep_ops = ("placeholder", "output", "get_attr")
     while work:
         n = work.pop()
-        if n in seen or n.graph is not graph or n.users or n.op in ("placeholder", "output", "get_attr"):
+        if n in seen or n.users or n.graph is not graph or n.op in keep_ops:
             continue
         if n.op == "call_function" and n not in explicit and _impure(n):
             continue
@@ -284,13 +313,23 @@ def erase_dead(graph: Graph, nodes) -> int:
     return erased
 
 
+_IMPURE: dict = {}
+
+
 def _impure(n: Node) -> bool:
     t = n.target
-    if t in (auto_functionalized, auto_functionalized_v2):
-        return True
-    if isinstance(t, torch._ops.OpOverload):
-        return t._schema.is_mutable or t.namespace not in ("aten", "prims")
-    return t is not operator.getitem
+    if t is operator.getitem:
+        return False
+    p = _IMPURE.get(t)
+    if p is None:
+        if t in (auto_functionalized, auto_functionalized_v2):
+            p = True
+        elif isinstance(t, torch._ops.OpOverload):
+            p = t._schema.is_mutable or t.namespace not in ("aten", "prims")
+        else:
+            p = True
+        _IMPURE[t] = p
+    return p
 
 
 def order_index(graph: Graph) -> dict:

@@ -129,15 +129,10 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         attns: dict = {}
         updates: dict = {}
         upd_ops = handles.kv_cache_update | handles.fused_rope
-        for node in graph.nodes:
-            if node.op != "call_function":
-                continue
-            c = _fx.as_op_call(node, handles.attention)
-            if c is not None:
+        for c in _fx.find_op_calls(graph, handles.attention | upd_ops):
+            if c.op in handles.attention:
                 attns.setdefault(c.arg("layer_name"), []).append(c)
-                continue
-            c = _fx.as_op_call(node, upd_ops)
-            if c is not None:
+            else:
                 updates.setdefault(c.arg("layer_name"), []).append(c)
         if not updates:
             return 0
@@ -352,13 +347,15 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                 aliases.append(a)
                 work.extend(u for u in a.users if _fx.is_view(u))
             for a in aliases:
+                r = False  # Region.of(a), computed at the first reader that needs it
                 for u in a.users:
                     if u in going or _fx.is_view(u) or order.get(u, -1) < at:
                         continue
                     if u.op == "output":
                         self.refuse(where, "rotated memory %s is a graph output", a.name)
                         return False
-                    r = _fx.Region.of(a)
+                    if r is False:
+                        r = _fx.Region.of(a)
                     if r is not None and r.disjoint_columns(target):
                         continue
                     self.refuse(where, "%s reads %s after the fusion point", u.name, a.name)

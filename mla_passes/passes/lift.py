@@ -115,10 +115,8 @@ class MLADecodeQPrepLiftPass(MLAGraphPass):
         handles = op_handles()
         count = 0
         mode = None  # the graph's fake mode, found at the first rewrite
-        for node in list(graph.nodes):
-            attn = _fx.as_op_call(node, handles.attention)
-            if attn is None:
-                continue
+        for attn in _fx.find_op_calls(graph, handles.attention):
+            node = attn.node
             ln = attn.arg("layer_name")
             where = f"attention {node.name} ({describe_layer(ln)})"
             why = check_attention(self, attn)
