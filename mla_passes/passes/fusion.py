@@ -243,12 +243,12 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             return None
         # a cone node (other than the outputs) with a user outside is a shared intermediate
         for n in cone:
-            if n in (q_rot, k_rot):
+            if n is q_rot or n is k_rot:
                 continue
-            outside = [u for u in n.users if u not in cone]
-            if outside:
-                self.refuse(where, "RoPE intermediate %s has another user %s", n.name, outside[0].name)
-                return None
+            for u in n.users:
+                if u not in cone:
+                    self.refuse(where, "RoPE intermediate %s has another user %s", n.name, u.name)
+                    return None
         for u in q_rot.users:
             if u is not copy and u is not ss and u not in cone:
                 pass  # rewired to the rotated slice of q
