@@ -70,7 +70,7 @@ def run_case(pm=None, *, T=5, num_layers=2, inductor=False, functionalized_v2=Fa
 
 
 def dequant_cache(cache: torch.Tensor, state) -> torch.Tensor:
-    slots = torch.arange(cache.shape[0] * cache.shape[1])
+    slots = torch.arange(cache.shape[0] * cache.shape[1], device=cache.device)
     return gather_cache_rows(cache, slots, state.kv_cache_dtype, state.k_scale, dtype=torch.float32)
 
 
