@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CaseResult, assert_close_case, make_pm
+from conftest import dequant_cache, make_pm
 from mla_passes.kernels import fused_decode_prep, gather_cache_rows, resolve_backend
 from mla_passes.layers import MLALayerState, local_layers
 from mla_passes.models import build_decode_stack, set_step
@@ -23,20 +23,32 @@ pytestmark = [
 ]
 
 
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
 @pytest.mark.parametrize("H", [16, 128])
 @pytest.mark.parametrize("kv_cache_dtype,q_fp8", [("auto", False), ("fp8", True)])
 @pytest.mark.parametrize("form", ["raw", "fused_rope"])
 def test_inductor_on_cuda_matches_eager(H, kv_cache_dtype, q_fp8, form):
-    """Fusion on CUDA (Triton backend through 'auto') inside Inductor equals eager, output and caches."""
+    """Fusion on CUDA (Triton backend through 'auto') inside Inductor equals eager.
+
+    Layer 0 sees the same inputs on both sides: its cache rows must agree to one
+    fp8 step (bf16 rounding for an 'auto' cache). Layer 1 inherits layer 0's
+    rounding differences (the Triton kernel's fp32 accumulation order and
+    reciprocal-scale quant vs the stand-ins' torch math), so it and the stack
+    output are held to relative L2 errors."""
     assert resolve_backend("auto", "cuda") in ("triton", "aiter")
     st = build_decode_stack(2, H=H, hidden=256, kv_cache_dtype=kv_cache_dtype, q_fp8=q_fp8, form=form,
                             num_blocks=16, block_size=16, device="cuda")
     pm = make_pm()
     b = TestBackend(pm, inductor=True)
     compiled = torch.compile(st.module, backend=b, fullgraph=True)
-    for T in (8, 8, 8):  # the second and third calls reuse the compiled graph with new inputs
-        pos, h = st.make_inputs(T, seed=T + len(b.graphs_after), device="cuda")
-        set_step(st, T, seed=int(pos[0]))
+    first, second = st.states.values()
+    for i in range(3):  # later calls reuse the compiled graph with new inputs and slots
+        T = 8
+        pos, h = st.make_inputs(T, seed=10 + i, device="cuda")
+        set_step(st, T, seed=20 + i)
         snap = st.snapshot_caches()
         with torch.no_grad():
             eager = st.module(pos, h)
@@ -45,7 +57,24 @@ def test_inductor_on_cuda_matches_eager(H, kv_cache_dtype, q_fp8, form):
         with torch.no_grad():
             out = compiled(pos, h)
         torch.cuda.synchronize()
-        assert_close_case(CaseResult(st, b, pm, eager, out, eager_caches, st.snapshot_caches()))
+        caches = st.snapshot_caches()
+        got0 = dequant_cache(caches[next(iter(st.states))], first)
+        ref0 = dequant_cache(eager_caches[next(iter(st.states))], first)
+        if kv_cache_dtype == "auto":
+            torch.testing.assert_close(got0, ref0, atol=3e-2, rtol=2e-2)
+        else:
+            ks = first.k_scale
+            assert _within_one_fp8_step(got0 / ks, ref0 / ks, torch.float8_e4m3fn), f"call {i}: layer 0 cache"
+        name1 = list(st.states)[1]
+        assert _rel_l2(dequant_cache(caches[name1], second), dequant_cache(eager_caches[name1], second)) < 0.05
+        assert _rel_l2(out, eager) < 0.03, f"call {i}: stack output"
+        # rows outside this step's slot mapping are untouched in every layer
+        for name, state in st.states.items():
+            n = state.kv_cache.shape[0] * state.kv_cache.shape[1]
+            untouched = torch.ones(n, dtype=torch.bool, device="cuda")
+            untouched[state.slot_mapping[state.slot_mapping >= 0].long()] = False
+            flat = lambda c: c.view(n, -1).view(torch.uint8)[untouched]  # noqa: E731
+            assert torch.equal(flat(caches[name]), flat(snap[name])), f"call {i}: {name} wrote outside its slots"
     assert pm.matched_counts["mla_qk_rope_kvcache_fusion"] == 2
     assert b.count_after("mla_passes.mla_fused_decode_prep") == 2
 
