@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything this repo asks of a GPU, for one or two device calls:
-#   tools/gpu_check.sh tests   - the GPU pytest tests
+#   tools/gpu_check.sh tests   - the GPU pytest tests (kernel, and the passes on CUDA)
 #   tools/gpu_check.sh bench   - variant cross-check + `mla-passes bench` (+ config sweep)
 #   tools/gpu_check.sh all     - both
 # Logs and JSON go under $OUT (the device tool's result folder) or ./gpu_out.
@@ -21,6 +21,16 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout ${TEST_TIMEOUT:-540} python3 -m pytest -q -m gpu -p no:cacheprovider --noconftest -rfE --durations=15 tests/test_triton_kernel.py \
     --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1 || rc=1
   tail -n 40 "$OUT/gpu_tests.log"
+  echo "== GPU pass tests (Inductor on CUDA, CUDA-graph replay of the fused op)"
+  # mla_passes.patterns / mla_passes.tools live in patterns/ and tools/: stage the
+  # installed layout (no pip there) and run from outside the repo so it is the one imported.
+  pkg=$(mktemp -d) && cp -r mla_passes "$pkg/" && cp -r patterns "$pkg/mla_passes/patterns" \
+    && cp -r tools "$pkg/mla_passes/tools"
+  repo=$PWD
+  (cd "$(mktemp -d)" && PYTHONPATH=$pkg timeout ${TEST_TIMEOUT:-540} python3 -m pytest -q -p no:cacheprovider -rfE \
+    --rootdir="$repo" -c "$repo/pyproject.toml" "$repo/tests/test_gpu_passes.py" \
+    >"$OUT/gpu_pass_tests.log" 2>&1) || rc=1
+  grep -v DEBUG "$OUT/gpu_pass_tests.log" | tail -n 20
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   echo "== variant cross-check (bf16, fp8 cache, fp8 q)"
