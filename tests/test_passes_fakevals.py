@@ -81,21 +81,3 @@ def test_inserted_vals_own_storage_and_real_views():
     for n in views:
         v, src = n.meta["val"], _fx.val(_fx.view_source(n))
         assert v._is_view() and v.untyped_storage()._cdata == src.untyped_storage()._cdata
-
-
-@pytest.mark.parametrize("dynamic", [False, True])
-@pytest.mark.parametrize("op,args", [
-    (torch.ops.aten.unsqueeze.default, (1,)),
-    (torch.ops.aten.squeeze.dim, (1,)),
-])
-def test_meta_view_fake_equals_dispatched_view(dynamic, op, args):
-    """A view's fake built from its meta kernel must equal the dispatched one: a real view of its base."""
-    mode = FakeTensorMode(shape_env=ShapeEnv())
-    x = _fake(mode, (8, 1, 192), torch.bfloat16, "x", dynamic)
-    got = _fx.meta_view_fake(mode, op, x, *args)
-    with mode:
-        want = op(x, *args)
-    _same(got, want)
-    assert got._is_view() and got._base is x
-    assert got.untyped_storage()._cdata == x.untyped_storage()._cdata
-    assert got._version == x._version

@@ -258,42 +258,6 @@ def fresh_fake(mode, like: torch.Tensor, shape, dtype) -> torch.Tensor:
     return mode.fake_tensor_converter.from_meta_and_device(mode, meta, like.device)
 
 
-# View ops whose fake a new node gets from its meta kernel through
-# :class:`_MetaViewMode` instead of the fake mode's dispatch (not ``slice``:
-# the fake mode runs a Python meta for it, its C++ kernel fails on SymInts).
-_META_VIEWS = frozenset({aten.unsqueeze.default, aten.squeeze.dim})
-
-
-class _MetaViewMode(torch.utils._python_dispatch.TorchDispatchMode):
-    """Computes a view op on ``fake_mode``'s tensors the way the mode does on a
-    cache miss (meta kernel under ``in_kernel_invocation_manager``, output
-    wrapped as a fake of the input's device), without its ~0.1 ms cache-key
-    and cache-entry work. The op still runs through the dispatcher, so the
-    ADInplaceOrView layer makes the result a real view of its base (same
-    storage, ``_is_view()``, ``_base``, shared version counter). Anything else
-    dispatched meanwhile (``prim.device``) goes to the fake mode."""
-
-    def __init__(self, fake_mode, op, device):
-        super().__init__()
-        self.fake_mode, self.op, self.device = fake_mode, op, device
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is not self.op:
-            return self.fake_mode.dispatch(func, types, args, kwargs or {})
-        from torch._subclasses.fake_tensor import in_kernel_invocation_manager
-
-        with in_kernel_invocation_manager(self.fake_mode):
-            r = func(*args, **(kwargs or {}))
-        return self.fake_mode.fake_tensor_converter.from_meta_and_device(self.fake_mode, r, self.device)
-
-
-def meta_view_fake(mode, target, x: torch.Tensor, *args) -> torch.Tensor:
-    """``target(x, *args)`` (a view op of :data:`_META_VIEWS`) on fake ``x``
-    of ``mode``: what the mode's dispatch gives, a real view of ``x``."""
-    with _MetaViewMode(mode, target, x.device):
-        return target(x, *args)
-
-
 _FAKE: dict = {}
 _FRESH: dict = {}
 
@@ -318,10 +282,6 @@ def call(graph: Graph, target, args, kwargs=None, *, fake_mode=None) -> Node:
         if isinstance(like, FakeTensor) and like.fake_mode is mode:
             node.meta["val"] = fresh_fake(mode, like, shape, dtype)
             return node
-    if (target in _META_VIEWS and mode is not None and not fk and isinstance(fa[0], FakeTensor)
-            and fa[0].fake_mode is mode and fa[0].constant is None and not mode.propagate_real_tensors):
-        node.meta["val"] = meta_view_fake(mode, target, *fa)
-        return node
     fn = _FAKE.get(target, target)
     if mode is not None:
         with mode:
