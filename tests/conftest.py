@@ -44,6 +44,19 @@ def make_pm(fuse=True, max_num_seqs=256, **cfg):
     return MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=fuse, **cfg), max_num_seqs=max_num_seqs)
 
 
+def run_both(st, compiled, pos, h):
+    """Run the stack eagerly, then ``compiled``, from the same cache contents.
+    Returns (eager output, caches after eager, compiled output, caches before)."""
+    snap = st.snapshot_caches()
+    with torch.no_grad():
+        eager = st.module(pos, h)
+    eager_caches = st.snapshot_caches()
+    st.restore_caches(snap)
+    with torch.no_grad():
+        out = compiled(pos, h)
+    return eager, eager_caches, out, snap
+
+
 def run_case(pm=None, *, T=5, num_layers=2, inductor=False, functionalized_v2=False, num_decode_tokens=None,
              dynamic=False, run_T=None, step_seed=1, stack=None, pad_every=3, **stack_kw) -> CaseResult:
     """Build (or reuse) a stack, run it eagerly and compiled with ``pm`` on the
@@ -57,13 +70,7 @@ def run_case(pm=None, *, T=5, num_layers=2, inductor=False, functionalized_v2=Fa
     for t in ([T] if run_T is None else run_T):
         pos, h = st.make_inputs(t, seed=100 + t)
         set_step(st, t, num_decode_tokens=num_decode_tokens, seed=step_seed + t, pad_every=pad_every)
-        snap = st.snapshot_caches()
-        with torch.no_grad():
-            eager = st.module(pos, h)
-        eager_caches = st.snapshot_caches()
-        st.restore_caches(snap)
-        with torch.no_grad():
-            out = compiled(pos, h)
+        eager, eager_caches, out, _ = run_both(st, compiled, pos, h)
         res = CaseResult(st, b, pm, eager, out, eager_caches, st.snapshot_caches())
         assert_close_case(res)
     return res

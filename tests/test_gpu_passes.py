@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import dequant_cache, make_pm
+from conftest import dequant_cache, make_pm, run_both
 from mla_passes.kernels import fused_decode_prep, gather_cache_rows, resolve_backend
 from mla_passes.layers import MLALayerState, local_layers
 from mla_passes.models import build_decode_stack, set_step
@@ -49,13 +49,7 @@ def test_inductor_on_cuda_matches_eager(H, kv_cache_dtype, q_fp8, form):
         T = 8
         pos, h = st.make_inputs(T, seed=10 + i, device="cuda")
         set_step(st, T, seed=20 + i)
-        snap = st.snapshot_caches()
-        with torch.no_grad():
-            eager = st.module(pos, h)
-        eager_caches = st.snapshot_caches()
-        st.restore_caches(snap)
-        with torch.no_grad():
-            out = compiled(pos, h)
+        eager, eager_caches, out, snap = run_both(st, compiled, pos, h)
         torch.cuda.synchronize()
         caches = st.snapshot_caches()
         got0 = dequant_cache(caches[next(iter(st.states))], first)

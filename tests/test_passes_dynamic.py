@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import CaseResult, assert_close_case, make_pm
+from conftest import CaseResult, assert_close_case, make_pm, run_both
 from mla_passes import compile_range
 from mla_passes.models import build_decode_stack, set_step
 from mla_passes.pass_manager import TokenRange
@@ -25,13 +25,7 @@ def test_one_graph_all_token_counts():
                 mark_unbacked(pos, 0)
                 mark_unbacked(h, 0)
             set_step(st, T, num_decode_tokens=None if T != 7 else 4, seed=T)
-            snap = st.snapshot_caches()
-            with torch.no_grad():
-                eager = st.module(pos, h)
-            ref_caches = st.snapshot_caches()
-            st.restore_caches(snap)
-            with torch.no_grad():
-                out = compiled(pos, h)
+            eager, ref_caches, out, _ = run_both(st, compiled, pos, h)
             assert_close_case(CaseResult(st, b, pm, eager, out, ref_caches, st.snapshot_caches()))
     assert len(b.graphs_after) == 1, "one graph served every token count"
     assert b.matched[0]["mla_qk_rope_kvcache_fusion"] == 2
