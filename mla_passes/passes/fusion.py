@@ -161,7 +161,8 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         return count
 
     # --- planning ----------------------------------------------------------------
-    def _common(self, attn: _fx.OpCall, ln, where, kv_c, q):
+    def _common(self, attn: _fx.OpCall, ln, where, kv_c, kv_cache_dtype):
+        """Checks both graph forms share; the layer's state, or None (refused)."""
         why = check_attention(self, attn)
         if why:
             self.refuse(where, why)
@@ -170,7 +171,8 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             self.refuse(where, "the attention reads another kv_c than the cache update writes")
             return None
         state = layer_state_for(self, ln, where)
-        if state is None:
+        if state is not None and kv_cache_dtype != state.kv_cache_dtype:
+            self.refuse(where, "graph kv_cache_dtype %r != layer state's %r", kv_cache_dtype, state.kv_cache_dtype)
             return None
         return state
 
@@ -212,12 +214,8 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         from ..patterns import rope
 
         kv_c, k_rot = up.arg("kv_c_normed"), up.arg("k_pe")
-        state = self._common(attn, ln, where, kv_c, attn.arg("q"))
+        state = self._common(attn, ln, where, kv_c, up.arg("kv_cache_dtype"))
         if state is None:
-            return None
-        if up.arg("kv_cache_dtype") != state.kv_cache_dtype:
-            self.refuse(where, "graph kv_cache_dtype %r != layer state's %r", up.arg("kv_cache_dtype"),
-                        state.kv_cache_dtype)
             return None
         if attn.arg("k_pe") is not k_rot:
             self.refuse(where, "the attention reads another k_pe than the cache update writes")
@@ -235,8 +233,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         if q_rot is None:
             self.refuse(where, "q slice_scatter source is not a copy into q[..., P:]")
             return None
-        if len(ss.users) != 1:
-            pass  # other users of the rotated q are rewired to q
+        # other users of the rotated q (and of q_rot) are rewired to q after the fused op
         cone = rope.private_cone([q_rot, k_rot], {up.node, attn.node})
         if cone is None:
             self.refuse(where, "no RoPE subgraph")
@@ -249,9 +246,6 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                 if u not in cone:
                     self.refuse(where, "RoPE intermediate %s has another user %s", n.name, u.name)
                     return None
-        for u in q_rot.users:
-            if u is not copy and u is not ss and u not in cone:
-                pass  # rewired to the rotated slice of q
         q_root = _fx.root_of(base)
         m = rope.extract(cone, q_root, R, order)
         if m is None:
@@ -273,12 +267,8 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             self.refuse(where, "fused-rope op in %s form (only auto_functionalized v1 is handled)", up.form)
             return None
         kv_c = up.arg("kv_c")
-        state = self._common(attn, ln, where, kv_c, attn.arg("q"))
+        state = self._common(attn, ln, where, kv_c, up.arg("kv_cache_dtype"))
         if state is None:
-            return None
-        if up.arg("kv_cache_dtype") != state.kv_cache_dtype:
-            self.refuse(where, "graph kv_cache_dtype %r != layer state's %r", up.arg("kv_cache_dtype"),
-                        state.kv_cache_dtype)
             return None
         q_pe, k_in = up.arg("q_pe"), up.arg("k_pe")
         R = int(_fx.val(k_in).shape[-1])
