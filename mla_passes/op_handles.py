@@ -1,11 +1,17 @@
 """The one place the passes get the op overloads they match.
 
-Every pass asks :func:`op_handles` for the MLA attention, cache-update,
-fused-rope and rotary-embedding overloads. The stand-ins of
-:mod:`mla_passes.standins` are always in the sets; vLLM's own ops are added
-when vLLM has registered them in this process. vLLM is never imported here
-(that costs seconds): a graph can only hold vLLM's ops once vLLM is loaded,
-so looking them up in the dispatcher is enough.
+Every pass asks :func:`op_handles` for the overloads that play three roles:
+the MLA attention, the KV-cache update and vLLM's fused RoPE + cache update.
+vLLM's own ops fill the roles once vLLM has registered them in this process;
+vLLM is never imported here (that costs seconds): a graph can only hold
+vLLM's ops once vLLM is loaded, so looking them up in the dispatcher is
+enough.
+
+Graphs built without vLLM (tests, the demo, the benchmarks) use ops with
+vLLM's schemas from :mod:`mla_passes.testing.standins`; that module adds them
+to the roles with :func:`register_role` when it is imported. Runtime code
+never imports it, so a vLLM process only ever sees ``mla_passes::`` ops of
+ours.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import standins
+ROLES = ("attention", "kv_cache_update", "fused_rope")
 
 
 @dataclass(frozen=True)
@@ -25,7 +31,6 @@ class MLAOpHandles:
     attention: frozenset
     kv_cache_update: frozenset
     fused_rope: frozenset
-    rotary_embedding: frozenset
 
     @property
     def vllm_loaded(self) -> bool:
@@ -36,16 +41,22 @@ _VLLM_OPS = {
     "attention": ("vllm", "unified_mla_attention_with_output"),
     "kv_cache_update": ("vllm", "unified_mla_kv_cache_update"),
     "fused_rope": ("vllm", "fused_rope_unified_mla_kv_cache_update"),
-    "rotary_embedding": ("_C", "rotary_embedding"),
 }
-_STANDINS = {
-    "attention": (standins.attention_with_output,),
-    "kv_cache_update": (standins.kv_cache_update,),
-    "fused_rope": (standins.fused_rope_kv_cache_update,),
-    "rotary_embedding": (),
-}
-
+_registered: dict[str, set] = {role: set() for role in ROLES}
 _cache: dict[bool, MLAOpHandles] = {}
+
+
+def register_role(role: str, overload: torch._ops.OpOverload) -> None:
+    """Have the passes treat ``overload`` as playing ``role`` (one of
+    :data:`ROLES`), next to vLLM's op for it. The overload must have the
+    schema of vLLM's op for that role. Idempotent."""
+    if role not in _registered:
+        raise ValueError(f"register_role: argument 'role' must be one of {ROLES}, got {role!r}")
+    if not isinstance(overload, torch._ops.OpOverload):
+        raise TypeError(f"register_role: argument 'overload' must be an OpOverload, got {type(overload).__name__}")
+    if overload not in _registered[role]:
+        _registered[role].add(overload)
+        _cache.clear()
 
 
 def _lookup(namespace: str, name: str):
@@ -57,15 +68,15 @@ def _lookup(namespace: str, name: str):
 
 
 def op_handles() -> MLAOpHandles:
-    """The overloads to match now (stand-ins, plus vLLM's once vLLM is loaded)."""
+    """The overloads to match now (registered roles, plus vLLM's once vLLM is loaded)."""
     key = "vllm" in sys.modules
     cached = _cache.get(key)
     if cached is not None:
         return cached
     sets = {}
     complete = True
-    for role, ops in _STANDINS.items():
-        found = set(ops)
+    for role in ROLES:
+        found = set(_registered[role])
         if key:
             op = _lookup(*_VLLM_OPS[role])
             if op is None:
@@ -82,5 +93,4 @@ def op_handles() -> MLAOpHandles:
 def describe() -> list[str]:
     """Printable names of the matched overloads (for logs, uuid and tools)."""
     h = op_handles()
-    return sorted(f"{role}:{op}" for role in ("attention", "kv_cache_update", "fused_rope", "rotary_embedding")
-                  for op in getattr(h, role))
+    return sorted(f"{role}:{op}" for role in ROLES for op in getattr(h, role))

@@ -11,9 +11,9 @@ import torch
 from mla_passes import MLAPassManager, PassConfig
 from mla_passes.kernels import gather_cache_rows
 from mla_passes.layers import local_layers
-from mla_passes.models import build_decode_stack, set_step
+from mla_passes.testing.models import build_decode_stack, set_step
 from mla_passes.testing import fp8_step
-from mla_passes.testing_backend import TestBackend
+from mla_passes.testing.backend import TestBackend
 
 
 @pytest.fixture

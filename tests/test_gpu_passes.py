@@ -12,10 +12,10 @@ import torch
 from conftest import dequant_cache, make_pm, run_both
 from mla_passes.kernels import fused_decode_prep, gather_cache_rows, resolve_backend
 from mla_passes.layers import MLALayerState, local_layers
-from mla_passes.models import build_decode_stack, set_step
+from mla_passes.testing.models import build_decode_stack, set_step
 from mla_passes.ops import LayerName
 from mla_passes.testing import fp8_step, make_case
-from mla_passes.testing_backend import TestBackend
+from mla_passes.testing.backend import TestBackend
 
 pytestmark = [
     pytest.mark.gpu,

@@ -127,3 +127,38 @@ def test_fused_op_slot_mapping_longer_or_shorter_than_T(layer, extra):
                                     case.is_neox, ln, torch.float8_e4m3fn, "reference")
     assert torch.equal(state.kv_cache.view(torch.uint8), expect.kv_cache.view(torch.uint8))
     assert torch.equal(out.view(torch.uint8), expect.q_out.view(torch.uint8))
+
+
+_REGISTERED_OPS_PROBE = """
+import sys, torch
+import {module}
+ours = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mla_passes")]
+from mla_passes.op_handles import describe
+print(sorted(ours)); print(describe())
+print(sorted(m for m in sys.modules if m.startswith("mla_passes.testing")))
+"""
+
+
+@pytest.mark.parametrize("module", ["mla_passes", "mla_passes.vllm_plugin"])
+def test_import_registers_only_our_ops(module):
+    """`import mla_passes` used to register the mla_passes_standin test ops in every vLLM process."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _REGISTERED_OPS_PROBE.format(module=module)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+    ours, roles, testing_modules = eval(out[0]), eval(out[1]), eval(out[2])
+    assert ours == sorted(f"mla_passes::{n}" for n in
+                          ("mla_attention_with_prepped_q", "mla_decode_q_prep", "mla_fused_decode_prep"))
+    assert roles == [] and testing_modules == []
+
+
+def test_standins_register_their_roles():
+    """Importing the stand-ins is what puts them into the overload sets the passes match."""
+    from mla_passes.op_handles import op_handles
+    from mla_passes.testing import standins
+
+    h = op_handles()
+    assert standins.attention_with_output in h.attention
+    assert standins.kv_cache_update in h.kv_cache_update
+    assert standins.fused_rope_kv_cache_update in h.fused_rope

@@ -6,9 +6,9 @@ import torch
 
 from conftest import CaseResult, assert_close_case, make_pm, run_both
 from mla_passes import compile_range
-from mla_passes.models import build_decode_stack, set_step
+from mla_passes.testing.models import build_decode_stack, set_step
 from mla_passes.pass_manager import TokenRange
-from mla_passes.testing_backend import TestBackend
+from mla_passes.testing.backend import TestBackend
 from torch._dynamo.decorators import mark_unbacked
 
 

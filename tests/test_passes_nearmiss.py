@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from conftest import make_pm, run_case
-from mla_passes import standins
-from mla_passes.models import MLADecodeStack, build_decode_stack, _rope_native
+from mla_passes.testing import standins
+from mla_passes.testing.models import MLADecodeStack, build_decode_stack, _rope_native
 from mla_passes.ops import LayerName
 
 
@@ -127,7 +127,7 @@ def test_non_mla_attention_untouched():
                                                                     k.transpose(0, 1))
 
     from mla_passes.testing import make_cos_sin_cache
-    from mla_passes.testing_backend import TestBackend
+    from mla_passes.testing.backend import TestBackend
 
     pm = make_pm()
     b = TestBackend(pm, inductor=False)

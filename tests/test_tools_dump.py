@@ -14,7 +14,7 @@ from mla_passes.tools.graphdiff import collect_graph_files, compare_paths
 SCRIPT = textwrap.dedent('''
     import sys
     import torch
-    from mla_passes.models import build_decode_stack, set_step
+    from mla_passes.testing.models import build_decode_stack, set_step
 
     T = int(sys.argv[1])
     stack = build_decode_stack(num_layers=1, H=2, kv_cache_dtype="fp8", q_fp8=True,

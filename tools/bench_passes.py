@@ -25,7 +25,7 @@ def capture_graph(num_layers: int, *, H: int, T: int, form: str) -> torch.fx.Gra
     from torch._inductor.decomposition import select_decomp_table
     from torch._inductor.fx_passes.post_grad import remove_noop_ops
 
-    from mla_passes.models import build_decode_stack
+    from mla_passes.testing.models import build_decode_stack
 
     stack = build_decode_stack(num_layers, H=H, hidden=64, form=form, num_blocks=2, block_size=16)
     captured = []
@@ -40,7 +40,7 @@ def capture_graph(num_layers: int, *, H: int, T: int, form: str) -> torch.fx.Gra
         compiled = torch.compile(stack.module, fullgraph=True,
                                  backend=aot_autograd(fw_compiler=fw, decompositions=select_decomp_table()))
         pos, h = stack.make_inputs(T)
-        from mla_passes.models import set_step
+        from mla_passes.testing.models import set_step
 
         set_step(stack, T)
         with torch.no_grad():

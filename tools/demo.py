@@ -3,7 +3,7 @@
 Builds a decode stack with DeepSeek-V3 head dims (``P=128, L=512, R=64,
 V=128``; fewer heads and a small hidden size so it runs in seconds), an fp8
 (``uint8``) KV cache and an fp8 attention q, from the stand-in vLLM ops
-(:mod:`mla_passes.models`). Compiles it with Inductor twice - passes off, then
+(:mod:`mla_passes.testing.models`). Compiles it with Inductor twice - passes off, then
 passes on (:class:`~mla_passes.MLAPassManager` as the post-grad custom pass) -
 each under ``depyf.prepare_debug`` so both dumps can be compared with
 ``mla-passes diff``. Runs both on the same fresh random inputs (not the ones
@@ -98,7 +98,7 @@ class _AttentionProbe:
 
     @contextlib.contextmanager
     def installed(self):
-        from mla_passes import standins
+        from mla_passes.testing import standins
 
         original = standins.standin_attention
 
@@ -242,8 +242,8 @@ def _run_once(stack, *, passes_on: bool, dump_dir: str | None, tokens: int, seed
               snapshot: dict):
     import torch
 
-    from mla_passes.models import set_step
-    from mla_passes.testing_backend import TestBackend
+    from mla_passes.testing.models import set_step
+    from mla_passes.testing.backend import TestBackend
 
     from .dump import dumping
 
@@ -279,7 +279,7 @@ def _run_once(stack, *, passes_on: bool, dump_dir: str | None, tokens: int, seed
 
 def run_demo(*, layers: int, heads: int, tokens: int, seed: int = 0, out: str | None = None,
              dump: bool = True, backend: str = "auto") -> DemoResult:
-    from mla_passes.models import build_decode_stack
+    from mla_passes.testing.models import build_decode_stack
 
     t0 = time.time()
     cfg = dict(layers=layers, heads=heads, tokens=tokens, P=128, L=512, R=64, V=128, hidden=256,
@@ -306,7 +306,7 @@ def run_demo(*, layers: int, heads: int, tokens: int, seed: int = 0, out: str | 
         # the eager module, same step, for the scale of compile-only rounding
         import torch
 
-        from mla_passes.models import set_step
+        from mla_passes.testing.models import set_step
 
         stack.restore_caches(snapshot)
         set_step(stack, tokens, seed=seed + 1)

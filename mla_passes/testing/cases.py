@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kernels.fp8 import fp8_max, platform_fp8_dtype
+from ..kernels.fp8 import fp8_max, platform_fp8_dtype
 
 POISON = 7.0  # what untouched cache rows / q_out margins hold (dequantized)
 

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..layers import local_layers
+from ..ops import LayerName
 from . import standins
-from .layers import local_layers
-from .ops import LayerName
-from .testing import make_cos_sin_cache
+from .cases import make_cos_sin_cache
 
 # DeepSeek-V3 attention dims
 DSV3 = dict(H=128, P=128, L=512, R=64, V=128, hidden=7168, q_lora=1536)

@@ -6,8 +6,9 @@ The passes match vLLM's ``vllm::unified_mla_kv_cache_update``,
 benchmarks need the same graph forms (DESIGN §3) on a machine without vLLM,
 and need them to compute real numbers, so this module defines ops with the
 same schemas (vLLM 0.32/0.33) under the ``mla_passes_standin`` namespace.
-:mod:`mla_passes.op_handles` puts them into the set of ops every pass
-matches, next to vLLM's own when vLLM is loaded.
+Importing this module registers them and adds them to the roles of
+:mod:`mla_passes.op_handles` (:func:`mla_passes.op_handles.register_role`), so
+every pass matches them next to vLLM's own. Runtime code never imports it.
 
 Semantics (reference math; layer state through :mod:`mla_passes.layers`):
 
@@ -36,11 +37,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import gather_cache_rows
-from .kernels.fp8 import as_fp8_cache, is_fp8_kv_cache, quantize_fp8
-from .kernels.reference import absorb_q_nope, cos_sin_for, finish_q, rope_fp32
-from .layers import MLALayerState, layer_name_str, local_layers, resolve_layer
-from .ops import _LN  # the schema name of our opaque LayerName type
+from .. import op_handles
+from ..kernels import gather_cache_rows
+from ..kernels.fp8 import as_fp8_cache, is_fp8_kv_cache, platform_fp8_dtype, quantize_fp8
+from ..kernels.reference import absorb_q_nope, cos_sin_for, finish_q, rope_fp32
+from ..layers import MLALayerState, layer_name_str, local_layers, resolve_layer
+from ..ops import _LN  # the schema name of our opaque LayerName type
 
 NAMESPACE = "mla_passes_standin"
 
@@ -205,6 +207,10 @@ kv_cache_update = torch.ops.mla_passes_standin.unified_mla_kv_cache_update.defau
 attention_with_output = torch.ops.mla_passes_standin.unified_mla_attention_with_output.default
 fused_rope_kv_cache_update = torch.ops.mla_passes_standin.fused_rope_unified_mla_kv_cache_update.default
 
+op_handles.register_role("attention", attention_with_output)
+op_handles.register_role("kv_cache_update", kv_cache_update)
+op_handles.register_role("fused_rope", fused_rope_kv_cache_update)
+
 
 def make_standin_layer(
     name: str,
@@ -228,7 +234,7 @@ def make_standin_layer(
     The cache starts with random rows (so attention over ``context_slots``
     reads real data); set ``slot_mapping``/``context_slots``/
     ``num_decode_tokens`` per step (:meth:`set_step`-style, see
-    :func:`mla_passes.models.set_step`).
+    :func:`mla_passes.testing.models.set_step`).
     """
     g = generator or torch.Generator().manual_seed(hash(name) % (2**31))
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device)  # noqa: E731
@@ -236,7 +242,6 @@ def make_standin_layer(
     k_scale = torch.tensor([0.5 + torch.rand(1, generator=g).item()], dtype=torch.float32, device=device)
     init = rnd(num_blocks, block_size, D)
     if is_fp8_kv_cache(kv_cache_dtype):
-        from .kernels.fp8 import platform_fp8_dtype
         kv_cache = quantize_fp8(init, k_scale, platform_fp8_dtype(device)).view(torch.uint8)
     else:
         kv_cache = init.to(dtype)
