@@ -1,31 +1,39 @@
-"""The custom ops mla-passes puts into graphs, with their per-op knowledge.
+"""The custom ops mla-passes puts into graphs: one contract per op.
 
 * ``mla_passes::mla_decode_q_prep`` - the decode q-prep (q-absorb, q-concat,
   q-quant) that vLLM runs inside its opaque attention op, lifted into the
-  graph. Processes EVERY row of q (invariant 1, DESIGN §4.2).
+  graph (lift pass). Processes EVERY row of q (invariant 1, DESIGN §4.2).
 * ``mla_passes::mla_fused_decode_prep`` - QK-RoPE + KV-cache write + q-prep in
-  one op. Rotates ``q[..., P:]`` and ``k_pe`` in place, writes the layer's
-  cache, returns the prepped q.
+  one op (fusion pass). Rotates ``q[..., P:]`` and ``k_pe`` in place, writes
+  the layer's cache, returns the prepped q.
 * ``mla_passes::mla_attention_with_prepped_q`` - the layer's attention with
-  the decode rows' q already prepped.
+  the decode rows' q already prepped (both passes).
+
+Each op is defined once, in one block below: its schema (argument names,
+order and the ``Tensor(a!)`` marks of what it writes), the mutated arguments
+(checked against the schema at import), the fake impl and the real impl,
+registered through :func:`define_op`. The passes call the ops in place
+(defunctionalized) and learn what an op writes from its schema's
+``alias_info`` (DESIGN §4.5).
 
 ``layer_name`` is an opaque :class:`LayerName` graph input (as vLLM passes it
 on torch >= 2.11); everything else about the layer is looked up at run time
 through :mod:`mla_passes.layers`. The static facts a fake impl needs for an
 exact output shape and dtype (``kv_lora_rank``, ``qk_rope_head_dim``,
-``out_dtype``) are op
-arguments, so fake and real impls agree without any global state.
-
-:data:`OP_SPECS` is the one table of what each op mutates; the passes read it
-to call the ops in place (defunctionalized) rather than through
-``auto_functionalized``.
+``out_dtype``) are op arguments, so fake and real impls agree without any
+global state.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
+
+# torch 2.13 has no public API for opaque types (``OpaqueBase``,
+# ``register_opaque_type`` and the schema name of a registered type live only
+# under ``torch._opaque_base`` / ``torch._library``). This block is the one
+# place mla-passes touches them.
 from torch._library.opaque_object import get_opaque_type_name, register_opaque_type
 from torch._opaque_base import OpaqueBase
 
@@ -56,48 +64,34 @@ class LayerName(OpaqueBase):
 
 
 register_opaque_type(LayerName, typ="value", hoist=True)
-_LN = get_opaque_type_name(LayerName)
+LAYER_NAME_TYPE = get_opaque_type_name(LayerName)
+"""How :class:`LayerName` is spelled in an op schema."""
+
+NAMESPACE = "mla_passes"
+_lib = torch.library.Library(NAMESPACE, "DEF")
 
 
-@dataclass(frozen=True)
-class OpSpec:
-    """Schema and aliasing facts of one op; ``mutates`` lists the arguments
-    written in place (besides hidden state such as the KV cache)."""
+def define_op(lib: torch.library.Library, name: str, schema: str, *, mutates: Iterable[str],
+              impl: Callable, fake: Callable) -> torch._ops.OpOverload:
+    """Define ``lib.ns::name`` with ``schema``, its real impl (every device)
+    and its fake impl, through the public ``torch.library`` API; ``mutates``
+    must name exactly the arguments the schema marks as written.
 
-    name: str
-    schema: str
-    mutates: tuple[str, ...] = ()
-
-    @property
-    def overload(self) -> torch._ops.OpOverload:
-        return getattr(torch.ops.mla_passes, self.name).default
-
-
-OP_SPECS: dict[str, OpSpec] = {
-    spec.name: spec
-    for spec in (
-        OpSpec(
-            "mla_decode_q_prep",
-            f"(Tensor q, {_LN} layer_name, int kv_lora_rank, int qk_rope_head_dim, ScalarType out_dtype) -> Tensor",
-        ),
-        OpSpec(
-            "mla_fused_decode_prep",
-            f"(Tensor(a!) q, Tensor kv_c, Tensor(b!) k_pe, Tensor positions, Tensor cos_sin_cache, "
-            f"bool is_neox, {_LN} layer_name, ScalarType out_dtype, str backend) -> Tensor",
-            mutates=("q", "k_pe"),
-        ),
-        OpSpec(
-            "mla_attention_with_prepped_q",
-            f"(Tensor q, Tensor q_prepped, Tensor kv_c_normed, Tensor k_pe, Tensor(a!) output, "
-            f"{_LN} layer_name, Tensor? kv_cache_dummy_dep=None) -> ()",
-            mutates=("output",),
-        ),
-    )
-}
-
-_lib = torch.library.Library("mla_passes", "DEF")
-for _spec in OP_SPECS.values():
-    _lib.define(_spec.name + _spec.schema)
+    Not ``torch.library.custom_op``: its Python autograd and
+    ADInplaceOrView wrappers cost about 10 us per call more than a plain
+    ``define``/``impl`` (measured on the CPU dev machine, trivial op, under
+    ``inference_mode``), and these ops run once per layer per decode step
+    outside CUDA graphs on CPU. vLLM registers its own ops the same way.
+    """
+    qualname = f"{lib.ns}::{name}"
+    torch.library.define(qualname, schema, lib=lib)
+    overload = getattr(getattr(torch.ops, lib.ns), name).default
+    written = {a.name for a in overload._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    if written != set(mutates):
+        raise AssertionError(f"{qualname}: mutates={sorted(mutates)} but the schema writes {sorted(written)}")
+    torch.library.impl(qualname, "CompositeExplicitAutograd", impl, lib=lib)
+    torch.library.register_fake(qualname, fake, lib=lib)
+    return overload
 
 
 def _check_out_dtype(op: str, out_dtype: torch.dtype, state, q: torch.Tensor, layer_name) -> None:
@@ -137,6 +131,13 @@ def _decode_q_prep_impl(q, layer_name, kv_lora_rank, qk_rope_head_dim, out_dtype
     return q_out
 
 
+decode_q_prep_op = define_op(
+    _lib, "mla_decode_q_prep",
+    f"(Tensor q, {LAYER_NAME_TYPE} layer_name, int kv_lora_rank, int qk_rope_head_dim, ScalarType out_dtype) "
+    "-> Tensor",
+    mutates=(), impl=_decode_q_prep_impl, fake=_decode_q_prep_fake)
+
+
 # --- mla_fused_decode_prep ---------------------------------------------------
 
 def _fused_decode_prep_out_spec(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend):
@@ -172,6 +173,13 @@ def _fused_decode_prep_impl(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, la
     return q_out
 
 
+fused_decode_prep_op = define_op(
+    _lib, "mla_fused_decode_prep",
+    f"(Tensor(a!) q, Tensor kv_c, Tensor(b!) k_pe, Tensor positions, Tensor cos_sin_cache, "
+    f"bool is_neox, {LAYER_NAME_TYPE} layer_name, ScalarType out_dtype, str backend) -> Tensor",
+    mutates=("q", "k_pe"), impl=_fused_decode_prep_impl, fake=_fused_decode_prep_fake)
+
+
 # --- mla_attention_with_prepped_q --------------------------------------------
 
 def _attention_with_prepped_q_fake(q, q_prepped, kv_c_normed, k_pe, output, layer_name, kv_cache_dummy_dep=None):
@@ -188,10 +196,8 @@ def _attention_with_prepped_q_impl(q, q_prepped, kv_c_normed, k_pe, output, laye
     state.attention_with_prepped_q(q, q_prepped, kv_c_normed, k_pe, output)
 
 
-for _name, _impl, _fake in (
-    ("mla_decode_q_prep", _decode_q_prep_impl, _decode_q_prep_fake),
-    ("mla_fused_decode_prep", _fused_decode_prep_impl, _fused_decode_prep_fake),
-    ("mla_attention_with_prepped_q", _attention_with_prepped_q_impl, _attention_with_prepped_q_fake),
-):
-    _lib.impl(_name, _impl, "CompositeExplicitAutograd")
-    _lib._register_fake(_name, _fake)
+attention_with_prepped_q_op = define_op(
+    _lib, "mla_attention_with_prepped_q",
+    f"(Tensor q, Tensor q_prepped, Tensor kv_c_normed, Tensor k_pe, Tensor(a!) output, "
+    f"{LAYER_NAME_TYPE} layer_name, Tensor? kv_cache_dummy_dep=None) -> ()",
+    mutates=("output",), impl=_attention_with_prepped_q_impl, fake=_attention_with_prepped_q_fake)

@@ -42,26 +42,9 @@ from ..kernels import gather_cache_rows
 from ..kernels.fp8 import as_fp8_cache, is_fp8_kv_cache, platform_fp8_dtype, quantize_fp8
 from ..kernels.reference import absorb_q_nope, cos_sin_for, finish_q, rope_fp32
 from ..layers import MLALayerState, layer_name_str, local_layers, resolve_layer
-from ..ops import _LN  # the schema name of our opaque LayerName type
+from ..ops import LAYER_NAME_TYPE as _LN, define_op
 
 NAMESPACE = "mla_passes_standin"
-
-SCHEMAS = {
-    "unified_mla_kv_cache_update": (
-        f"(Tensor kv_c_normed, Tensor k_pe, {_LN} layer_name, str kv_cache_dtype, Tensor k_scale) -> Tensor"
-    ),
-    "unified_mla_attention_with_output": (
-        f"(Tensor q, Tensor kv_c_normed, Tensor k_pe, Tensor(a3!) output, {_LN} layer_name, "
-        "Tensor? output_scale=None, Tensor(a6!)? output_block_scale=None, Tensor? kv_cache_dummy_dep=None, "
-        "SymInt? quant_group_size=None, bool? quant_scale_ue8m0=None, bool? quant_col_major=None, "
-        "bool? quant_tma_aligned=None, Tensor? q_dcp_replicated=None) -> ()"
-    ),
-    "fused_rope_unified_mla_kv_cache_update": (
-        f"(Tensor positions, Tensor(a1!) q_pe, Tensor(a2!) k_pe, Tensor kv_c, Tensor cos_sin_cache, "
-        f"bool is_neox, str kv_cache_dtype, Tensor kv_cache_scale, {_LN} layer_name) -> Tensor"
-    ),
-}
-
 
 @dataclass
 class StandinMLALayer(MLALayerState):
@@ -193,15 +176,25 @@ def _fused_rope_fake(positions, q_pe, k_pe, kv_c, cos_sin_cache, is_neox, kv_cac
     return torch.empty(0, device=kv_c.device, dtype=kv_c.dtype)
 
 
+# Schemas as vLLM 0.32/0.33 defines them (argument names, order, defaults and
+# alias marks), so the passes see the same graph form.
 _lib = torch.library.Library(NAMESPACE, "DEF")
-for _name, _impl, _fake in (
-    ("unified_mla_kv_cache_update", _kv_cache_update_impl, _kv_cache_update_fake),
-    ("unified_mla_attention_with_output", _attention_impl, _attention_fake),
-    ("fused_rope_unified_mla_kv_cache_update", _fused_rope_impl, _fused_rope_fake),
-):
-    _lib.define(_name + SCHEMAS[_name])
-    _lib.impl(_name, _impl, "CompositeExplicitAutograd")
-    _lib._register_fake(_name, _fake)
+define_op(
+    _lib, "unified_mla_kv_cache_update",
+    f"(Tensor kv_c_normed, Tensor k_pe, {_LN} layer_name, str kv_cache_dtype, Tensor k_scale) -> Tensor",
+    mutates=(), impl=_kv_cache_update_impl, fake=_kv_cache_update_fake)
+define_op(
+    _lib, "unified_mla_attention_with_output",
+    f"(Tensor q, Tensor kv_c_normed, Tensor k_pe, Tensor(a3!) output, {_LN} layer_name, "
+    "Tensor? output_scale=None, Tensor(a6!)? output_block_scale=None, Tensor? kv_cache_dummy_dep=None, "
+    "SymInt? quant_group_size=None, bool? quant_scale_ue8m0=None, bool? quant_col_major=None, "
+    "bool? quant_tma_aligned=None, Tensor? q_dcp_replicated=None) -> ()",
+    mutates=("output", "output_block_scale"), impl=_attention_impl, fake=_attention_fake)
+define_op(
+    _lib, "fused_rope_unified_mla_kv_cache_update",
+    f"(Tensor positions, Tensor(a1!) q_pe, Tensor(a2!) k_pe, Tensor kv_c, Tensor cos_sin_cache, "
+    f"bool is_neox, str kv_cache_dtype, Tensor kv_cache_scale, {_LN} layer_name) -> Tensor",
+    mutates=("q_pe", "k_pe"), impl=_fused_rope_impl, fake=_fused_rope_fake)
 
 kv_cache_update = torch.ops.mla_passes_standin.unified_mla_kv_cache_update.default
 attention_with_output = torch.ops.mla_passes_standin.unified_mla_attention_with_output.default
