@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .kernels.fp8 import KV_CACHE_DTYPES, is_fp8_kv_cache
 from .layers import MLALayerState, layer_name_str
 
 logger = logging.getLogger("vllm.mla_passes")  # under vLLM's logger: shown with its handlers
@@ -120,9 +121,11 @@ def _w_uk_t(layer) -> torch.Tensor | None:
     return w
 
 
-def _unsupported(layer, attn_metadata=None) -> str | None:
+def _unsupported(layer) -> str | None:
     """Why this layer cannot take a prepped q (None: it can)."""
     impl = layer.impl
+    if layer.kv_cache_dtype not in KV_CACHE_DTYPES:
+        return f"kv_cache_dtype {layer.kv_cache_dtype!r} (supported: {', '.join(KV_CACHE_DTYPES)})"
     if getattr(impl, "is_sparse", False):
         return "sparse MLA"
     if getattr(impl, "dcp_world_size", 1) > 1 or getattr(layer, "use_pcp", False):
@@ -138,17 +141,8 @@ def _unsupported(layer, attn_metadata=None) -> str | None:
     return None
 
 
-def _is_quantized_kv_cache(kv_cache_dtype: str) -> bool:
-    """vLLM's own test (the one ``forward_impl`` uses), wherever this version keeps it."""
-    for mod in ("vllm.v1.kv_cache_interface", "vllm.utils.torch_utils"):
-        try:
-            return __import__(mod, fromlist=["is_quantized_kv_cache"]).is_quantized_kv_cache(kv_cache_dtype)
-        except (ImportError, AttributeError):
-            continue
-    return kv_cache_dtype.startswith("fp8") or kv_cache_dtype.startswith("nvfp4")
-
-
 def _fp8_dtype() -> torch.dtype:
+    """The fp8 dtype vLLM's attention takes for q and views its cache as."""
     from vllm.platforms import current_platform
 
     return current_platform.fp8_dtype()
@@ -156,7 +150,7 @@ def _fp8_dtype() -> torch.dtype:
 
 def _as_cache_bits(kv_cache: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
     """fp8 caches as the uint8 tensor our kernels take (zero-copy)."""
-    if _is_quantized_kv_cache(kv_cache_dtype) and kv_cache.dtype != torch.uint8:
+    if is_fp8_kv_cache(kv_cache_dtype) and kv_cache.dtype != torch.uint8:
         return kv_cache.view(torch.uint8)
     return kv_cache
 
@@ -176,14 +170,15 @@ class VllmLayerResolver:
     Inside a forward pass: W_UK_T, q_scale, this step's KV cache and slot
     mapping, kv_cache_dtype, k_scale, num_decode_tokens and the prepped-q
     attention adapter. Outside one (compile time): the same static facts with
-    an empty slot mapping, enough for ``q_out_dtype``.
+    an empty slot mapping, enough for ``q_out_dtype``. vLLM's contexts are
+    read once per call: the adapter gets what this lookup found.
     """
 
     def resolve(self, layer_name: str) -> MLALayerState | None:
-        layer, attn_metadata, kv_cache, slot_mapping, in_forward = self._lookup(layer_name)
+        layer, attn_metadata, kv_cache, slot_mapping = self._lookup(layer_name)
         if layer is None:
             return None
-        why = _unsupported(layer, attn_metadata)
+        why = _unsupported(layer)
         if why is not None:
             raise NotImplementedError(
                 f"mla-passes: layer {layer_name!r} uses {why}, which the prepped-q MLA path does not support; "
@@ -192,8 +187,9 @@ class VllmLayerResolver:
         w_uk_t = _w_uk_t(layer)
         kv_cache_dtype = layer.kv_cache_dtype
         q_scale = None
-        if _is_quantized_kv_cache(kv_cache_dtype) and getattr(layer.impl, "supports_quant_query_input", False):
+        if is_fp8_kv_cache(kv_cache_dtype) and getattr(layer.impl, "supports_quant_query_input", False):
             q_scale = layer._q_scale.reshape(1)
+        adapter = _Adapter(layer_name, layer, attn_metadata, kv_cache)
         if slot_mapping is None:
             # No cache write this step (vLLM's profile/dummy runs): all slots -1.
             # Sized to the largest step; needs the op to take slot_mapping[:T]
@@ -211,7 +207,7 @@ class VllmLayerResolver:
             q_scale=q_scale,
             q_fp8_dtype=_fp8_dtype() if q_scale is not None else None,
             num_decode_tokens=getattr(attn_metadata, "num_decode_tokens", None),
-            attention_with_prepped_q=_Adapter(layer_name),
+            attention_with_prepped_q=adapter,
         )
 
     @staticmethod
@@ -223,19 +219,19 @@ class VllmLayerResolver:
             ctx = get_forward_context()
             layer = ctx.no_compile_layers.get(layer_name)
             if not isinstance(layer, mla_cls):
-                return None, None, None, None, True
+                return None, None, None, None
             attn_metadata, layer, kv_cache, slot_mapping = _get_attention_context()(layer_name)
-            return layer, attn_metadata, kv_cache, slot_mapping, True
+            return layer, attn_metadata, kv_cache, slot_mapping
         from vllm.config import get_current_vllm_config
 
         try:
             static = get_current_vllm_config().compilation_config.static_forward_context
         except Exception:
-            return None, None, None, None, False
+            return None, None, None, None
         layer = static.get(layer_name)
         if not isinstance(layer, mla_cls):
-            return None, None, None, None, False
-        return layer, None, getattr(layer, "kv_cache", None), None, False
+            return None, None, None, None
+        return layer, None, getattr(layer, "kv_cache", None), None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, VllmLayerResolver)
@@ -253,18 +249,20 @@ _TAKES_CONCAT_Q = frozenset({"CPUMLAImpl", "AMXMLAImpl", "FlashMLAImpl", "Triton
 
 
 class _Adapter:
-    """``MLALayerState.attention_with_prepped_q`` for one vLLM layer."""
+    """``MLALayerState.attention_with_prepped_q`` for one vLLM layer, bound to
+    the layer, attention metadata and cache the resolver already looked up."""
 
-    __slots__ = ("layer_name",)
+    __slots__ = ("layer_name", "context")
 
-    def __init__(self, layer_name: str):
+    def __init__(self, layer_name: str, layer, attn_metadata, kv_cache):
         self.layer_name = layer_name
+        self.context = (attn_metadata, layer, kv_cache)
 
     def __call__(self, q, q_prepped, kv_c_normed, k_pe, output) -> None:
-        attention_with_prepped_q(self.layer_name, q, q_prepped, kv_c_normed, k_pe, output)
+        attention_with_prepped_q(self.layer_name, q, q_prepped, kv_c_normed, k_pe, output, context=self.context)
 
 
-def attention_with_prepped_q(layer_name, q, q_prepped, kv_c_normed, k_pe, output) -> None:
+def attention_with_prepped_q(layer_name, q, q_prepped, kv_c_normed, k_pe, output, *, context=None) -> None:
     """vLLM's MLA attention for one layer, decode rows from ``q_prepped``.
 
     Mirrors ``unified_mla_attention_with_output`` -> ``MLAAttention.forward_impl``
@@ -272,24 +270,29 @@ def attention_with_prepped_q(layer_name, q, q_prepped, kv_c_normed, k_pe, output
     ``[num_decode_tokens:num_actual_tokens]`` go to ``impl.forward_mha`` with the
     original ``q``; rows ``[:num_decode_tokens]`` go to ``impl.forward_mqa`` with
     ``q_prepped`` (fp8 concat when vLLM would have quantized, else the form the
-    impl takes), then ``layer._v_up_proj``.
+    impl takes), then ``layer._v_up_proj``. ``context`` is ``(attn_metadata,
+    layer, kv_cache)`` as :class:`VllmLayerResolver` found them (looked up here
+    when None); the resolver has already refused an unsupported layer.
     """
     name = layer_name_str(layer_name)
-    attn_metadata, layer, kv_cache, _ = _get_attention_context()(name)
+    if context is None:
+        attn_metadata, layer, kv_cache, _ = _get_attention_context()(name)
+        why = _unsupported(layer)
+        if why is not None:
+            raise NotImplementedError(f"mla-passes: layer {name!r} uses {why}; prepped-q attention unsupported")
+    else:
+        attn_metadata, layer, kv_cache = context
     if attn_metadata is None:
         # Profile/dummy run: vLLM's own path (it only zero-fills the output).
         layer.forward_impl(q, kv_c_normed, k_pe, kv_cache, attn_metadata, output=output)
         return
-    why = _unsupported(layer, attn_metadata)
-    if why is not None:
-        raise NotImplementedError(f"mla-passes: layer {name!r} uses {why}; prepped-q attention unsupported")
 
     impl = layer.impl
     n = attn_metadata.num_actual_tokens
     output = output[:n]
     q, kv_c_normed, k_pe = q[:n], kv_c_normed[:n], k_pe[:n]
-    fp8_attention = _is_quantized_kv_cache(layer.kv_cache_dtype)
-    if fp8_attention and layer.kv_cache_dtype not in ("fp8_ds_mla", "nvfp4_ds_mla"):
+    fp8_attention = is_fp8_kv_cache(layer.kv_cache_dtype)
+    if fp8_attention:
         kv_cache = kv_cache.view(_fp8_dtype())
 
     nd = attn_metadata.num_decode_tokens

@@ -125,7 +125,7 @@ def instrument_mla_passes() -> None:
 
     orig_attn = vllm_compat.attention_with_prepped_q
 
-    def attention_with_prepped_q(layer_name, q, q_prepped, kv_c_normed, k_pe, output):
+    def attention_with_prepped_q(layer_name, q, q_prepped, kv_c_normed, k_pe, output, **kw):
         from vllm.forward_context import get_forward_context
 
         md = get_forward_context().attn_metadata
@@ -133,7 +133,7 @@ def instrument_mla_passes() -> None:
         if md is not None:
             _record({"tag": "attention", "pid": os.getpid(), "num_decode_tokens": int(md.num_decode_tokens),
                      "num_actual_tokens": int(md.num_actual_tokens), "q_prepped_dtype": str(q_prepped.dtype)})
-        orig_attn(layer_name, q, q_prepped, kv_c_normed, k_pe, output)
+        orig_attn(layer_name, q, q_prepped, kv_c_normed, k_pe, output, **kw)
 
     vllm_compat.attention_with_prepped_q = attention_with_prepped_q
 
