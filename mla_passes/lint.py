@@ -7,8 +7,13 @@ captured must therefore hold no
 * op whose output *shape* depends on tensor data (``nonzero``, ``unique``,
   ``masked_select``, ``x[bool_mask]``, ``repeat_interleave`` without
   ``output_size``, ...): the fake impl has to invent an unbacked size (``u0``);
-* host sync (``item``, ``tolist``, ``_local_scalar_dense``, ``equal``, ...):
-  the host reads device memory in the middle of the step;
+* host sync (``item``, ``tolist``, ``_local_scalar_dense``, ``equal``,
+  ``histc`` with its default range, ...): the host reads device memory in the
+  middle of the step;
+* host transfer (``x.cpu()``, ``x.to("cpu")``, a CPU constant copied to the
+  device by ``_to_copy``/``copy_``): a copy between host and device memory,
+  a sync on the way out, a host buffer a replay would not refresh on the way
+  in; a copy that stays on one device is fine;
 * op whose fake output shape depends on more than its inputs' shapes - a
   symbol in the output that no input carries, or (live graphs) a custom op's
   fake impl that now returns another shape than the one recorded at trace
@@ -17,7 +22,8 @@ captured must therefore hold no
 :func:`lint_graph` checks a live ``fx.Graph``/``GraphModule`` (reading
 ``meta["val"]``, or dynamo's ``meta["example_value"]``), :func:`lint_source`
 the text of a dumped graph file (``print_readable`` / depyf; it reads the
-``"f32[u0, 4]"`` annotations). :class:`CudaGraphLintPass` runs the check as an
+``"f32[u0, 4]"`` annotations, and devices where the file prints them,
+``"f32[4][1]cuda:0"``). :class:`CudaGraphLintPass` runs the check as an
 Inductor post-grad pass (``CustomGraphPass``, so also vLLM's
 ``post_grad_custom_post_pass``): it logs findings, keeps them in
 ``.findings``, and raises with ``strict=True``. It never changes the graph.
@@ -42,6 +48,7 @@ DYNAMIC_SHAPE = "dynamic-shape"
 HOST_SYNC = "host-sync"
 FAKE_SHAPE = "fake-shape"
 CUDAGRAPH_UNSAFE = "cudagraph-unsafe"
+HOST_TRANSFER = "host-transfer"
 
 # Per-op knowledge, keyed by the op's base name (``aten.nonzero.default``,
 # ``torch.nonzero`` and ``Tensor.nonzero`` all have base name ``nonzero``).
@@ -58,6 +65,10 @@ HOST_SYNC_OPS = frozenset({
 # Ops that take index tensors: a bool index is a hidden nonzero().
 MASK_INDEX_OPS = frozenset({"index", "_unsafe_index", "index_put", "index_put_", "_unsafe_index_put", "getitem",
                             "__getitem__", "__setitem__", "setitem"})
+# Ops that may copy between devices: a finding when the source and destination
+# devices differ (or the destination is the host and the source unknown).
+TRANSFER_OPS = frozenset({"_to_copy", "to", "cpu", "cuda", "device_put", "copy", "copy_", "_copy_from",
+                          "_copy_from_and_resize"})
 # Tagged dynamic_output_shape, but only dynamic in the case handled above.
 _TAGGED_BUT_CONDITIONAL = frozenset({"index", "repeat_interleave"})
 
@@ -89,6 +100,10 @@ class _View:
     out_val: object | None
     has_output_size: bool = False
     node: fx.Node | None = None
+    # the call's arguments: values (FakeTensor, constants) in live graphs,
+    # annotation strings (for node names) or source text (literals) in files
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
 
 
 # --- op names ----------------------------------------------------------------
@@ -148,6 +163,66 @@ def _symbols(val) -> set[str]:
         return set()
 
 
+_DEVICE_TYPES = ("cpu", "cuda", "xpu", "hip", "mps", "meta")
+_DEVICE_CALL = re.compile(r"device\(type=['\"](\w+)['\"](?:,\s*index=(\d+))?\)")
+_DEVICE_WORD = re.compile(r"^['\"]?((?:%s)(?::\d+)?)['\"]?$" % "|".join(_DEVICE_TYPES))
+_ANN_DEVICE = re.compile(r"\]\s*((?:%s)(?::\d+)?)\s*$" % "|".join(_DEVICE_TYPES))
+
+
+def _device(x) -> str | None:
+    """``"cpu"`` / ``"cuda:0"`` / ``"cuda"`` for a tensor, a device, a device
+    literal (``'cpu'``, ``device(type='cuda', index=0)``) or an annotation
+    that prints one (``"f32[4][1]cuda:0"``); None when it says nothing."""
+    if isinstance(x, torch.Tensor):
+        return str(x.device)
+    if isinstance(x, torch.device):
+        return str(x)
+    if not isinstance(x, str):
+        return None
+    x = x.strip()
+    m = _DEVICE_CALL.search(x)
+    if m:
+        return m.group(1) + (f":{m.group(2)}" if m.group(2) else "")
+    m = _DEVICE_WORD.match(x) or _ANN_DEVICE.search(x)
+    return m.group(1) if m else None
+
+
+def _same_device(a: str, b: str) -> bool:
+    """``cuda`` matches any ``cuda:i``; two indices must be equal."""
+    (ta, _, ia), (tb, _, ib) = a.partition(":"), b.partition(":")
+    return ta == tb and (not ia or not ib or ia == ib)
+
+
+def _arg(v: _View, i: int, name: str, default=None):
+    if name in v.kwargs:
+        return v.kwargs[name]
+    return v.args[i] if len(v.args) > i else default
+
+
+def _transfer(v: _View) -> tuple[str | None, str | None]:
+    """(source device, destination device) of a possible cross-device copy."""
+    if v.base in ("copy", "copy_", "_copy_from_and_resize", "_copy_from"):
+        src, dst = (0, 1) if v.base.startswith("_copy_from") else (1, 0)
+        return _device(_arg(v, src, "src" if src else "self")), (_device(v.out_val) or _device(_arg(v, dst, "dst")))
+    dst = _device(v.out_val) or _device(v.kwargs.get("device"))
+    if dst is None and v.base in ("to", "device_put"):
+        dst = next((d for d in map(_device, v.args[1:]) if d is not None), None)
+    if dst is None and v.base in ("cpu", "cuda"):
+        dst = v.base
+    return (_device(v.args[0]) if v.args else None), dst
+
+
+def _number(x) -> float | None:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return None
+    return None
+
+
 def _check(v: _View) -> list[Finding]:
     tags = _tags(v.overload)
     tag_names = {getattr(t, "name", str(t)) for t in tags}
@@ -164,6 +239,19 @@ def _check(v: _View) -> list[Finding]:
         return [Finding(v.name, v.op, DYNAMIC_SHAPE, "output shape depends on tensor data")]
     if v.base in HOST_SYNC_OPS or "data_dependent_output" in tag_names:
         return [Finding(v.name, v.op, HOST_SYNC, "copies a device value to the host (sync inside the step)")]
+    if v.base == "histc":
+        lo, hi = _number(_arg(v, 2, "min", 0)), _number(_arg(v, 3, "max", 0))
+        if lo is not None and lo == hi:
+            return [Finding(v.name, v.op, HOST_SYNC,
+                            "histc with min == max (the default) takes its range from the data: it reads "
+                            "the min and max back to the host")]
+    if v.base in TRANSFER_OPS:
+        src, dst = _transfer(v)
+        if dst is not None and (src is not None and not _same_device(src, dst)
+                                or src is None and dst == "cpu" and v.base not in ("copy", "copy_")):
+            return [Finding(v.name, v.op, HOST_TRANSFER,
+                            f"copies a tensor from {src or 'an unknown device'} to {dst}: a host transfer "
+                            "inside the step (a sync to the host, or a host buffer a replay does not refresh)")]
     if "cudagraph_unsafe" in tag_names:
         return [Finding(v.name, v.op, CUDAGRAPH_UNSAFE, "op is tagged cudagraph_unsafe")]
     # A symbol in the output that no input carries. An input of unknown value
@@ -265,9 +353,11 @@ def _fx_views(graph: fx.Graph) -> Iterable[_View]:
         index_vals: list = []
         if base in MASK_INDEX_OPS and len(args) > 1:
             index_vals = [_val(a) for a in _flat_nodes(args[1]) if isinstance(a, fx.Node)]
+        as_val = lambda a: _val(a) if isinstance(a, fx.Node) else a  # noqa: E731
         yield _View(
             name=node.name, op=op, base=base, overload=overload, in_vals=in_vals, index_vals=index_vals,
             out_val=_val(node), has_output_size=kwargs.get("output_size") is not None, node=node,
+            args=tuple(as_val(a) for a in args), kwargs={k: as_val(a) for k, a in kwargs.items()},
         )
 
 
@@ -298,11 +388,37 @@ def _text_views(parsed) -> Iterable[_View]:
                 parts = _split_top_level(n.rhs[n.rhs.index("(") + 1 : n.rhs.rindex(")")]) if "(" in n.rhs else []
                 inner = ",".join(parts[1:2])
             index_vals = [anns.get(x) for x in re.findall(r"[A-Za-z_]\w*", inner) if x in anns]
+        args, kwargs = _text_call_args(n, anns, _split_top_level)
         yield _View(
             name=n.name, op=op, base=base, overload=overload,
             in_vals=[anns.get(a) for a in n.args], index_vals=index_vals, out_val=n.val,
-            has_output_size="output_size" in n.rhs,
+            has_output_size="output_size" in n.rhs, args=args, kwargs=kwargs,
         )
+
+
+_KWARG = re.compile(r"^([A-Za-z_]\w*)\s*=\s*(.+)$", re.S)
+
+
+def _text_call_args(n, anns: dict, split) -> tuple[tuple, dict]:
+    """Arguments of a call line: a node name becomes its annotation (None
+    when unannotated), anything else stays source text; a method call's
+    receiver is the first argument."""
+    rhs = n.rhs
+    if "(" not in rhs or not rhs.endswith(")"):
+        return (), {}
+    callee, inner = rhs[: rhs.index("(")], rhs[rhs.index("(") + 1 : -1]
+    args: list = []
+    kwargs: dict = {}
+    if n.target.startswith("Tensor.") and "." in callee:
+        args.append(callee.rsplit(".", 1)[0].strip())
+    for part in split(inner) if inner.strip() else []:
+        m = _KWARG.match(part.strip())
+        if m and not part.strip().startswith("device("):
+            kwargs[m.group(1)] = m.group(2).strip()
+        else:
+            args.append(part.strip())
+    val = lambda a: anns.get(a, a) if a in anns else a  # noqa: E731
+    return tuple(val(a) for a in args), {k: val(a) for k, a in kwargs.items()}
 
 
 def lint_source(src: str) -> list[Finding]:

@@ -13,6 +13,7 @@ from mla_passes.lint import (
     DYNAMIC_SHAPE,
     FAKE_SHAPE,
     HOST_SYNC,
+    HOST_TRANSFER,
     CudaGraphLintError,
     CudaGraphLintPass,
     lint_graph,
@@ -162,3 +163,79 @@ def test_cli_on_files_and_folder(tmp_path, planted_gm, capsys):
 
     assert cli.main(["lint", str(tmp_path / "missing.py")]) == 2
     assert lint_path(good) == {str(good): []}
+
+
+# --- host transfers (issue 11 item 14) -------------------------------------------
+
+def _transfers(x):
+    a = x.cpu()                                    # device -> host
+    b = x.to("cpu")                                # device -> host
+    c = torch.tensor([1.0, 2.0]).to(x.device)      # a CPU constant copied to the device
+    d = torch.histc(x, bins=10)                    # default range: min/max read back from the data
+    ok_range = torch.histc(x, bins=10, min=-1.0, max=1.0)
+    ok_dtype = x.to(torch.float16)                 # a copy that stays on the device
+    ok_same = x.to("cuda:0", copy=True)            # an explicit device-to-same-device copy
+    return a, b, c, d, ok_range, ok_dtype, ok_same
+
+
+TRANSFERS = {
+    "_to_copy": ("aten._to_copy.default", HOST_TRANSFER),
+    "_to_copy_1": ("aten._to_copy.default", HOST_TRANSFER),
+    "_to_copy_2": ("aten._to_copy.default", HOST_TRANSFER),
+    "histc": ("aten.histc.default", HOST_SYNC),
+}
+
+
+@pytest.fixture(scope="module")
+def transfers_gm():
+    """The graph traced on fake CUDA tensors (no GPU needed): devices are in meta['val']."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(4, device="cuda")
+    return make_fx(_transfers, tracing_mode="fake")(x)
+
+
+def test_host_transfers_and_histc_default_range_are_found(transfers_gm):
+    """x.cpu(), x.to('cpu'), a CPU constant copied to the device and histc's default range were not reported."""
+    assert _by_node(lint_graph(transfers_gm)) == TRANSFERS
+
+
+def test_host_transfers_found_in_dumped_text(transfers_gm):
+    """Text with devices printed gives the live findings; without them, only what the text itself proves."""
+    with_devices = transfers_gm.print_readable(print_output=False, include_device=True)
+    assert _by_node(lint_source(with_devices)) == TRANSFERS
+    # No device annotations: a copy *to* the host is still one; the constant's
+    # copy to the device cannot be told from a same-device copy.
+    plain = transfers_gm.print_readable(print_output=False)
+    assert _by_node(lint_source(plain)) == {k: v for k, v in TRANSFERS.items() if k != "_to_copy_2"}
+
+
+def test_copy_of_a_host_tensor_into_a_device_buffer():
+    """copy/copy_ of a CPU tensor into a CUDA tensor is a transfer; a same-device copy is not."""
+    src = '''
+class GraphModule(torch.nn.Module):
+    def forward(self, arg0_1: "f32[4][1]cuda:0", arg1_1: "f32[4][1]cpu", arg2_1: "f32[4][1]cuda:0"):
+        copy: "f32[4][1]cuda:0" = torch.ops.aten.copy.default(arg0_1, arg1_1)
+        copy_1: "f32[4][1]cuda:0" = torch.ops.aten.copy.default(arg0_1, arg2_1)
+        copy_: "f32[4][1]cuda:0" = torch.ops.aten.copy_.default(arg2_1, copy_1)
+        return (copy, copy_)
+'''
+    assert _by_node(lint_source(src)) == {"copy": ("aten.copy.default", HOST_TRANSFER)}
+
+
+def test_dynamo_level_transfers():
+    """Dynamo graphs call methods: l_x_.cpu(), l_x_.to('cpu'), torch.histc(l_x_) are findings; .to(dtype) is not."""
+    src = '''
+class GraphModule(torch.nn.Module):
+    def forward(self, L_x_: "f32[8]"):
+        l_x_ = L_x_
+        a = l_x_.cpu()
+        b = l_x_.to('cpu')
+        h = torch.histc(l_x_, bins = 10)
+        ok = l_x_.to(torch.float16)
+        ok_h = torch.histc(l_x_, bins = 10, min = -1.0, max = 1.0)
+        return (a, b, h, ok, ok_h)
+'''
+    assert _by_node(lint_source(src)) == {"a": ("Tensor.cpu", HOST_TRANSFER), "b": ("Tensor.to", HOST_TRANSFER),
+                                          "h": ("torch.histc", HOST_SYNC)}
