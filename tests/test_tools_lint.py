@@ -27,7 +27,8 @@ _lib = torch.library.Library("mla_lint_test", "DEF")
 _lib.define("stateful_rows(Tensor q) -> Tensor")
 _lib.define("data_rows(Tensor q) -> Tensor")
 _lib.impl("stateful_rows", lambda q: q[: _STATE["rows"]].clone(), "CompositeExplicitAutograd")
-_lib._register_fake("stateful_rows", lambda q: q.new_empty((_STATE["rows"], q.shape[1])))
+torch.library.register_fake("mla_lint_test::stateful_rows", lambda q: q.new_empty((_STATE["rows"], q.shape[1])),
+                            lib=_lib)
 _lib.impl("data_rows", lambda q: q[q[:, 0] > 0].clone(), "CompositeExplicitAutograd")
 
 
@@ -35,7 +36,7 @@ def _data_rows_fake(q):
     return q.new_empty((torch.library.get_ctx().new_dynamic_size(), q.shape[1]))
 
 
-_lib._register_fake("data_rows", _data_rows_fake)
+torch.library.register_fake("mla_lint_test::data_rows", _data_rows_fake, lib=_lib)
 
 
 def _planted(x, mask, idx):
