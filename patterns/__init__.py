@@ -44,6 +44,8 @@ def _code(fn) -> str:
 
 def all_patterns() -> list[PatternEntry]:
     """Every registered (pattern, replacement) pair, with FX code."""
+    import mla_passes.testing.standins  # noqa: F401  (the pairs are written with the stand-in ops)
+
     out = []
     for mod in pattern_modules():
         for name, pattern, replacement in getattr(mod, "PATTERNS", ()):

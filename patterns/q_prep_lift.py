@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 import mla_passes.ops  # noqa: F401
-import mla_passes.testing.standins  # noqa: F401
 
 
 def q_prep_lift_pattern(q, kv_c_normed, k_pe, output, layer_name, dep):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 import mla_passes.ops  # noqa: F401
-import mla_passes.testing.standins  # noqa: F401
 
 P, R, L = 128, 64, 512
 
