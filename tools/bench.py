@@ -304,8 +304,10 @@ def min_bytes(T: int, H: int, model_bytes: int = 2, q_out_bytes: int = 1, cache_
 SWEEP = ([dict(BLOCK_T=1, BLOCK_L=bl, LB_ITERS=1, GEMV=True, num_warps=4, num_stages=2) for bl in (32, 64, 128)]
          + [dict(BLOCK_T=bt, BLOCK_L=bl, LB_ITERS=it, GEMV=False, num_warps=nw, num_stages=3 if it > 1 else 2)
             for bt in (16, 32, 64, 128) for bl, it in ((32, 1), (64, 1), (128, 1), (64, 2))
-            for nw in ((4,) if bt < 64 else (4, 8))])
-# (the side programs keep the heuristic's SIDE_T/SIDE_H; tools/kernel_sweep.py sweeps those too)
+            for nw in ((4,) if bt < 64 else (4, 8))]
+         # side programs (tokens x heads of RoPE each), the absorb blocks kept
+         + [dict(SIDE_T=st, SIDE_H=sh) for st, sh in ((1, 16), (2, 16), (4, 16), (8, 16), (16, 16),
+                                                     (2, 32), (4, 32), (8, 32), (1, 64), (2, 64))])
 
 
 def _geomean(xs):
@@ -495,7 +497,8 @@ def run(args) -> int:
                     if args.sweep and "fused" in variants:
                         best = None
                         for sc in SWEEP:
-                            if sc["BLOCK_T"] > max(16, triton.next_power_of_2(T)) or (sc["GEMV"] and T > 1):
+                            if (sc.get("BLOCK_T", 0) > max(16, triton.next_power_of_2(T)) or (sc.get("GEMV") and T > 1)
+                                    or sc.get("SIDE_T", 0) > T):
                                 continue
                             full = dict(cfg, **sc)
                             fn = (lambda ly, full=full: triton_prep.launch(*ly.case.kernel_args(), ly.dims, full))

@@ -416,17 +416,26 @@ def launch_config(T: int, H: int, L: int, device: torch.device, P: int = 128) ->
     programs: ``SIDE_T`` tokens x ``SIDE_H`` heads of q RoPE, plus a slice of
     those tokens' cache rows.
 
-    From two H200 sweeps (``tools/kernel_sweep.py``, DeepSeek-V3 dims, bf16,
-    fp8 cache and q, 8 layers per CUDA graph): one token -> GEMV over 64-column
-    tiles (a GEMV over 2-4 tokens was 2x slower than a 16-row tl.dot at 128
-    heads); otherwise one token block covering the batch up to 64 tokens, then
-    128-token blocks, 64-column tiles (128 for 64-token blocks of many heads);
-    side programs of 16 heads, with more tokens each once there would be more
-    than 512 of them. Neighbouring configs were within ~0.3 us.
+    From H200 sweeps (``tools/kernel_sweep.py`` and ``mla-passes bench
+    --sweep``, DeepSeek-V3 dims, bf16, fp8 cache and q, 8 layers per CUDA
+    graph): one token -> GEMV over 64-column tiles (a GEMV over 2-4 tokens was
+    2x slower than a 16-row tl.dot at 128 heads); otherwise one token block
+    covering the batch up to 64 tokens, then 128-token blocks, 64-column tiles
+    (128 for 64-token blocks of many heads), 4 warps from 256 tokens on (8 were
+    0.6-1 us slower there), 64 x 128 blocks at 512+ tokens of many heads (46
+    against 58 us at 128 heads). Side programs of 16 heads: 1 token each for
+    small batches, 2 from 64 tokens (128 for few heads), 4 once T*H reaches
+    64K (1 token at 256 tokens x 16 heads was 7.0 us, 2 were 5.7). Neighbouring
+    configs were within ~0.3 us.
     """
     l_pad, p_pad = _next_pow2(L), max(16, _next_pow2(P))
-    nhb = triton.cdiv(H, 16)
-    side = dict(SIDE_T=min(8, _next_pow2(triton.cdiv(T * nhb, 512))), SIDE_H=16)
+    if T * H >= 65536:
+        st = 4
+    elif T >= 128 or (T >= 64 and H >= 64):
+        st = 2
+    else:
+        st = 1
+    side = dict(SIDE_T=st, SIDE_H=16)
     if T == 1:  # the [P, BLOCK_L] product of a GEMV tile lives in registers: <= 8192 elements
         bl = min(64, l_pad)
         while bl > 16 and p_pad * bl > 8192:
@@ -436,8 +445,10 @@ def launch_config(T: int, H: int, L: int, device: torch.device, P: int = 128) ->
         bt = max(16, _next_pow2(T))
         bl = 128 if bt == 64 and H >= 64 else 64
         nw = 8 if bt == 64 else 4
+    elif T >= 512 and H >= 64:
+        bt, bl, nw = 64, 128, 4
     else:
-        bt, bl, nw = 128, 64, 8
+        bt, bl, nw = 128, 64, 8 if T < 256 else 4
     return dict(BLOCK_T=bt, BLOCK_L=min(bl, l_pad), LB_ITERS=1, GEMV=False, num_warps=nw, num_stages=2, **side)
 
 
