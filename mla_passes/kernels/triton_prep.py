@@ -421,21 +421,22 @@ def launch_config(T: int, H: int, L: int, device: torch.device, P: int = 128) ->
     graph): one token -> GEMV over 64-column tiles (a GEMV over 2-4 tokens was
     2x slower than a 16-row tl.dot at 128 heads); otherwise one token block
     covering the batch up to 64 tokens, then 128-token blocks, 64-column tiles
-    (128 for 64-token blocks of many heads), 4 warps from 256 tokens on (8 were
-    0.6-1 us slower there), 64 x 128 blocks at 512+ tokens of many heads (46
-    against 58 us at 128 heads). Side programs of 16 heads: 1 token each for
-    small batches, 2 from 64 tokens (128 for few heads), 4 once T*H reaches
-    64K (1 token at 256 tokens x 16 heads was 7.0 us, 2 were 5.7). Neighbouring
-    configs were within ~0.3 us.
+    (128 for 64-token blocks of many heads), 8 warps; from 256 tokens of many
+    heads 4 warps and, from 512, 64 x 128 blocks (46 against 58 us at 128
+    heads). Side programs of 16 heads: 1 token each for small batches, 2 from
+    64 tokens (128 for few heads; 1 token at 256 tokens x 16 heads was 6.3-7.0
+    us, 2 were 5.7), 4 tokens x 32 heads from 256 tokens of many heads (27 vs
+    29 us at T=256, 46 vs 54 at T=512, H=128). Both conventions were swept;
+    the chosen configs are within ~0.3 us of the best for GPT-J and NeoX alike.
     """
     l_pad, p_pad = _next_pow2(L), max(16, _next_pow2(P))
-    if T * H >= 65536:
-        st = 4
+    many = H >= 64 and T >= 256
+    if many:
+        side = dict(SIDE_T=4, SIDE_H=32)
     elif T >= 128 or (T >= 64 and H >= 64):
-        st = 2
+        side = dict(SIDE_T=2, SIDE_H=16)
     else:
-        st = 1
-    side = dict(SIDE_T=st, SIDE_H=16)
+        side = dict(SIDE_T=1, SIDE_H=16)
     if T == 1:  # the [P, BLOCK_L] product of a GEMV tile lives in registers: <= 8192 elements
         bl = min(64, l_pad)
         while bl > 16 and p_pad * bl > 8192:
@@ -445,10 +446,10 @@ def launch_config(T: int, H: int, L: int, device: torch.device, P: int = 128) ->
         bt = max(16, _next_pow2(T))
         bl = 128 if bt == 64 and H >= 64 else 64
         nw = 8 if bt == 64 else 4
-    elif T >= 512 and H >= 64:
-        bt, bl, nw = 64, 128, 4
+    elif many:
+        bt, bl, nw = (128, 64, 4) if T < 512 else (64, 128, 4)
     else:
-        bt, bl, nw = 128, 64, 8 if T < 256 else 4
+        bt, bl, nw = 128, 64, 8
     return dict(BLOCK_T=bt, BLOCK_L=min(bl, l_pad), LB_ITERS=1, GEMV=False, num_warps=nw, num_stages=2, **side)
 
 
