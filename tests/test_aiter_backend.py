@@ -296,3 +296,32 @@ def test_aiter_is_imported_only_when_the_backend_runs():
     code = ("import sys, mla_passes.kernels, mla_passes.kernels.aiter_prep; "
             "assert 'aiter' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_cos_sin_split_not_stale_when_memory_is_reused():
+    """The split cos/sin was keyed on data_ptr()/_version: a new table at the
+    same address (a freed tensor's memory reused) got the old table's split."""
+    import numpy as np
+
+    mem = np.zeros((8, 4), dtype=np.float32)
+    mem[:] = 1.0
+    old = torch.from_numpy(mem)
+    cos_old, _ = aiter_prep.split_cos_sin(old, torch.float32)
+    assert (cos_old == 1.0).all()
+    ptr = old.data_ptr()
+    del old
+    mem[:] = 2.0  # new contents, written behind torch's back (no version bump)
+    new = torch.from_numpy(mem)
+    assert new.data_ptr() == ptr and new._version == 0
+    cos_new, sin_new = aiter_prep.split_cos_sin(new, torch.float32)
+    assert (cos_new == 2.0).all() and (sin_new == 2.0).all()
+
+
+def test_cos_sin_split_is_reused_and_follows_in_place_updates():
+    """Steady state: the same table gives the cached split; an in-place update refreshes it."""
+    table = torch.randn(16, 8)
+    a = aiter_prep.split_cos_sin(table, torch.bfloat16)
+    assert aiter_prep.split_cos_sin(table, torch.bfloat16)[0] is a[0]
+    table.mul_(2)
+    b = aiter_prep.split_cos_sin(table, torch.bfloat16)
+    torch.testing.assert_close(b[0].float(), table[:, :4].bfloat16().float())

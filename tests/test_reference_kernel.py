@@ -187,3 +187,42 @@ def test_unavailable_backend_falls_back_with_one_warning(caplog):
         assert resolve_backend("aiter", "cpu") == "reference"
         assert resolve_backend("aiter", "cpu") == "reference"
     assert sum("not available" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("kvd", ["auto", "fp8"])
+def test_strided_kv_cache_view(kvd):
+    """A kv_cache that is a strided view (every other block of a bigger buffer)
+    failed inside .view(); now written through its strides, gaps untouched."""
+    from mla_passes.kernels.reference import fused_decode_prep_reference
+    from mla_passes.kernels.validate import check_fused_decode_prep_args
+    from mla_passes.testing import oracle as oracle64
+
+    case = make_case(9, 2, P=16, L=32, R=8, block_size=4, kv_cache_dtype=kvd, q_fp8_dtype=None, seed=4)
+    big = torch.cat([case.kv_cache, case.kv_cache], dim=0)  # poisoned, 2x the blocks
+    case.kv_cache = big[::2]
+    assert not case.kv_cache.is_contiguous()
+    gaps = big[1::2].clone()
+    exp = oracle64(case)
+    fused_decode_prep_reference(*case.kernel_args(), check_fused_decode_prep_args(*case.kernel_args()))
+    assert torch.equal(big[1::2], gaps), "a write landed between the blocks of the view"
+    rows = gather_cache_rows(case.kv_cache, case.slot_mapping, kvd, case.k_scale, dtype=torch.float32)
+    valid = case.slot_mapping >= 0
+    want = exp.cache_rows[valid]
+    if kvd == "fp8":
+        fl = platform_fp8_dtype("cpu")
+        ks = case.k_scale.double()
+        assert ((rows[valid].double() - want).abs() <= fp8_step(want / ks, fl) * ks + 1e-2 * want.abs() + 1e-3).all()
+    else:
+        torch.testing.assert_close(rows[valid].double(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("q8,kvd", [(torch.float8_e4m3fn, "fp8"), (None, "auto"), (torch.float8_e4m3fnuz, "fp8")])
+def test_nan_propagates(q8, kvd):
+    """NaN in q or kv_c comes out as NaN (the Triton kernel gave -448; backends agree on NaN)."""
+    case = make_case(4, 2, P=16, L=32, R=8, kv_cache_dtype=kvd, q_fp8_dtype=q8, pad_every=0, seed=6)
+    case.q[0, 0, 2] = float("nan")
+    case.kv_c[1, 3] = float("nan")
+    fused_decode_prep(*case.kernel_args(), backend="reference")
+    assert case.q_out[0, 0, :32].float().isnan().all() and not case.q_out[1:].float().isnan().any()
+    rows = gather_cache_rows(case.kv_cache, case.slot_mapping, kvd, case.k_scale, dtype=torch.float32)
+    assert rows[1, 3].isnan() and rows.isnan().sum() == 1

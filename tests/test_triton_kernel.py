@@ -30,7 +30,7 @@ from test_aiter_backend import check_case  # noqa: E402  (one checker for every 
 from mla_passes.kernels.fp8 import FP8_DTYPES, platform_fp8_dtype  # noqa: E402
 from mla_passes.kernels.reference import gather_cache_rows_reference  # noqa: E402
 from mla_passes.kernels.validate import check_fused_decode_prep_args  # noqa: E402
-from mla_passes.testing import POISON, make_case  # noqa: E402
+from mla_passes.testing import POISON, fp8_step, make_case  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
@@ -49,11 +49,16 @@ def _fnuz_probe(x_ptr, out_ptr, N: tl.constexpr):
     _store_out(out_ptr + offs, x, offs < N, 1.0, 2, 240.0, True)
 
 
-def _run_triton(case):
-    from mla_passes.kernels.triton_prep import fused_decode_prep_triton
+def _run_triton(case, cfg=None):
+    """The Triton backend on ``case``; ``cfg`` overrides some of the heuristic's blocks."""
+    from mla_passes.kernels import triton_prep
 
     dims = check_fused_decode_prep_args(*case.kernel_args())
-    fused_decode_prep_triton(*case.kernel_args(), dims)
+    if cfg is None:
+        triton_prep.fused_decode_prep_triton(*case.kernel_args(), dims)
+    else:
+        full = dict(triton_prep.launch_config(dims.T, dims.H, dims.L, case.q.device, dims.P), **cfg)
+        triton_prep.launch(*case.kernel_args(), dims, full)
 
 
 def _with_guarded_q_out(case, margin=3):
@@ -93,6 +98,12 @@ INTERP_CASES = {
     "all_padding": dict(T=4, H=2, P=16, L=32, R=8, dtype=torch.float16, pad_every=1, q_fp8_dtype=FN),
     "deepseek_dims": dict(T=3, H=2, P=128, L=512, R=64, dtype=torch.float16, kv_cache_dtype="fp8",
                           q_fp8_dtype=FN, block_size=64, k_pe_3d=True),
+    "deepseek_dims_gptj": dict(T=3, H=2, P=128, L=512, R=64, dtype=torch.float16, kv_cache_dtype="fp8",
+                               q_fp8_dtype=FN, block_size=64, k_pe_3d=True, is_neox=False),
+    # GPT-J with a rotary half that is not a power of two: the de-interleaved row is padded
+    "gptj_padded_half_side_blocks": dict(T=9, H=5, P=16, L=40, R=12, dtype=torch.float16, is_neox=False,
+                                         kv_cache_dtype="fp8", q_fp8_dtype=FN, block_size=4,
+                                         cfg=dict(SIDE_T=4, SIDE_H=2)),
     "one_token_gemv": dict(T=1, H=2, P=128, L=512, R=64, dtype=torch.float16, kv_cache_dtype="fp8",
                            q_fp8_dtype=FN, block_size=16),
     "guarded_q_out": dict(T=5, H=3, P=16, L=32, R=8, dtype=torch.float16, q_fp8_dtype=FN,
@@ -116,17 +127,11 @@ def _interp_case(name: str) -> None:
     kw = dict(INTERP_CASES[name])
     int32, guard, cfg = kw.pop("int32", False), kw.pop("guard", False), kw.pop("cfg", None)
     case = make_case(seed=len(name), **kw)
-    from mla_passes.kernels import triton_prep
-
-    triton_prep._CONFIG_OVERRIDE = cfg
     if int32:
         case.positions, case.slot_mapping = case.positions.int(), case.slot_mapping.int()
     big = _with_guarded_q_out(case) if guard else None
     cache_fp8 = kw.get("cache_fp8_dtype") or platform_fp8_dtype("cpu")
-    try:
-        check_case(case, _run_triton, cache_fp8=cache_fp8)
-    finally:
-        triton_prep._CONFIG_OVERRIDE = None
+    check_case(case, _run_triton if cfg is None else (lambda c: _run_triton(c, cfg)), cache_fp8=cache_fp8)
     if guard:
         _check_guard(big)
 
@@ -174,12 +179,118 @@ def _interp_fnuz_bits() -> None:
     assert bad.numel() == 0, [(xx[i].item(), out[i].item(), ref[i].item()) for i in bad[:5]]
 
 
+def _strided(idx: torch.Tensor) -> torch.Tensor:
+    """The same values as a view with stride 2 (junk in between)."""
+    return torch.stack((idx, torch.full_like(idx, 10**6)), dim=1)[:, 0]
+
+
+def _interp_strided_indices(device: str = "cpu") -> None:
+    """Strided positions / slot_mapping views are read through their strides,
+    both conventions (they were read as contiguous: wrong q_out and cache rows)."""
+    for is_neox in (True, False):
+        for int32 in (False, True):
+            case = make_case(7, 3, P=16, L=32, R=8, dtype=torch.float16, kv_cache_dtype="fp8", q_fp8_dtype=FN,
+                             block_size=4, is_neox=is_neox, seed=11 + int32, device=device)
+            if int32:
+                case.positions, case.slot_mapping = case.positions.int(), case.slot_mapping.int()
+            case.positions, case.slot_mapping = _strided(case.positions), _strided(case.slot_mapping)
+            assert case.positions.stride(0) == 2 and case.slot_mapping.stride(0) == 2
+            check_case(case, _run_triton)
+    from mla_passes.kernels.triton_prep import gather_cache_rows_triton
+
+    case = make_case(6, 2, P=16, L=32, R=8, dtype=torch.float16, block_size=4, seed=2, device=device)
+    _run_triton(case)
+    slots = _strided(case.slot_mapping)
+    got = gather_cache_rows_triton(case.kv_cache, slots, "auto", case.k_scale, torch.float32)
+    assert torch.equal(got, gather_cache_rows_reference(case.kv_cache, slots, "auto", case.k_scale, torch.float32))
+
+
+def _interp_out_of_range(device: str = "cpu") -> None:
+    """Slots past the cache write nothing (they wrote past its end); positions
+    outside cos_sin_cache read nothing and give NaN rotary values (they read
+    past the table: garbage, or a fault on the GPU). Other tokens are right."""
+    from mla_passes.kernels.reference import fused_decode_prep_reference
+
+    for is_neox in (True, False):
+        case = make_case(6, 3, P=16, L=32, R=8, dtype=torch.float16, kv_cache_dtype="fp8", q_fp8_dtype=FN,
+                         block_size=4, is_neox=is_neox, pad_every=0, max_pos=64, seed=5, device=device)
+        nb, bs, D = case.kv_cache.shape
+        # the cache is the front of a bigger poisoned buffer: a write past its end lands in the guard
+        big = torch.cat((case.kv_cache, case.kv_cache[:3].clone()), dim=0)
+        case.kv_cache = big[:nb]
+        guard = big[nb:].clone()
+        n_slots, max_pos = nb * bs, case.cos_sin_cache.shape[0]
+        bad_slot, bad_pos = [1, 4], [2, 4]  # token 4: both
+        case.slot_mapping[1], case.slot_mapping[4] = n_slots + 1, n_slots + 6
+        case.positions[2], case.positions[4] = max_pos + 5, -3
+        ok_pos = case.clone()
+        ok_pos.positions[bad_pos] = 0
+        ok_pos.slot_mapping[bad_slot] = -1
+        ref = ok_pos.clone()
+        dims = check_fused_decode_prep_args(*ref.kernel_args())
+        fused_decode_prep_reference(*ref.kernel_args(), dims)
+        before = case.clone()
+        _run_triton(case)
+
+        assert torch.equal(big[nb:], guard), "a slot past the cache wrote past its end"
+        P, L = 16, 32
+        good = torch.tensor([t not in bad_pos for t in range(6)], device=device)
+        got_q, ref_q = case.q_out.float(), ref.q_out.float()
+        step = fp8_step(ref_q.double(), FN).float()
+        assert ((got_q[good] - ref_q[good]).abs() <= step[good]).all()
+        assert ((got_q[~good][..., :L] - ref_q[~good][..., :L]).abs() <= step[~good][..., :L]).all()
+        assert got_q[~good][..., L:].isnan().all(), "a bad position must give NaN rotary values"
+        assert case.q[~good][..., P:].isnan().all() and case.k_pe[~good].isnan().all()
+        torch.testing.assert_close(case.q[good].float(), ref.q[good].float(), rtol=3e-3, atol=3e-3)
+        # cache: rows of the in-range slots as the reference; token 2 (bad position) has NaN rope
+        flat, rflat = case.kv_cache.reshape(-1, D).view(FN), ref.kv_cache.reshape(-1, D).view(FN)
+        s2 = int(case.slot_mapping[2])
+        assert flat[s2, L:].float().isnan().all() and not flat[s2, :L].float().isnan().any()
+        written = [int(case.slot_mapping[t]) for t in range(6) if t not in bad_slot and t not in bad_pos]
+        d = (flat[written].float() - rflat[written].float()).abs()
+        assert (d <= fp8_step(rflat[written].double(), FN).float()).all()
+        untouched = torch.ones(n_slots, dtype=torch.bool, device=device)
+        untouched[written + [s2]] = False
+        assert torch.equal(case.kv_cache.reshape(-1, D)[untouched], before.kv_cache.reshape(-1, D)[untouched])
+
+
+def _interp_nan(device: str = "cpu") -> None:
+    """NaN in q_nope, q_pe or kv_c comes out as NaN where the reference has NaN
+    (the fp8 clamp turned it into +-448), for fn / fnuz-bits / unquantized
+    outputs, both conventions."""
+    from mla_passes.kernels.reference import fused_decode_prep_reference
+
+    for is_neox in (True, False):
+        for flavour, kvd, q8 in ((None, "fp8", FN), (FNUZ, "fp8", FNUZ), (None, "auto", None)):
+            case = make_case(5, 3, P=16, L=32, R=8, dtype=torch.float16, kv_cache_dtype=kvd,
+                             cache_fp8_dtype=flavour, q_fp8_dtype=q8, block_size=4, is_neox=is_neox,
+                             pad_every=0, seed=3, device=device)
+            case.q[0, 1, 3] = float("nan")        # q_nope: the whole absorbed row
+            case.q[1, 2, 16 + 1] = float("nan")   # q_pe: its rotary pair
+            case.kv_c[2, 5] = float("nan")        # kv_c: one cache column
+            case.k_pe[3, 6] = float("nan")        # k_pe: its pair in the cache and in place
+            ref = case.clone()
+            dims = check_fused_decode_prep_args(*ref.kernel_args())
+            fused_decode_prep_reference(*ref.kernel_args(), dims)
+            _run_triton(case)
+            assert ref.q_out.float().isnan().any()
+            assert torch.equal(case.q_out.float().isnan(), ref.q_out.float().isnan()), (is_neox, flavour, kvd)
+            fl = flavour or (FN if kvd == "fp8" else None)
+            got_c = case.kv_cache.view(fl) if fl else case.kv_cache
+            ref_c = ref.kv_cache.view(fl) if fl else ref.kv_cache
+            assert torch.equal(got_c.float().isnan(), ref_c.float().isnan()), (is_neox, flavour, kvd)
+            assert torch.equal(case.q.isnan(), ref.q.isnan()) and torch.equal(case.k_pe.isnan(), ref.k_pe.isnan())
+
+
 def _interp_run_all() -> dict:
     """Run every interpreter check in this process; name -> 'ok' or the error."""
     out = {}
     checks = {f"case:{n}": (lambda n=n: _interp_case(n)) for n in INTERP_CASES}
     checks["gather"] = _interp_gather
     checks["fnuz_bits"] = _interp_fnuz_bits
+    checks["strided_indices"] = _interp_strided_indices
+    checks["out_of_range"] = _interp_out_of_range
+    checks["nan"] = _interp_nan
     for name, fn in checks.items():
         try:
             fn()
@@ -205,7 +316,8 @@ def interp_results():
     return json.loads(marker[-1][len("@@RESULTS@@"):])
 
 
-@pytest.mark.parametrize("name", [f"case:{n}" for n in INTERP_CASES] + ["gather", "fnuz_bits"])
+@pytest.mark.parametrize("name", [f"case:{n}" for n in INTERP_CASES]
+                         + ["gather", "fnuz_bits", "strided_indices", "out_of_range", "nan"])
 def test_interpreter(interp_results, name):
     """The Triton kernels under the CPU interpreter match the float64 oracle / torch."""
     assert interp_results[name] == "ok", interp_results[name]
@@ -329,3 +441,12 @@ def test_gpu_gather_cache_rows(kvd, flavour):
     got = gather_cache_rows(case.kv_cache, slots, kvd, case.k_scale, dtype=torch.float32)
     ref = gather_cache_rows_reference(case.kv_cache, slots, kvd, case.k_scale, torch.float32)
     assert torch.equal(got, ref)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("check", ["strided_indices", "out_of_range", "nan"])
+def test_gpu_index_and_nan_contract(check):
+    """On the GPU as under the interpreter: strided indices honoured, out-of-range
+    rows masked (no fault, no stray write), NaN propagated into fp8 outputs."""
+    globals()[f"_interp_{check}"](device="cuda")

@@ -98,3 +98,64 @@ def test_bad_call_leaves_outputs_untouched(case):
         _call(case, slot_mapping=case.slot_mapping.float())
     assert torch.equal(case.q, before.q) and torch.equal(case.kv_cache, before.kv_cache)
     assert torch.equal(case.q_out, before.q_out) and torch.equal(case.k_pe, before.k_pe)
+
+
+def test_q_out_overlapping_q_is_rejected(case):
+    """q_out sharing memory with q was accepted (Triton then computed garbage)."""
+    T, H, D = case.q_out.shape
+    buf = torch.empty(T * H * D + case.q.numel(), dtype=case.q.dtype)
+    q = buf[: case.q.numel()].view(case.q.shape).copy_(case.q)
+    q_out = buf[case.q.numel() // 2: case.q.numel() // 2 + T * H * D].view(T, H, D)
+    with pytest.raises(ValueError, match="'q_out'.*overlap 'q'"):
+        _call(case, q=q, q_out=q_out)
+
+
+def test_kv_cache_overlapping_kv_c_is_rejected(case):
+    """A cache whose memory holds kv_c is written while kv_c is read: rejected."""
+    flat = case.kv_cache.view(-1)
+    with pytest.raises(ValueError, match="'kv_cache'.*overlap 'kv_c'"):
+        _call(case, kv_c=flat[: case.kv_c.numel()].view(case.kv_c.shape))
+
+
+def test_adjacent_views_of_one_buffer_are_accepted(case):
+    """q_out and q as disjoint slices of one buffer are fine (no false overlap)."""
+    T, H, D = case.q_out.shape
+    buf = torch.empty(case.q.numel() + T * H * D, dtype=case.q.dtype)
+    q = buf[: case.q.numel()].view(case.q.shape).copy_(case.q)
+    q_out = buf[case.q.numel():].view(T, H, D)
+    _call(case, q=q, q_out=q_out)
+    assert not q_out.isnan().any() and not (q_out == 7.0).all()
+
+
+@pytest.mark.parametrize("name", ["k_scale", "q_scale"])
+def test_scale_on_another_device_is_named(fp8_case, name):
+    """A scale on another device failed inside Triton ('Pointer argument (at 8)')."""
+    bad = torch.empty(1, dtype=torch.float32, device="meta")
+    with pytest.raises(ValueError, match=f"'{name}'.*device"):
+        _call(fp8_case, **{name: bad})
+
+
+@pytest.mark.parametrize("arg,value", [("positions", 4096), ("positions", -1), ("slot_mapping", 10**6)])
+def test_reference_names_out_of_range_index(case, arg, value):
+    """Out-of-range slots/positions raised torch's IndexError, naming no argument."""
+    bad = getattr(case, arg).clone()
+    bad[1] = value
+    with pytest.raises(ValueError, match=f"'{arg}'"):
+        _call(case, **{arg: bad})
+
+
+def test_index_checks_run_before_any_backend(case, monkeypatch):
+    """MLA_PASSES_CHECK_INDICES=1 checks index values before the backend runs."""
+    import mla_passes.kernels as kernels
+
+    def must_not_run(*a):
+        raise AssertionError("the backend ran on out-of-range indices")
+
+    monkeypatch.setattr(kernels, "_impl", lambda name: must_not_run)
+    bad = case.slot_mapping.clone()
+    bad[0] = 10**6
+    with pytest.raises(AssertionError, match="backend ran"):  # off by default: the backend decides
+        _call(case, slot_mapping=bad)
+    monkeypatch.setenv("MLA_PASSES_CHECK_INDICES", "1")
+    with pytest.raises(ValueError, match="'slot_mapping'"):
+        _call(case, slot_mapping=bad)

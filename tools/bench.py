@@ -1,7 +1,10 @@
 """``mla-passes bench``: time the fused decode prep against what it replaces.
 
-On a GPU, DeepSeek-V3 dims (P=128, R=64, L=512), fp8 cache and fp8 q, every
-variant captured in a CUDA graph and timed by replay:
+On a GPU, DeepSeek-V3 dims (P=128, R=64, L=512), GPT-J (interleaved) RoPE as
+DeepSeek-V2/V3/R1 and Kimi K2 run it (``--rope gptj,neox`` adds NeoX), block
+size 64, two cases: ``fp8`` (fp8 cache and fp8 q: the main table) and ``bf16``
+(bf16 model, ``kv_cache_dtype="auto"``, unquantized q). Every variant is
+captured in a CUDA graph and timed by replay:
 
 * ``fused``   - the one Triton kernel of this library (``backend="triton"``);
 * ``compile`` - the unfused chain through ``torch.compile``: RoPE in torch, the
@@ -12,6 +15,11 @@ variant captured in a CUDA graph and timed by replay:
   (loaded through :mod:`tools.aiter_stub`) + torch bmm + a compiled quant;
 * the floor: the bytes that must move over the measured copy bandwidth, and
   one tiny kernel in a graph.
+
+The targets are printed under every table with their gaps: geomean >= 3x over
+the compile chain, fused <= 2x max(floor, one launch) at every shape, faster
+than every peer at every shape. ``--plot PATH`` writes a PNG (us against T, one
+panel per H; needs matplotlib: ``pip install mla-passes[bench]``).
 
 Each graph runs ``--layers`` independent layers (own weights, inputs, caches),
 so a layer's weights are not served from L2 by the previous replay; times are
@@ -33,8 +41,13 @@ import torch
 HELP = "time the fused MLA decode prep vs the torch.compile chain, AITER's Triton path and the floor"
 
 P, L, R = 128, 512, 64
-DEFAULT_HEADS = (16, 128)
-DEFAULT_TOKENS = (1, 8, 32, 64, 128, 256)
+DEFAULT_HEADS = (16, 32, 128)   # DeepSeek-V3 heads per rank at TP 8 / 4 / 1
+DEFAULT_TOKENS = (1, 8, 32, 64, 128, 256, 512)
+CASES = {  # name -> (kv_cache_dtype, fp8 q)
+    "fp8": ("fp8", True),     # fp8 cache and fp8 q (FlashMLA-style fp8 attention): the main table
+    "bf16": ("auto", False),  # bf16 model, bf16 cache, unquantized q
+}
+ROPES = {"gptj": False, "neox": True}  # name -> is_neox
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inner", type=int, default=10, help="graph replays per timed batch")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--gptj", action="store_true", help="GPT-J rotary pairs (default NeoX)")
+    parser.add_argument("--rope", default="gptj",
+                        help="comma-separated rotary conventions: gptj (DeepSeek's, the default), neox")
+    parser.add_argument("--cases", default="fp8,bf16",
+                        help="comma-separated: fp8 (fp8 cache + fp8 q, main table), bf16 (kv_cache_dtype='auto')")
+    parser.add_argument("--plot", metavar="PNG", help="write a plot of us against T (needs matplotlib)")
     parser.add_argument("--sweep", action="store_true", help="also time other launch configs of the fused kernel")
     parser.add_argument("--check-only", action="store_true",
                         help="check every variant against the reference once; no timing")
@@ -67,18 +84,18 @@ def _bench_ops():
 
     @torch.library.custom_op("mla_passes_bench::concat_and_cache_mla", mutates_args=("kv_cache",))
     def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
-                             slot_mapping: torch.Tensor, k_scale: torch.Tensor) -> None:
-        concat_and_cache_mla_triton(kv_c, k_pe, kv_cache, slot_mapping, "fp8", k_scale)
+                             slot_mapping: torch.Tensor, k_scale: torch.Tensor, kv_cache_dtype: str) -> None:
+        concat_and_cache_mla_triton(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale)
 
     @concat_and_cache_mla.register_fake
-    def _(kv_c, k_pe, kv_cache, slot_mapping, k_scale) -> None:
+    def _(kv_c, k_pe, kv_cache, slot_mapping, k_scale, kv_cache_dtype) -> None:
         return None
 
     _bench_ops.op = torch.ops.mla_passes_bench.concat_and_cache_mla
     return _bench_ops.op
 
 
-def _make_chain(is_neox: bool):
+def _make_chain(is_neox: bool, kv_cache_dtype: str, q_fp8: bool):
     """The unfused decode prep as torch ops, for torch.compile."""
     from mla_passes.kernels.fp8 import fp8_max
     from mla_passes.kernels.reference import rope_fp32
@@ -90,10 +107,13 @@ def _make_chain(is_neox: bool):
         q_pe = q[..., P:]
         q_pe.copy_(rope_fp32(q_pe, cos[:, None, :], sin[:, None, :], is_neox).to(q.dtype))
         k_pe.copy_(rope_fp32(k_pe, cos, sin, is_neox).to(k_pe.dtype))
-        cache_write(kv_c, k_pe, kv_cache, slot_mapping, k_scale)
+        cache_write(kv_c, k_pe, kv_cache, slot_mapping, k_scale, kv_cache_dtype)
         ql = torch.bmm(q[..., :P].transpose(0, 1), w_uk_t).transpose(0, 1)
-        m = fp8_max(q_out.dtype)
-        q_out.copy_((torch.cat((ql, q_pe), dim=-1).float() / q_scale).clamp(-m, m).to(q_out.dtype))
+        if q_fp8:
+            m = fp8_max(q_out.dtype)
+            q_out.copy_((torch.cat((ql, q_pe), dim=-1).float() / q_scale).clamp(-m, m).to(q_out.dtype))
+        else:
+            q_out.copy_(torch.cat((ql, q_pe), dim=-1))
 
     return chain
 
@@ -108,15 +128,16 @@ def _quant_into(x, q_scale, q_out):
 class Layer:
     """One layer's buffers: a decode-prep case plus what the AITER path needs."""
 
-    def __init__(self, T, H, args, seed, device):
+    def __init__(self, T, H, args, seed, device, *, is_neox=False, case="fp8"):
         from mla_passes.kernels.fp8 import platform_fp8_dtype
         from mla_passes.kernels.validate import check_fused_decode_prep_args
         from mla_passes.testing import make_case
 
         dtype = getattr(torch, args.dtype)
         fp8 = platform_fp8_dtype(device)
+        kvd, q_fp8 = CASES[case]
         self.case = make_case(T, H, P=P, L=L, R=R, block_size=args.block_size, dtype=dtype,
-                              kv_cache_dtype="fp8", q_fp8_dtype=fp8, is_neox=not args.gptj,
+                              kv_cache_dtype=kvd, q_fp8_dtype=fp8 if q_fp8 else None, is_neox=is_neox,
                               num_blocks=max(4, 4 * T // args.block_size + 2), device=device, seed=seed)
         self.dims = check_fused_decode_prep_args(*self.case.kernel_args())
         c = self.case
@@ -124,22 +145,24 @@ class Layer:
         half = R // 2
         self.cos = c.cos_sin_cache[:, :half].contiguous()
         self.sin = c.cos_sin_cache[:, half:].contiguous()
-        self.cache_b1 = c.kv_cache.view(fp8).view(-1, 1, L + R)
+        self.cache_b1 = (c.kv_cache.view(fp8) if kvd == "fp8" else c.kv_cache).view(-1, 1, L + R)
         self.q_tmp = torch.empty(c.q_out.shape, dtype=dtype, device=device)
 
 
-def _variants(names, is_neox, device):
-    from mla_passes.kernels.triton_prep import fused_decode_prep_triton
+def _variants(names, is_neox, device, case="fp8"):
+    from mla_passes.kernels import triton_prep
 
+    kvd, q_fp8 = CASES[case]
     out = {}
     if "fused" in names:
-        out["fused"] = lambda ly: fused_decode_prep_triton(*ly.case.kernel_args(), ly.dims)
-    for parts, label in ((1, "absorb"), (2, "cache"), (4, "rope"), (0, "empty")):
+        out["fused"] = lambda ly: triton_prep.fused_decode_prep_triton(*ly.case.kernel_args(), ly.dims)
+    parts_of = dict(absorb=triton_prep.ABSORB, cache=triton_prep.CACHE_AND_K_ROPE, rope=triton_prep.Q_ROPE, empty=0)
+    for label, parts in parts_of.items():
         if f"fused_{label}" in names:  # diagnosis: the kernel with only some parts switched on
-            out[f"fused_{label}"] = (lambda ly, parts=parts:
-                                     fused_decode_prep_triton(*ly.case.kernel_args(), ly.dims, _parts=parts))
+            out[f"fused_{label}"] = (lambda ly, parts=parts: triton_prep.launch(
+                *ly.case.kernel_args(), ly.dims, _heuristic(ly), parts=parts))
     if "compile" in names:
-        compiled = torch.compile(_make_chain(is_neox), fullgraph=True, dynamic=False)
+        compiled = torch.compile(_make_chain(is_neox, kvd, q_fp8), fullgraph=True, dynamic=False)
         out["compile"] = lambda ly: compiled(
             ly.case.q, ly.case.kv_c, ly.case.k_pe, ly.case.w_uk_t, ly.case.positions, ly.case.cos_sin_cache,
             ly.case.slot_mapping, ly.case.kv_cache, ly.case.k_scale, ly.case.q_scale, ly.case.q_out)
@@ -153,29 +176,37 @@ def _variants(names, is_neox, device):
         except Exception as e:  # noqa: BLE001 - reported, the rest still runs
             print(f"[bench] AITER Triton path unavailable: {type(e).__name__}: {e}", file=sys.stderr)
         else:
-            quant = torch.compile(_quant_into, fullgraph=True, dynamic=False)
+            quant = torch.compile(_quant_into, fullgraph=True, dynamic=False) if q_fp8 else None
 
             def aiter_path(ly):
                 c = ly.case
                 ql = torch.bmm(c.q[..., :P].transpose(0, 1), c.w_uk_t).transpose(0, 1)
+                dst = ly.q_tmp if q_fp8 else c.q_out
                 aiter_fn(ql, c.q[..., P:], c.kv_c.unsqueeze(1), c.k_pe.unsqueeze(1), ly.cache_b1, ly.slot64,
-                         ly.pos64, ly.cos, ly.sin, c.k_scale, c.is_neox, q_out=ly.q_tmp)
-                quant(ly.q_tmp, c.q_scale, c.q_out)
+                         ly.pos64, ly.cos, ly.sin, c.k_scale, c.is_neox, q_out=dst)
+                if q_fp8:
+                    quant(ly.q_tmp, c.q_scale, c.q_out)
 
             out["aiter"] = aiter_path
     return out
 
 
+def _heuristic(ly) -> dict:
+    from mla_passes.kernels import triton_prep
+
+    return triton_prep.launch_config(ly.dims.T, ly.dims.H, ly.dims.L, ly.case.q.device, ly.dims.P)
+
+
 # ------------------------------------------------------------------- checks
 
 
-def _check_variant(name, fn, T, H, args, device) -> dict:
+def _check_variant(name, fn, T, H, args, device, is_neox) -> dict:
     """Run ``fn`` once on a fresh layer and compare with the reference backend."""
     from mla_passes.kernels.fp8 import platform_fp8_dtype
     from mla_passes.kernels.reference import fused_decode_prep_reference
     from mla_passes.testing import fp8_step
 
-    ly = Layer(T, H, args, seed=T + H, device=device)
+    ly = Layer(T, H, args, seed=T + H, device=device, is_neox=is_neox, case="fp8")
     ref = ly.case.clone()
     fused_decode_prep_reference(*ref.kernel_args(), ly.dims)
     fn(ly)
@@ -191,7 +222,8 @@ def _check_variant(name, fn, T, H, args, device) -> dict:
     cache_guard = torch.equal(gc[untouched].nan_to_num(), rc[untouched].nan_to_num())
     # AITER's Triton kernel leaves q_pe unrotated (it writes rotated copies): not compared
     qpe_err = (ly.case.q[..., P:].double() - ref.q[..., P:].double()).abs().max().item()
-    return dict(variant=name, T=T, H=H, dtype=args.dtype, q_out_max_fp8_steps=q_steps,
+    return dict(variant=name, rope="neox" if is_neox else "gptj", T=T, H=H, dtype=args.dtype,
+                q_out_max_fp8_steps=q_steps,
                 cache_max_fp8_steps=c_steps, other_cache_rows_untouched=cache_guard,
                 q_pe_inplace_max_abs_err=None if name == "aiter" else qpe_err)
 
@@ -256,14 +288,14 @@ def _tiny_kernel_us(device, n_layers, reps, inner) -> float:
     return _time_graph(lambda ly: x.add_(1.0), list(range(n_layers)), reps, inner)
 
 
-def min_bytes(T: int, H: int, model_bytes: int = 2) -> int:
+def min_bytes(T: int, H: int, model_bytes: int = 2, q_out_bytes: int = 1, cache_bytes: int = 1) -> int:
     """Bytes a decode prep must move: each input read once, each output written once."""
     reads = (T * H * (P + R) * model_bytes      # q (nope + pe)
              + H * P * L * model_bytes          # W_UK_T
              + T * (L + R) * model_bytes        # kv_c + k_pe
              + T * R * 4 + 2 * T * 8 + 8)       # cos/sin rows, positions, slots, scales
-    writes = (T * H * (L + R) * 1               # q_out (fp8)
-              + T * (L + R) * 1                 # cache rows (fp8)
+    writes = (T * H * (L + R) * q_out_bytes     # q_out
+              + T * (L + R) * cache_bytes       # cache rows
               + T * H * R * model_bytes         # q_pe rotated in place
               + T * R * model_bytes)            # k_pe rotated in place
     return reads + writes
@@ -272,8 +304,10 @@ def min_bytes(T: int, H: int, model_bytes: int = 2) -> int:
 SWEEP = ([dict(BLOCK_T=1, BLOCK_L=bl, LB_ITERS=1, GEMV=True, num_warps=4, num_stages=2) for bl in (32, 64, 128)]
          + [dict(BLOCK_T=bt, BLOCK_L=bl, LB_ITERS=it, GEMV=False, num_warps=nw, num_stages=3 if it > 1 else 2)
             for bt in (16, 32, 64, 128) for bl, it in ((32, 1), (64, 1), (128, 1), (64, 2))
-            for nw in ((4,) if bt < 64 else (4, 8))])
-# (the side programs keep the heuristic's SIDE_T/SIDE_H; tools/kernel_sweep.py sweeps those too)
+            for nw in ((4,) if bt < 64 else (4, 8))]
+         # side programs (tokens x heads of RoPE each), the absorb blocks kept
+         + [dict(SIDE_T=st, SIDE_H=sh) for st, sh in ((1, 16), (2, 16), (4, 16), (8, 16), (16, 16),
+                                                     (2, 32), (4, 32), (8, 32), (1, 64), (2, 64))])
 
 
 def _geomean(xs):
@@ -281,28 +315,130 @@ def _geomean(xs):
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
 
 
+def _fmt(x, spec="8.2f"):
+    return format(x, spec) if isinstance(x, (int, float)) and x is not None else f"{'-':>8}"
+
+
+def print_table(rows, peers, title) -> dict:
+    """One table (us per layer) and its targets, each with its gap when missed."""
+    print(f"\n## {title}")
+    cols = ["fused", "compile"] + peers + ["floor", "bound"]
+    hdr = f"{'H':>4} {'T':>4} " + " ".join(f"{c:>8}" for c in cols) + f" {'vs_comp':>8} {'x_bound':>8}"
+    hdr += "".join(f" {'vs_' + p:>9}" for p in peers)
+    print(hdr + "   (us per layer; bound = max(floor, one tiny kernel))")
+    for r in rows:
+        f, c = r.get("fused_us"), r.get("compile_us")
+        r["speedup_vs_compile"] = c / f if f and c else None
+        r["fused_over_bound"] = f / r["bound_us"] if f else None
+        for p in peers:
+            a = r.get(f"{p}_us")
+            r[f"speedup_vs_{p}"] = a / f if f and a else None
+        line = f"{r['H']:>4} {r['T']:>4} " + " ".join(
+            _fmt(r.get(f"{c}_us") if c not in ("floor", "bound") else r[f"{c}_us"]) for c in cols)
+        line += f" {_fmt(r['speedup_vs_compile'])} {_fmt(r['fused_over_bound'])}"
+        line += "".join(f" {_fmt(r[f'speedup_vs_{p}'], '9.2f')}" for p in peers)
+        print(line)
+    gm = _geomean([r["speedup_vs_compile"] for r in rows])
+    bounded = [r for r in rows if r["fused_over_bound"]]
+    worst = max(bounded, key=lambda r: r["fused_over_bound"], default=None)
+    worst_x = worst["fused_over_bound"] if worst else float("nan")
+    summary = dict(geomean_speedup_vs_compile=gm, target_geomean_3x=gm >= 3.0,
+                   worst_fused_over_bound=worst_x, target_within_2x_of_bound=worst_x <= 2.0)
+    gap = "met" if gm >= 3 else f"MISSED by {3 / gm:.2f}x"
+    print(f"geomean speedup vs torch.compile chain: {gm:.2f}x (target >= 3x: {gap})")
+    over = [r for r in bounded if r["fused_over_bound"] > 2.0]
+    gap = "met" if not over else (f"MISSED at {len(over)}/{len(bounded)} shapes, worst by "
+                                  f"{worst_x / 2:.2f}x (H={worst['H']} T={worst['T']})")
+    print(f"worst fused / max(floor, one launch): {worst_x:.2f}x (target <= 2x: {gap})")
+    for p in peers:
+        pr = [r for r in rows if r[f"speedup_vs_{p}"]]
+        slower = [r for r in pr if r[f"speedup_vs_{p}"] <= 1.0]
+        summary[f"faster_than_{p}_everywhere"] = bool(pr) and not slower
+        summary[f"{p}_rows"] = len(pr)
+        if not pr:
+            print(f"faster than {p}: no {p} numbers")
+            continue
+        if slower:
+            w = min(slower, key=lambda r: r[f"speedup_vs_{p}"])
+            gap = (f"MISSED at {len(slower)}/{len(pr)} shapes, worst by {1 / w[f'speedup_vs_{p}']:.2f}x "
+                   f"(H={w['H']} T={w['T']})")
+        else:
+            gap = "met"
+        print(f"faster than {p} at {len(pr) - len(slower)}/{len(pr)} shapes (target: all; {gap})")
+    return summary
+
+
+def write_plot(path, tables, meta) -> None:
+    """us against T, one panel per H, one row of panels per table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(tables)
+    heads = sorted({r["H"] for rows in tables.values() for r in rows})
+    fig, axes = plt.subplots(len(names), len(heads), figsize=(4.2 * len(heads), 3.4 * len(names)),
+                             squeeze=False)
+    styles = dict(fused=("C0", "o", "-"), compile=("C1", "s", "--"), aiter=("C2", "^", "--"),
+                  bound=("k", None, ":"))
+    for i, name in enumerate(names):
+        for j, H in enumerate(heads):
+            ax = axes[i][j]
+            rows = sorted((r for r in tables[name] if r["H"] == H), key=lambda r: r["T"])
+            for key, (color, marker, ls) in styles.items():
+                pts = [(r["T"], r.get(f"{key}_us")) for r in rows if r.get(f"{key}_us")]
+                if pts:
+                    label = {"bound": "bound (bytes / copy BW, or one launch)",
+                             "compile": "torch.compile chain", "aiter": "AITER Triton + bmm",
+                             "fused": "fused (mla-passes)"}[key]
+                    ax.plot(*zip(*pts), color=color, marker=marker, ls=ls, label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{name}, H={H}", fontsize=9)
+            ax.set_xlabel("tokens T")
+            ax.set_ylabel("us per layer")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"MLA decode prep, DeepSeek-V3 dims, {meta['device']} (CUDA-graph replay, "
+                 f"{meta['layers_per_graph']} layers per graph)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
 def run(args) -> int:
     device = torch.device(args.device)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    ropes = [r.strip() for r in args.rope.split(",") if r.strip()]
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for r in ropes:
+        if r not in ROPES:
+            print(f"mla-passes bench: --rope takes gptj,neox; got {r!r}", file=sys.stderr)
+            return 2
+    for c in cases:
+        if c not in CASES:
+            print(f"mla-passes bench: --cases takes fp8,bf16; got {c!r}", file=sys.stderr)
+            return 2
     if device.type == "cuda" and not torch.cuda.is_available():
         print("mla-passes bench: no CUDA device; use --check-only --device cpu with TRITON_INTERPRET=1",
               file=sys.stderr)
         return 2
     try:
-        torch._dynamo.config.cache_size_limit = 256
-        torch._dynamo.config.recompile_limit = 256
+        torch._dynamo.config.cache_size_limit = 512
+        torch._dynamo.config.recompile_limit = 512
     except AttributeError:
         pass
-    variants = _variants(names, not args.gptj, device)
 
     if args.check_only:
         rows = []
-        for H in args.heads:
-            for T in args.tokens:
-                for name, fn in variants.items():
-                    r = _check_variant(name, fn, T, H, args, device)
-                    rows.append(r)
-                    print(json.dumps(r))
+        for rope in ropes:
+            variants = _variants(names, ROPES[rope], device, "fp8")
+            for H in args.heads:
+                for T in args.tokens:
+                    for name, fn in variants.items():
+                        r = _check_variant(name, fn, T, H, args, device, ROPES[rope])
+                        rows.append(r)
+                        print(json.dumps(r))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(check=rows), f, indent=1)
@@ -320,96 +456,94 @@ def run(args) -> int:
     meta = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 triton=triton.__version__, copy_bandwidth_TBps=bw / 1e12, tiny_kernel_in_graph_us=tiny,
                 layers_per_graph=args.layers, dtype=args.dtype, block_size=args.block_size,
-                is_neox=not args.gptj, dims=dict(P=P, L=L, R=R))
+                dims=dict(P=P, L=L, R=R))
     print(f"device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
           f"triton {triton.__version__}")
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write); one tiny kernel in a graph {tiny:.2f} us")
 
-    rows, sweeps = [], []
-    for H in args.heads:
-        for T in args.tokens:
-            t0 = time.time()
-            layers = [Layer(T, H, args, seed=1000 * i + T + H, device=device) for i in range(args.layers)]
-            row = dict(H=H, T=T, bytes=min_bytes(T, H))
-            row["floor_us"] = row["bytes"] / bw * 1e6
-            row["bound_us"] = max(row["floor_us"], tiny)
-            for name, fn in variants.items():
-                try:
-                    row[f"{name}_us"] = _time_graph(fn, layers, args.reps, args.inner)
-                except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
-                    row[f"{name}_us"] = None
-                    row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
-                    print(f"[bench] {name} H={H} T={T} failed: {row[f'{name}_error']}", file=sys.stderr)
-            row["config"] = triton_prep.launch_config(T, H, L, device)
-            if "fused" in variants:  # the compiler's resource report for the heuristic config
-                k = variants["fused"](layers[0])
-                if k is not None:
-                    row["kernel"] = dict(n_regs=getattr(k, "n_regs", None), n_spills=getattr(k, "n_spills", None),
-                                         shared=getattr(getattr(k, "metadata", None), "shared", None))
-            if args.sweep and "fused" in variants:
-                best = None
-                for cfg in SWEEP:
-                    if cfg["BLOCK_T"] > max(16, triton.next_power_of_2(T)) or (cfg["GEMV"] and T > 1):
-                        continue
-                    triton_prep._CONFIG_OVERRIDE = cfg
-                    try:
-                        us = _time_graph(variants["fused"], layers, max(5, args.reps // 3), args.inner)
-                    except Exception as e:  # noqa: BLE001
-                        us = None
-                        print(f"[bench] sweep {cfg} failed: {type(e).__name__}: {e}"[:300], file=sys.stderr)
-                    finally:
-                        triton_prep._CONFIG_OVERRIDE = None
-                    sweeps.append(dict(H=H, T=T, us=us, **cfg))
-                    if us is not None and (best is None or us < best[0]):
-                        best = (us, cfg)
-                if best:
-                    row["sweep_best_us"], row["sweep_best_config"] = best
-            rows.append(row)
-            print("[row] " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
-                  flush=True)
-            del layers
-            torch.cuda.empty_cache()
-            print(f"[bench] H={H} T={T} done in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
-
-    def fmt(x, spec="8.2f"):
-        return format(x, spec) if isinstance(x, (int, float)) and x is not None else f"{'-':>8}"
-
-    print()
-    hdr = (f"{'H':>4} {'T':>4} {'fused':>8} {'compile':>8} {'aiter':>8} {'floor':>8} {'bound':>8} "
-           f"{'vs_comp':>8} {'x_bound':>8} {'vs_aiter':>8}   (us per layer; bound = max(floor, tiny kernel))")
-    print(hdr)
-    for r in rows:
-        f, c, a = r.get("fused_us"), r.get("compile_us"), r.get("aiter_us")
-        r["speedup_vs_compile"] = c / f if f and c else None
-        r["fused_over_bound"] = f / r["bound_us"] if f else None
-        r["speedup_vs_aiter"] = a / f if f and a else None
-        print(f"{r['H']:>4} {r['T']:>4} {fmt(f)} {fmt(c)} {fmt(a)} {fmt(r['floor_us'])} {fmt(r['bound_us'])} "
-              f"{fmt(r['speedup_vs_compile'])} {fmt(r['fused_over_bound'])} {fmt(r['speedup_vs_aiter'])}")
-    gm = _geomean([r["speedup_vs_compile"] for r in rows])
-    worst_bound = max((r["fused_over_bound"] for r in rows if r["fused_over_bound"]), default=float("nan"))
-    aiter_rows = [r for r in rows if r["speedup_vs_aiter"]]
-    summary = dict(
-        geomean_speedup_vs_compile=gm,
-        target_geomean_3x=gm >= 3.0,
-        worst_fused_over_bound=worst_bound,
-        target_within_2x_of_bound=worst_bound <= 2.0,
-        faster_than_aiter_everywhere=bool(aiter_rows) and all(r["speedup_vs_aiter"] > 1.0 for r in aiter_rows),
-        aiter_rows=len(aiter_rows),
-    )
-    print(f"\ngeomean speedup vs torch.compile chain: {gm:.2f}x (target >= 3x: {'met' if gm >= 3 else 'MISSED'})")
-    print(f"worst fused / max(floor, tiny kernel): {worst_bound:.2f}x (target <= 2x: "
-          f"{'met' if worst_bound <= 2 else 'MISSED'})")
-    print(f"faster than AITER's Triton path on {sum(r['speedup_vs_aiter'] > 1 for r in aiter_rows)}"
-          f"/{len(aiter_rows)} shapes")
-    if args.sweep:
-        print("\nsweep: best fused config per shape")
-        for r in rows:
-            if "sweep_best_config" in r:
-                print(f"  H={r['H']:>3} T={r['T']:>3} heuristic {fmt(r.get('fused_us'))} us {r['config']}  "
-                      f"best {fmt(r['sweep_best_us'])} us {r['sweep_best_config']}")
+    tables, summaries, sweeps = {}, {}, []
+    for case in cases:
+        kvd, q_fp8 = CASES[case]
+        for rope in ropes:
+            is_neox = ROPES[rope]
+            title = f"{rope} rope, {'fp8 cache + fp8 q' if q_fp8 else 'bf16 model, kv_cache_dtype=auto'}"
+            variants = _variants(names, is_neox, device, case)
+            rows = []
+            for H in args.heads:
+                for T in args.tokens:
+                    t0 = time.time()
+                    layers = [Layer(T, H, args, seed=1000 * i + T + H, device=device, is_neox=is_neox, case=case)
+                              for i in range(args.layers)]
+                    nbytes = min_bytes(T, H, q_out_bytes=1 if q_fp8 else 2, cache_bytes=1 if kvd == "fp8" else 2)
+                    row = dict(rope=rope, case=case, H=H, T=T, bytes=nbytes)
+                    row["floor_us"] = nbytes / bw * 1e6
+                    row["bound_us"] = max(row["floor_us"], tiny)
+                    for name, fn in variants.items():
+                        try:
+                            row[f"{name}_us"] = _time_graph(fn, layers, args.reps, args.inner)
+                        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+                            row[f"{name}_us"] = None
+                            row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+                            print(f"[bench] {name} {rope} {case} H={H} T={T} failed: {row[f'{name}_error']}",
+                                  file=sys.stderr)
+                    cfg = triton_prep.launch_config(T, H, L, device)
+                    row["config"] = cfg
+                    if "fused" in variants:  # the compiler's resource report for the heuristic config
+                        k = variants["fused"](layers[0])
+                        if k is not None:
+                            row["kernel"] = dict(n_regs=getattr(k, "n_regs", None),
+                                                 n_spills=getattr(k, "n_spills", None),
+                                                 shared=getattr(getattr(k, "metadata", None), "shared", None))
+                    if args.sweep and "fused" in variants:
+                        best = None
+                        for sc in SWEEP:
+                            if (sc.get("BLOCK_T", 0) > max(16, triton.next_power_of_2(T)) or (sc.get("GEMV") and T > 1)
+                                    or sc.get("SIDE_T", 0) > T):
+                                continue
+                            full = dict(cfg, **sc)
+                            fn = (lambda ly, full=full: triton_prep.launch(*ly.case.kernel_args(), ly.dims, full))
+                            try:
+                                us = _time_graph(fn, layers, max(5, args.reps // 3), args.inner)
+                            except Exception as e:  # noqa: BLE001
+                                us = None
+                                print(f"[bench] sweep {sc} failed: {type(e).__name__}: {e}"[:300], file=sys.stderr)
+                            sweeps.append(dict(rope=rope, case=case, H=H, T=T, us=us, **sc))
+                            if us is not None and (best is None or us < best[0]):
+                                best = (us, sc)
+                        if best:
+                            row["sweep_best_us"], row["sweep_best_config"] = best
+                    rows.append(row)
+                    print("[row] " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
+                                                 for k, v in row.items()}), flush=True)
+                    del layers
+                    torch.cuda.empty_cache()
+                    print(f"[bench] {rope} {case} H={H} T={T} done in {time.time() - t0:.1f}s",
+                          file=sys.stderr, flush=True)
+            tables[title] = rows
+            peers = [n for n in ("aiter",) if n in variants]
+            summaries[title] = print_table(rows, peers, title)
+            extra = [n for n in variants if n.startswith("fused_")]
+            if extra:
+                print("diagnosis (us): " + "; ".join(
+                    f"H={r['H']} T={r['T']} " + " ".join(f"{n}={_fmt(r.get(n + '_us'), '.2f')}" for n in extra)
+                    for r in rows))
+            if args.sweep:
+                print("sweep: best fused config per shape")
+                for r in rows:
+                    if "sweep_best_config" in r:
+                        print(f"  H={r['H']:>3} T={r['T']:>3} heuristic {_fmt(r.get('fused_us'))} us  "
+                              f"best {_fmt(r['sweep_best_us'])} us {r['sweep_best_config']}")
+    print("\nkernel resources (heuristic config): " + "; ".join(
+        f"{r['rope']} {r['case']} H={r['H']} T={r['T']}: {r.get('kernel')}"
+        for rows in tables.values() for r in rows if r["T"] in (1, 64, 256) and r["H"] in (16, 128)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows, summary=summary, sweep=sweeps), f, indent=1, default=str)
+            json.dump(dict(meta=meta, tables=tables, summary=summaries, sweep=sweeps), f, indent=1, default=str)
+    if args.plot:
+        try:
+            write_plot(args.plot, tables, meta)
+        except ImportError as e:
+            print(f"[bench] no plot: {e} (pip install 'mla-passes[bench]')", file=sys.stderr)
     return 0
 
 

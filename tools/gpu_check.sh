@@ -1,43 +1,65 @@
 #!/usr/bin/env bash
-# Everything this repo asks of a GPU, for one or two device calls:
-#   tools/gpu_check.sh tests   - the GPU pytest tests (kernel, and the passes on CUDA)
-#   tools/gpu_check.sh bench   - variant cross-check + `mla-passes bench` (+ config sweep)
-#   tools/gpu_check.sh all     - both
-# Logs and JSON go under $OUT (the device tool's result folder) or ./gpu_out.
-# Needs: torch with CUDA, triton, pytest; AITER's Triton sources under
+# Everything this repo asks of a GPU, in a few device calls (each < 10 min):
+#   tools/gpu_check.sh tests   - the GPU pytest tests (kernel parity grid in both RoPE
+#                                conventions, CUDA-graph replay, guard bands; the passes on CUDA)
+#   tools/gpu_check.sh diag    - variant cross-check vs the reference, both conventions, and
+#                                where the fused kernel's time goes (parts on/off, registers/spills)
+#   tools/gpu_check.sh bench-fp8 | bench-bf16
+#                              - `mla-passes bench`, GPT-J and NeoX, one case each (tables, JSON, PNG)
+#   tools/gpu_check.sh all     - all of the above (longer than one device call)
+# Logs, JSON and PNGs go under $OUT (the device tool's result folder) or ./gpu_out.
+# Needs: torch with CUDA, triton, pytest (matplotlib for the PNG); AITER's Triton sources under
 # .whl/aiter_py (python -m tools.aiter_stub AMD_AITER_WHEEL) for the AITER column.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-what=${1:-all}
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
 rc=0
 nvidia-smi -L || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  echo "== GPU tests"
-  timeout ${TEST_TIMEOUT:-540} python3 -m pytest -q -m gpu -p no:cacheprovider --noconftest -rfE --durations=15 tests/test_triton_kernel.py \
-    --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1 || rc=1
-  tail -n 40 "$OUT/gpu_tests.log"
+for what in "$@"; do
+case $what in
+tests|all)
+  echo "== GPU kernel tests"
+  timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -m gpu -p no:cacheprovider --noconftest -rfE --durations=5 \
+    tests/test_triton_kernel.py >"$OUT/gpu_tests.log" 2>&1 || rc=1
+  tail -n 12 "$OUT/gpu_tests.log"
   echo "== GPU pass tests (Inductor on CUDA, CUDA-graph replay of the fused op)"
   # mla_passes.patterns / mla_passes.tools live in patterns/ and tools/: stage the
   # installed layout (no pip there) and run from outside the repo so it is the one imported.
   pkg=$(mktemp -d) && cp -r mla_passes "$pkg/" && cp -r patterns "$pkg/mla_passes/patterns" \
     && cp -r tools "$pkg/mla_passes/tools"
   repo=$PWD
-  (cd "$(mktemp -d)" && PYTHONPATH=$pkg timeout ${TEST_TIMEOUT:-540} python3 -m pytest -q -p no:cacheprovider -rfE \
+  (cd "$(mktemp -d)" && PYTHONPATH=$pkg timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider -rfE \
     --rootdir="$repo" -c "$repo/pyproject.toml" "$repo/tests/test_gpu_passes.py" \
     >"$OUT/gpu_pass_tests.log" 2>&1) || rc=1
-  grep -v DEBUG "$OUT/gpu_pass_tests.log" | tail -n 20
-fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  echo "== variant cross-check (bf16, fp8 cache, fp8 q)"
-  timeout ${CHECK_TIMEOUT:-300} python3 -m tools.bench --check-only --heads 16 128 --tokens 1 64 --json "$OUT/check.json" \
-    >"$OUT/check.log" 2>&1 || rc=1
-  tail -n 12 "$OUT/check.log"
-  echo "== bench"
-  timeout ${BENCH_TIMEOUT:-900} python3 -m tools.bench ${BENCH_ARGS---sweep} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || rc=1
-fi
+  grep -v DEBUG "$OUT/gpu_pass_tests.log" | tail -n 8
+  ;;&
+diag|all)
+  echo "== variant cross-check (bf16, fp8 cache, fp8 q; GPT-J and NeoX)"
+  timeout ${CHECK_TIMEOUT:-200} python3 -m tools.bench --check-only --rope gptj,neox --heads 16 128 --tokens 1 64 256 \
+    --json "$OUT/check.json" >"$OUT/check.log" 2>&1 || rc=1
+  grep -c '"other_cache_rows_untouched": true' "$OUT/check.log"; tail -n 3 "$OUT/check.log"
+  echo "== where the time goes (kernel parts on/off), GPT-J vs NeoX"
+  timeout ${DIAG_TIMEOUT:-200} python3 -m tools.bench --rope gptj,neox --cases fp8 --heads 16 128 --tokens 1 64 256 \
+    --variants fused,fused_rope,fused_absorb,fused_cache --json "$OUT/diag.json" 2>&1 \
+    | grep -v '^\[row\]' | tee "$OUT/diag.log" || rc=1
+  ;;&
+bench-fp8|all)
+  echo "== bench: fp8 cache + fp8 q"
+  timeout ${BENCH_TIMEOUT:-560} python3 -m tools.bench --rope gptj,neox --cases fp8 ${BENCH_ARGS-} \
+    --json "$OUT/bench_fp8.json" --plot "$OUT/bench_fp8.png" >"$OUT/bench_fp8.log" 2>&1 || rc=1
+  grep -v '^\[' "$OUT/bench_fp8.log"
+  ;;&
+bench-bf16|all)
+  echo "== bench: bf16 model, kv_cache_dtype=auto"
+  timeout ${BENCH_TIMEOUT:-560} python3 -m tools.bench --rope gptj,neox --cases bf16 ${BENCH_ARGS-} \
+    --json "$OUT/bench_bf16.json" --plot "$OUT/bench_bf16.png" >"$OUT/bench_bf16.log" 2>&1 || rc=1
+  grep -v '^\[' "$OUT/bench_bf16.log"
+  ;;
+esac
+done
 exit $rc

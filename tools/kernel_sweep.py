@@ -2,8 +2,8 @@
 
 Times, per (H, T) of the bench grid (DeepSeek-V3 dims, bf16, fp8 cache and q,
 8 layers per CUDA graph, as ``tools/bench.py``): the kernel with its launch
-heuristic, with only its absorb programs (``_parts=1``) or only its side
-programs (``_parts=6``) under candidate configs, and the best absorb x side
+heuristic, with only its absorb programs (``parts=ABSORB``) or only its side
+programs (``parts=CACHE_AND_K_ROPE | Q_ROPE``) under candidate configs, and the best absorb x side
 combinations. ``--baseline MODULE`` adds another kernel module's
 ``fused_decode_prep_triton`` (e.g. the previous kernel) as row ``old``.
 
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     from mla_passes.kernels import triton_prep
     from tools import bench
 
-    bargs = argparse.Namespace(dtype="bfloat16", block_size=64, gptj=False)
+    bargs = argparse.Namespace(dtype="bfloat16", block_size=64)
     dev = torch.device(os.environ.get("SWEEP_DEVICE", "cuda"))
     shard, nshard = map(int, args.shard.split("/"))
     old = importlib.import_module(args.baseline) if args.baseline else None
@@ -183,12 +183,10 @@ def main(argv=None) -> int:
                 if cfg == "old":
                     return lambda ly: old.fused_decode_prep_triton(*ly.case.kernel_args(), ly.dims)
 
+                full = dict(default, **(cfg or {}))
+
                 def f(ly):
-                    triton_prep._CONFIG_OVERRIDE = cfg
-                    try:
-                        return triton_prep.fused_decode_prep_triton(*ly.case.kernel_args(), ly.dims, _parts=parts)
-                    finally:
-                        triton_prep._CONFIG_OVERRIDE = None
+                    return triton_prep.launch(*ly.case.kernel_args(), ly.dims, full, parts=parts)
                 return f
 
             def run_one(label, cfg, parts):

@@ -22,7 +22,7 @@ import torch
 
 from .fp8 import is_fp8_kv_cache, platform_fp8_dtype
 from .reference import fused_decode_prep_reference, gather_cache_rows_reference
-from .validate import check_fused_decode_prep_args, check_kv_cache
+from .validate import check_fused_decode_prep_args, check_index_ranges, check_kv_cache, index_checks_requested
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +110,21 @@ def fused_decode_prep(
     for every row t; cache row ``slot_mapping[t]`` gets
     ``quant([kv_c[t] | rope(k_pe[t])], k_scale)`` where the slot is >= 0;
     ``q[..., P:]`` and ``k_pe`` are rotated in place. See DESIGN §4.1.
+
+    Index values out of range (positions outside ``cos_sin_cache``, slots past
+    the cache): the reference backend raises a ValueError naming the argument;
+    the Triton kernel never reads or writes outside the tensors, gives such a
+    token NaN rotary values (bad position) or no cache row (bad slot). Set
+    ``MLA_PASSES_CHECK_INDICES=1`` to have every backend check the values
+    before it runs (a device sync; skipped during CUDA-graph capture).
+    NaN inputs come out as NaN in every backend (fp8 has a NaN code).
     """
     dims = check_fused_decode_prep_args(
         q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, is_neox, slot_mapping,
         kv_cache, kv_cache_dtype, k_scale, q_scale, q_out,
     )
+    if index_checks_requested():
+        check_index_ranges(positions, slot_mapping, cos_sin_cache.shape[0], dims.num_blocks * dims.block_size)
     impl = _impl(resolve_backend(backend, q.device))
     impl(q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, is_neox, slot_mapping,
          kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims)

@@ -35,6 +35,7 @@ import inspect
 import logging
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .fp8 import is_fp8_kv_cache, platform_fp8_dtype, quantize_fp8
 from .reference import absorb_q_nope, cos_sin_for, fused_decode_prep_reference, rope_fp32
@@ -70,26 +71,32 @@ def index64(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.int64 else t.long()
 
 
+# weak reference to the table's storage (hashes as that storage) -> (view key, (cos, sin))
 _COS_SIN: dict = {}
 
 
 def split_cos_sin(cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin as contiguous ``[max_pos, R/2]`` tensors of the model dtype.
 
-    The table is a per-model constant; the split is kept (keyed on the
-    tensor's storage, version and dtype) so steady-state calls and CUDA-graph
-    replays do no conversion work.
+    The table is a per-model constant; the split is kept so steady-state calls
+    and CUDA-graph replays do no conversion work. An entry belongs to the
+    table's STORAGE (held by a weak reference; a freed storage's entry is never
+    used again, even when new memory lands at the same address) and is valid
+    for the view (offset, shape, strides), the version counter (an in-place
+    update of the table invalidates it) and the dtypes.
     """
-    key = (cos_sin_cache.data_ptr(), cos_sin_cache._version, tuple(cos_sin_cache.shape),
-           cos_sin_cache.dtype, cos_sin_cache.device, dtype)
-    hit = _COS_SIN.get(key)
-    if hit is None:
-        half = cos_sin_cache.shape[1] // 2
-        hit = (cos_sin_cache[:, :half].to(dtype).contiguous(), cos_sin_cache[:, half:].to(dtype).contiguous())
-        if len(_COS_SIN) >= 16:
-            _COS_SIN.clear()
-        _COS_SIN[key] = hit
-    return hit
+    ref = StorageWeakRef(cos_sin_cache.untyped_storage())
+    key = (cos_sin_cache.storage_offset(), tuple(cos_sin_cache.shape), cos_sin_cache.stride(),
+           cos_sin_cache._version, cos_sin_cache.dtype, cos_sin_cache.device, dtype)
+    hit = _COS_SIN.get(ref)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    half = cos_sin_cache.shape[1] // 2
+    out = (cos_sin_cache[:, :half].to(dtype).contiguous(), cos_sin_cache[:, half:].to(dtype).contiguous())
+    if len(_COS_SIN) >= 16:
+        _COS_SIN.clear()
+    _COS_SIN[ref] = (key, out)
+    return out
 
 
 def cache_view(kv_cache: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor | None:

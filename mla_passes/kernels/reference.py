@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .fp8 import as_fp8_cache, is_fp8_kv_cache, quantize_fp8
+from .validate import check_index_ranges
 
 
 def rope_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
@@ -50,11 +51,14 @@ def fused_decode_prep_reference(
     kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims,
 ) -> None:
     P = dims.P
+    # Index values are checked here (named errors instead of torch's IndexError);
+    # a sync, which the reference can afford (not under CUDA-graph capture).
+    check_index_ranges(positions, slot_mapping, cos_sin_cache.shape[0], dims.num_blocks * dims.block_size)
     cos, sin = cos_sin_for(cos_sin_cache, positions)
 
     q_pe = q[..., P:]
     q_pe_rot = rope_fp32(q_pe, cos[:, None, :], sin[:, None, :], is_neox)
-    k_pe_flat = k_pe.view(dims.T, dims.R)
+    k_pe_flat = k_pe.select(1, 0) if k_pe.dim() == 3 else k_pe  # a view, whatever the strides
     k_pe_rot = rope_fp32(k_pe_flat, cos, sin, is_neox)
 
     ql_nope = absorb_q_nope(q[..., :P], w_uk_t)
@@ -62,14 +66,15 @@ def fused_decode_prep_reference(
 
     # Cache write: rows with slot >= 0 only; a padded (-1) slot writes nothing.
     kv_row = torch.cat((kv_c.float(), k_pe_rot), dim=-1)
+    # (block, offset) indexing works on any strided cache view, not only contiguous ones.
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    flat = kv_cache.view(-1, kv_cache.shape[-1])
+    blk, off = slots // dims.block_size, slots % dims.block_size
+    cache = as_fp8_cache(kv_cache) if is_fp8_kv_cache(kv_cache_dtype) else kv_cache
     if is_fp8_kv_cache(kv_cache_dtype):
-        flat = as_fp8_cache(flat)
-        flat[slots] = quantize_fp8(kv_row[valid], k_scale, flat.dtype)
+        cache[blk, off] = quantize_fp8(kv_row[valid], k_scale, cache.dtype)
     else:
-        flat[slots] = kv_row[valid].to(flat.dtype)
+        cache[blk, off] = kv_row[valid].to(cache.dtype)
 
     # In-place rotation last, so the reads above see the un-rotated inputs.
     q_pe.copy_(q_pe_rot)
@@ -77,11 +82,13 @@ def fused_decode_prep_reference(
 
 
 def gather_cache_rows_reference(kv_cache, slots, kv_cache_dtype, k_scale, dtype) -> torch.Tensor:
-    flat = kv_cache.view(-1, kv_cache.shape[-1])
-    if is_fp8_kv_cache(kv_cache_dtype):
-        flat = as_fp8_cache(flat)
-    valid = slots >= 0
-    rows = flat.index_select(0, slots.clamp(min=0).long()).float()
+    """Rows ``slots`` of the cache as ``[N, L+R]``; padding and out-of-range
+    slots read as zeros (as in the Triton gather)."""
+    cache = as_fp8_cache(kv_cache) if is_fp8_kv_cache(kv_cache_dtype) else kv_cache
+    bs = cache.shape[1]
+    valid = (slots >= 0) & (slots < cache.shape[0] * bs)
+    s = torch.where(valid, slots, torch.zeros_like(slots)).long()
+    rows = cache[s // bs, s % bs].float()
     if is_fp8_kv_cache(kv_cache_dtype):
         rows = rows * k_scale.float()
     return torch.where(valid[:, None], rows, torch.zeros_like(rows)).to(dtype)

@@ -81,7 +81,7 @@ def _to_e4m3fn(y, INTERP: tl.constexpr):
 
 @triton.jit
 def _fnuz_bits(y, INTERP: tl.constexpr):
-    """e4m3fnuz bits (uint8) of fp32 ``y`` already clamped to +-240.
+    """e4m3fnuz bits (uint8) of fp32 ``y`` already clamped to +-240 (or NaN).
 
     fnuz(y) has the bit pattern of e4m3fn(2y) (exponent bias 8 vs 7), except
     that 2y above 448 has no finite e4m3fn code: the fnuz top code 0x7f (240)
@@ -92,7 +92,8 @@ def _fnuz_bits(y, INTERP: tl.constexpr):
     bits = _to_e4m3fn(two_y, INTERP).to(tl.uint8, bitcast=True)
     top = tl.where(y < 0, 0xFF, 0x7F).to(tl.uint8)
     bits = tl.where(tl.abs(y) > 232.0, top, bits)
-    return tl.where(bits == 0x80, 0, bits).to(tl.uint8)
+    bits = tl.where(bits == 0x80, 0, bits)
+    return tl.where(y != y, 0x80, bits).to(tl.uint8)  # NaN: fnuz's only NaN code
 
 
 @triton.jit
@@ -109,34 +110,28 @@ def _store_out(ptrs, x, mask, inv_scale, MODE: tl.constexpr, FP8_MAX: tl.constex
         tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
     else:
         y = x * inv_scale
-        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+        # clamp to the finite range; NaN stays NaN (min/max would turn it into +-max)
+        y = tl.where(y != y, y, tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
         if MODE == 1:
             if INTERP:
                 if ptrs.dtype.element_ty == tl.float8e4nv:
-                    y = _round_e4m3fn(y)
-            tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
+                    # the interpreter's own cast: no carry into the next binade, NaN -> 384
+                    b = _round_e4m3fn(y).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+                    b = tl.where(y != y, 0x7F, b).to(tl.uint8)
+                    tl.store(ptrs, b.to(tl.float8e4nv, bitcast=True), mask=mask)
+                else:
+                    tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
+            else:
+                tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
         else:
             tl.store(ptrs, _fnuz_bits(y, INTERP), mask=mask)
 
 
 @triton.jit
-def _pair_offsets(HALF_PAD: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr):
-    """Offsets of the two members of each rotary pair, and the pair mask."""
-    i = tl.arange(0, HALF_PAD)
-    if IS_NEOX:
-        o1 = i
-        o2 = i + HALF
-    else:
-        o1 = 2 * i
-        o2 = 2 * i + 1
-    return i, o1, o2, i < HALF
-
-
-@triton.jit
 def _side_job(
     s, q_ptr, kvc_ptr, kpe_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr, kscale_ptr, qscale_ptr, qout_ptr,
-    T, H,
-    s_qt, s_qh, s_qd, s_ct, s_cd, s_kt, s_kd, s_cs0, s_cs1, s_cb, s_co, s_cx, s_ot, s_oh, s_od,
+    T, H, MAX_POS, N_SLOTS,
+    s_pos, s_slot, s_qt, s_qh, s_qd, s_ct, s_cd, s_kt, s_kd, s_cs0, s_cs1, s_cb, s_co, s_cx, s_ot, s_oh, s_od,
     P: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_SIZE: tl.constexpr, HALF_PAD: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, NHB: tl.constexpr, KVW: tl.constexpr, IS_NEOX: tl.constexpr,
     Q_MODE: tl.constexpr, Q_MAX: tl.constexpr, KV_MODE: tl.constexpr, KV_MAX: tl.constexpr,
@@ -145,30 +140,56 @@ def _side_job(
     """RoPE and cache rows of ``ST`` tokens: q_pe of heads ``[hb*SH, hb*SH+SH)``,
     kv_c columns ``[hb*KVW, hb*KVW+KVW)`` into the cache, and (last head block)
     k_pe rotated in place and into the cache. Loads first, the one dependent
-    load (cos/sin rows at the positions) last."""
+    load (cos/sin rows at the positions) last.
+
+    Rotary pairs: NeoX (i, i + R/2) as two contiguous half-row loads; GPT-J
+    (2i, 2i+1) as ONE contiguous row load de-interleaved in registers
+    (reshape to ``[..., R/2, 2]`` + split; join + reshape to store). Loading
+    each GPT-J member through a stride-2 pointer instead (the previous kernel)
+    made every element its own narrow load and store.
+
+    Out-of-range indices (DESIGN §4.1): a token whose position is outside
+    ``[0, MAX_POS)`` reads no cos/sin row; its rotated values are NaN. A slot
+    outside ``[0, N_SLOTS)`` writes no cache row, like a padding slot."""
     HALF: tl.constexpr = R // 2
+    R_PAD: tl.constexpr = 2 * HALF_PAD
     tb = s // NHB
     hb = s - tb * NHB
     offs_t = tb * ST + tl.arange(0, ST)
     tmask = offs_t < T
     t64 = offs_t.to(tl.int64)
-    i, o1, o2, imask = _pair_offsets(HALF_PAD, HALF, IS_NEOX)
-    pos = tl.load(pos_ptr + offs_t, mask=tmask, other=0)
-    slot = tl.load(slot_ptr + offs_t, mask=tmask, other=-1).to(tl.int64)
+    i = tl.arange(0, HALF_PAD)  # pair index
+    imask = i < HALF
+    r = tl.arange(0, R_PAD)     # element of a whole rotary row (GPT-J)
+    rmask = r < R
+    pos = tl.load(pos_ptr + t64 * s_pos, mask=tmask, other=0).to(tl.int64)
+    slot = tl.load(slot_ptr + t64 * s_slot, mask=tmask, other=-1).to(tl.int64)
     offs_h = hb * SH + tl.arange(0, SH)
-    qm = (tmask[:, None] & (offs_h < H)[None, :])[:, :, None] & imask[None, None, :]
+    qtm = tmask[:, None] & (offs_h < H)[None, :]
     q_row = q_ptr + (t64 * s_qt)[:, None, None] + (offs_h * s_qh)[None, :, None] + P * s_qd
     if DO_Q:
-        y1 = tl.load(q_row + o1[None, None, :] * s_qd, mask=qm, other=0.0).to(tl.float32)
-        y2 = tl.load(q_row + o2[None, None, :] * s_qd, mask=qm, other=0.0).to(tl.float32)
+        if IS_NEOX:
+            qm = qtm[:, :, None] & imask[None, None, :]
+            y1 = tl.load(q_row + i[None, None, :] * s_qd, mask=qm, other=0.0).to(tl.float32)
+            y2 = tl.load(q_row + (i + HALF)[None, None, :] * s_qd, mask=qm, other=0.0).to(tl.float32)
+        else:
+            qm = qtm[:, :, None] & rmask[None, None, :]
+            y = tl.load(q_row + r[None, None, :] * s_qd, mask=qm, other=0.0).to(tl.float32)
+            y1, y2 = tl.split(tl.reshape(y, [ST, SH, HALF_PAD, 2]))
     k_row = kpe_ptr + (t64 * s_kt)[:, None]
     last_hb = (tl.zeros([ST], dtype=tl.int32) + hb) == NHB - 1  # a block: masks need blocks
-    km = (tmask & last_hb)[:, None] & imask[None, :]
+    ktm = tmask & last_hb
     offs_c = hb * KVW + tl.arange(0, KVW)
     cm = tmask[:, None] & (offs_c < L)[None, :]
     if DO_C:
-        x1 = tl.load(k_row + o1[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
-        x2 = tl.load(k_row + o2[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
+        if IS_NEOX:
+            km = ktm[:, None] & imask[None, :]
+            x1 = tl.load(k_row + i[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
+            x2 = tl.load(k_row + (i + HALF)[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
+        else:
+            km = ktm[:, None] & rmask[None, :]
+            x = tl.load(k_row + r[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(x, [ST, HALF_PAD, 2]))
         kv = tl.load(kvc_ptr + (t64 * s_ct)[:, None] + offs_c[None, :] * s_cd, mask=cm, other=0.0)
     q_scale = 1.0
     if Q_MODE != 0:
@@ -176,23 +197,29 @@ def _side_job(
     k_scale = 1.0
     if KV_MODE != 0:
         k_scale = 1.0 / tl.load(kscale_ptr)
-    cs = cs_ptr + pos.to(tl.int64)[:, None] * s_cs0
-    pm = tmask[:, None] & imask[None, :]
-    c = tl.load(cs + i[None, :] * s_cs1, mask=pm, other=0.0).to(tl.float32)
-    sn = tl.load(cs + (i[None, :] + HALF) * s_cs1, mask=pm, other=0.0).to(tl.float32)
+    pos_ok = (pos >= 0) & (pos < MAX_POS)
+    cs = cs_ptr + tl.where(pos_ok, pos, 0)[:, None] * s_cs0
+    pm = (tmask & pos_ok)[:, None] & imask[None, :]
+    c = tl.load(cs + i[None, :] * s_cs1, mask=pm, other=float("nan")).to(tl.float32)
+    sn = tl.load(cs + (i[None, :] + HALF) * s_cs1, mask=pm, other=float("nan")).to(tl.float32)
 
     if DO_Q:  # q_pe rotated in place and into q_out[..., L:]
         c3 = c[:, None, :]
         s3 = sn[:, None, :]
         ry1 = y1 * c3 - y2 * s3
         ry2 = y2 * c3 + y1 * s3
-        tl.store(q_row + o1[None, None, :] * s_qd, ry1.to(q_ptr.dtype.element_ty), mask=qm)
-        tl.store(q_row + o2[None, None, :] * s_qd, ry2.to(q_ptr.dtype.element_ty), mask=qm)
         o_row = qout_ptr + (t64 * s_ot)[:, None, None] + (offs_h * s_oh)[None, :, None] + L * s_od
-        _store_out(o_row + o1[None, None, :] * s_od, ry1, qm, q_scale, Q_MODE, Q_MAX, INTERP)
-        _store_out(o_row + o2[None, None, :] * s_od, ry2, qm, q_scale, Q_MODE, Q_MAX, INTERP)
-    if DO_C:  # cache rows of slot >= 0; k_pe in place for every token
-        valid = slot >= 0
+        if IS_NEOX:
+            tl.store(q_row + i[None, None, :] * s_qd, ry1.to(q_ptr.dtype.element_ty), mask=qm)
+            tl.store(q_row + (i + HALF)[None, None, :] * s_qd, ry2.to(q_ptr.dtype.element_ty), mask=qm)
+            _store_out(o_row + i[None, None, :] * s_od, ry1, qm, q_scale, Q_MODE, Q_MAX, INTERP)
+            _store_out(o_row + (i + HALF)[None, None, :] * s_od, ry2, qm, q_scale, Q_MODE, Q_MAX, INTERP)
+        else:
+            ry = tl.reshape(tl.join(ry1, ry2), [ST, SH, R_PAD])
+            tl.store(q_row + r[None, None, :] * s_qd, ry.to(q_ptr.dtype.element_ty), mask=qm)
+            _store_out(o_row + r[None, None, :] * s_od, ry, qm, q_scale, Q_MODE, Q_MAX, INTERP)
+    if DO_C:  # cache rows of in-range slots >= 0; k_pe in place for every token
+        valid = (slot >= 0) & (slot < N_SLOTS)
         slot = tl.where(valid, slot, 0)
         blk = slot // BLOCK_SIZE  # a constant divisor: a shift for the usual powers of two
         c_row = cache_ptr + (blk * s_cb + (slot - blk * BLOCK_SIZE) * s_co)[:, None]
@@ -201,10 +228,15 @@ def _side_job(
         r1 = x1 * c - x2 * sn
         r2 = x2 * c + x1 * sn
         vm = km & valid[:, None]
-        _store_out(c_row + (L + o1[None, :]) * s_cx, r1, vm, k_scale, KV_MODE, KV_MAX, INTERP)
-        _store_out(c_row + (L + o2[None, :]) * s_cx, r2, vm, k_scale, KV_MODE, KV_MAX, INTERP)
-        tl.store(k_row + o1[None, :] * s_kd, r1.to(kpe_ptr.dtype.element_ty), mask=km)
-        tl.store(k_row + o2[None, :] * s_kd, r2.to(kpe_ptr.dtype.element_ty), mask=km)
+        if IS_NEOX:
+            _store_out(c_row + (L + i[None, :]) * s_cx, r1, vm, k_scale, KV_MODE, KV_MAX, INTERP)
+            _store_out(c_row + (L + HALF + i[None, :]) * s_cx, r2, vm, k_scale, KV_MODE, KV_MAX, INTERP)
+            tl.store(k_row + i[None, :] * s_kd, r1.to(kpe_ptr.dtype.element_ty), mask=km)
+            tl.store(k_row + (i + HALF)[None, :] * s_kd, r2.to(kpe_ptr.dtype.element_ty), mask=km)
+        else:
+            rk = tl.reshape(tl.join(r1, r2), [ST, R_PAD])
+            _store_out(c_row + (L + r[None, :]) * s_cx, rk, vm, k_scale, KV_MODE, KV_MAX, INTERP)
+            tl.store(k_row + r[None, :] * s_kd, rk.to(kpe_ptr.dtype.element_ty), mask=km)
 
 
 @triton.jit
@@ -267,7 +299,8 @@ def _absorb_job(
 def _mla_decode_prep_kernel(
     q_ptr, kvc_ptr, kpe_ptr, w_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr,
     kscale_ptr, qscale_ptr, qout_ptr,
-    T, H, N_SIDE, N_TB,
+    T, H, N_SIDE, N_TB, MAX_POS, N_SLOTS,
+    s_pos, s_slot,
     s_qt, s_qh, s_qd,
     s_ct, s_cd,
     s_kt, s_kd,
@@ -287,8 +320,8 @@ def _mla_decode_prep_kernel(
     pid = tl.program_id(0)
     if pid < N_SIDE:
         _side_job(pid, q_ptr, kvc_ptr, kpe_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr, kscale_ptr, qscale_ptr,
-                  qout_ptr, T, H,
-                  s_qt, s_qh, s_qd, s_ct, s_cd, s_kt, s_kd, s_cs0, s_cs1, s_cb, s_co, s_cx, s_ot, s_oh, s_od,
+                  qout_ptr, T, H, MAX_POS, N_SLOTS,
+                  s_pos, s_slot, s_qt, s_qh, s_qd, s_ct, s_cd, s_kt, s_kd, s_cs0, s_cs1, s_cb, s_co, s_cx, s_ot, s_oh, s_od,
                   P, L, R, BLOCK_SIZE, HALF_PAD, ST, SH, NHB, KVW, IS_NEOX,
                   Q_MODE, Q_MAX, KV_MODE, KV_MAX, DO_Q, DO_C, INTERP)
     else:
@@ -301,8 +334,8 @@ def _mla_decode_prep_kernel(
 @triton.jit
 def _gather_rows_kernel(
     cache_ptr, slot_ptr, scale_ptr, out_ptr,
-    N, D,
-    s_cb, s_co, s_cx, s_on, s_od,
+    N, D, N_SLOTS,
+    s_slot, s_cb, s_co, s_cx, s_on, s_od,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DEQUANT: tl.constexpr, FNUZ_BITS: tl.constexpr,
 ):
@@ -310,8 +343,8 @@ def _gather_rows_kernel(
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     nmask = offs_n < N
     dmask = offs_d < D
-    slot = tl.load(slot_ptr + offs_n, mask=nmask, other=-1).to(tl.int64)
-    valid = nmask & (slot >= 0)
+    slot = tl.load(slot_ptr + offs_n.to(tl.int64) * s_slot, mask=nmask, other=-1).to(tl.int64)
+    valid = nmask & (slot >= 0) & (slot < N_SLOTS)
     slot = tl.where(valid, slot, 0)
     blk = slot // BLOCK_SIZE
     row = blk * s_cb + (slot - blk * BLOCK_SIZE) * s_co
@@ -383,17 +416,27 @@ def launch_config(T: int, H: int, L: int, device: torch.device, P: int = 128) ->
     programs: ``SIDE_T`` tokens x ``SIDE_H`` heads of q RoPE, plus a slice of
     those tokens' cache rows.
 
-    From two H200 sweeps (``tools/kernel_sweep.py``, DeepSeek-V3 dims, bf16,
-    fp8 cache and q, 8 layers per CUDA graph): one token -> GEMV over 64-column
-    tiles (a GEMV over 2-4 tokens was 2x slower than a 16-row tl.dot at 128
-    heads); otherwise one token block covering the batch up to 64 tokens, then
-    128-token blocks, 64-column tiles (128 for 64-token blocks of many heads);
-    side programs of 16 heads, with more tokens each once there would be more
-    than 512 of them. Neighbouring configs were within ~0.3 us.
+    From H200 sweeps (``tools/kernel_sweep.py`` and ``mla-passes bench
+    --sweep``, DeepSeek-V3 dims, bf16, fp8 cache and q, 8 layers per CUDA
+    graph): one token -> GEMV over 64-column tiles (a GEMV over 2-4 tokens was
+    2x slower than a 16-row tl.dot at 128 heads); otherwise one token block
+    covering the batch up to 64 tokens, then 128-token blocks, 64-column tiles
+    (128 for 64-token blocks of many heads), 8 warps; from 256 tokens of many
+    heads 4 warps and, from 512, 64 x 128 blocks (46 against 58 us at 128
+    heads). Side programs of 16 heads: 1 token each for small batches, 2 from
+    64 tokens (128 for few heads; 1 token at 256 tokens x 16 heads was 6.3-7.0
+    us, 2 were 5.7), 4 tokens x 32 heads from 256 tokens of many heads (27 vs
+    29 us at T=256, 46 vs 54 at T=512, H=128). Both conventions were swept;
+    the chosen configs are within ~0.3 us of the best for GPT-J and NeoX alike.
     """
     l_pad, p_pad = _next_pow2(L), max(16, _next_pow2(P))
-    nhb = triton.cdiv(H, 16)
-    side = dict(SIDE_T=min(8, _next_pow2(triton.cdiv(T * nhb, 512))), SIDE_H=16)
+    many = H >= 64 and T >= 256
+    if many:
+        side = dict(SIDE_T=4, SIDE_H=32)
+    elif T >= 128 or (T >= 64 and H >= 64):
+        side = dict(SIDE_T=2, SIDE_H=16)
+    else:
+        side = dict(SIDE_T=1, SIDE_H=16)
     if T == 1:  # the [P, BLOCK_L] product of a GEMV tile lives in registers: <= 8192 elements
         bl = min(64, l_pad)
         while bl > 16 and p_pad * bl > 8192:
@@ -403,26 +446,43 @@ def launch_config(T: int, H: int, L: int, device: torch.device, P: int = 128) ->
         bt = max(16, _next_pow2(T))
         bl = 128 if bt == 64 and H >= 64 else 64
         nw = 8 if bt == 64 else 4
+    elif many:
+        bt, bl, nw = (128, 64, 4) if T < 512 else (64, 128, 4)
     else:
         bt, bl, nw = 128, 64, 8
     return dict(BLOCK_T=bt, BLOCK_L=min(bl, l_pad), LB_ITERS=1, GEMV=False, num_warps=nw, num_stages=2, **side)
 
 
-_CONFIG_OVERRIDE: dict | None = None  # set by tools/bench.py to compare configurations
+# Which parts of the kernel run (``launch(..., parts=...)``); the production
+# entry point runs all of them, the benchmarks time them apart.
+ABSORB, CACHE_AND_K_ROPE, Q_ROPE = 1, 2, 4
+ALL_PARTS = ABSORB | CACHE_AND_K_ROPE | Q_ROPE
 
 
 def fused_decode_prep_triton(
     q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, is_neox, slot_mapping,
-    kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims, *, _parts: int = 7,
+    kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims,
 ):
     """The Triton backend of :func:`mla_passes.kernels.fused_decode_prep`.
 
     Arguments as there; ``dims`` is the :class:`~.validate.PrepDims` the
-    argument checks returned. One launch, no allocation, no host sync.
-    (``_parts`` switches parts off, for timing them apart: 1 absorb, 2 cache
-    rows and k RoPE, 4 q RoPE.) Returns Triton's compiled-kernel handle
+    argument checks returned. One launch with :func:`launch_config`'s blocks,
+    no allocation, no host sync. Returns Triton's compiled-kernel handle
     (registers, spills) or None.
     """
+    cfg = launch_config(dims.T, dims.H, dims.L, q.device, dims.P)
+    return launch(q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, is_neox, slot_mapping,
+                  kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims, cfg)
+
+
+def launch(
+    q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, is_neox, slot_mapping,
+    kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims, cfg: dict, parts: int = ALL_PARTS,
+):
+    """Launch the kernel with an explicit block configuration ``cfg`` (the
+    keys of :func:`launch_config`) and the kernel ``parts`` to run (a mask of
+    ``ABSORB | CACHE_AND_K_ROPE | Q_ROPE``). For the benchmarks and the
+    config tests; arguments are not checked here."""
     T, H, P, L, R = dims.T, dims.H, dims.P, dims.L, dims.R
     if T == 0:
         return None
@@ -435,9 +495,6 @@ def fused_decode_prep_triton(
     else:
         qo, q_mode, q_max = q_out, _CAST, 0.0
 
-    cfg = dict(launch_config(T, H, L, q.device, P))
-    if _CONFIG_OVERRIDE:
-        cfg.update(_CONFIG_OVERRIDE)
     block_t, block_l, iters = cfg["BLOCK_T"], cfg["BLOCK_L"], cfg["LB_ITERS"]
     gemv = bool(cfg.get("GEMV", False)) or block_t < 16
     num_lc = triton.cdiv(L, block_l * iters)
@@ -445,8 +502,8 @@ def fused_decode_prep_triton(
     st, sh = cfg["SIDE_T"], min(cfg["SIDE_H"], _next_pow2(H))
     nhb = triton.cdiv(H, sh)
     kvw = _next_pow2(triton.cdiv(L, nhb))
-    n_side = triton.cdiv(T, st) * nhb if _parts & 6 else 0
-    n_abs = H * num_lc * n_tb if _parts & 1 else 0
+    n_side = triton.cdiv(T, st) * nhb if parts & (CACHE_AND_K_ROPE | Q_ROPE) else 0
+    n_abs = H * num_lc * n_tb if parts & ABSORB else 0
     if n_side + n_abs == 0:
         return None
     # tl.dot needs one operand dtype; fp32 when the two differ, for fp32
@@ -456,7 +513,8 @@ def fused_decode_prep_triton(
     return _mla_decode_prep_kernel[(n_side + n_abs,)](
         q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, slot_mapping, cache,
         k_scale, q_scale if q_scale is not None else k_scale, qo,
-        T, H, n_side, n_tb,
+        T, H, n_side, n_tb, cos_sin_cache.shape[0], dims.num_blocks * dims.block_size,
+        positions.stride(0), slot_mapping.stride(0),
         q.stride(0), q.stride(1), q.stride(2),
         kv_c.stride(0), kv_c.stride(1),
         k_pe.stride(0), k_pe.stride(-1),
@@ -469,7 +527,7 @@ def fused_decode_prep_triton(
         GEMV=gemv, ST=st, SH=sh, NHB=nhb, KVW=kvw,
         IS_NEOX=bool(is_neox),
         Q_MODE=q_mode, Q_MAX=q_max, KV_MODE=kv_mode, KV_MAX=kv_max,
-        DOT_F32=dot_f32, INTERP=_interpreting(), DO_Q=bool(_parts & 4), DO_C=bool(_parts & 2),
+        DOT_F32=dot_f32, INTERP=_interpreting(), DO_Q=bool(parts & Q_ROPE), DO_C=bool(parts & CACHE_AND_K_ROPE),
         num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
     )
 
@@ -489,8 +547,8 @@ def gather_cache_rows_triton(kv_cache, slots, kv_cache_dtype, k_scale, dtype) ->
     BLOCK_N, BLOCK_D = 16, 128
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))
     _gather_rows_kernel[grid](
-        cache, slots, k_scale, out, N, D,
-        cache.stride(0), cache.stride(1), cache.stride(2), out.stride(0), out.stride(1),
+        cache, slots, k_scale, out, N, D, kv_cache.shape[0] * kv_cache.shape[1],
+        slots.stride(0), cache.stride(0), cache.stride(1), cache.stride(2), out.stride(0), out.stride(1),
         BLOCK_SIZE=kv_cache.shape[1], BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DEQUANT=fp8, FNUZ_BITS=fnuz_bits,
     )
     return out

@@ -2,12 +2,22 @@
 
 Every backend runs these before touching memory, so a bad call fails with an
 error that names the argument and what was expected instead of a garbage
-result or a device fault. The checks read shapes and dtypes only (no device
-sync), so they are safe under CUDA-graph capture.
+result or a device fault. :func:`check_fused_decode_prep_args` reads shapes,
+dtypes, devices and address ranges only (no device sync), so it is safe under
+CUDA-graph capture.
+
+The VALUES of ``positions`` and ``slot_mapping`` live on the device; reading
+them costs a sync. :func:`check_index_ranges` does that, and runs where it is
+cheap or asked for: always in the reference backend (outside CUDA-graph
+capture), and for every backend when ``MLA_PASSES_CHECK_INDICES=1``. Without
+it the Triton kernel masks out-of-range rows (DESIGN §4.1): a position outside
+``[0, max_pos)`` gives that token NaN rotary values, a slot outside
+``[0, num_blocks * block_size)`` writes no cache row.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +47,23 @@ def _fail(arg: str, expected: str, got: object) -> None:
 
 def _shape(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)} dtype {t.dtype}"
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int] | None:
+    """[first, last + 1) bytes that ``t`` can touch (None when empty)."""
+    if t.numel() == 0:
+        return None
+    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + span * t.element_size()
+
+
+def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' address ranges intersect (conservative: two views
+    interleaved without sharing an element also count)."""
+    if a.device != b.device:
+        return False
+    ra, rb = _byte_range(a), _byte_range(b)
+    return ra is not None and rb is not None and ra[0] < rb[1] and rb[0] < ra[1]
 
 
 def check_kv_cache(kv_cache: torch.Tensor, kv_cache_dtype: str, *, fn: str = "fused_decode_prep") -> None:
@@ -109,4 +136,43 @@ def check_fused_decode_prep_args(
     devices = {t.device for t in (q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, slot_mapping, kv_cache, q_out)}
     if len(devices) != 1:
         raise ValueError(f"fused_decode_prep: all tensors must be on one device, got {sorted(map(str, devices))}")
+    for name, scale in (("k_scale", k_scale), ("q_scale", q_scale)):
+        if scale is not None and scale.device != q.device:
+            _fail(name, f"on device {q.device} (that of q; the kernel reads it there)", f"device {scale.device}")
+    # The outputs are written while the inputs are read: a shared address
+    # range gives a result that depends on the order of the writes.
+    inputs = dict(q=q, kv_c=kv_c, k_pe=k_pe, w_uk_t=w_uk_t, positions=positions,
+                  cos_sin_cache=cos_sin_cache, slot_mapping=slot_mapping)
+    for out_name, out in (("q_out", q_out), ("kv_cache", kv_cache)):
+        for name, t in inputs.items():
+            if _may_overlap(out, t):
+                _fail(out_name, f"a tensor whose memory does not overlap '{name}'", "overlapping memory")
+    if _may_overlap(q_out, kv_cache):
+        _fail("q_out", "a tensor whose memory does not overlap 'kv_cache'", "overlapping memory")
     return PrepDims(T=T, H=H, P=P, L=L, R=R, block_size=kv_cache.shape[1], num_blocks=kv_cache.shape[0])
+
+
+def index_checks_requested() -> bool:
+    """``MLA_PASSES_CHECK_INDICES=1``: check index values on every call."""
+    return os.environ.get("MLA_PASSES_CHECK_INDICES", "0") == "1"
+
+
+def check_index_ranges(positions: torch.Tensor, slot_mapping: torch.Tensor, max_pos: int, n_slots: int,
+                       *, fn: str = "fused_decode_prep") -> None:
+    """Raise a ValueError naming ``positions`` / ``slot_mapping`` when a value
+    is out of range: positions must lie in ``[0, max_pos)``, slots in
+    ``[-inf, n_slots)`` (negative = padding, no write). Reads the values, so
+    it syncs with the device; skipped during CUDA-graph capture (a sync there
+    would break the capture)."""
+    if positions.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if positions.numel():
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= max_pos:
+            raise ValueError(f"{fn}: argument 'positions' must lie in [0, {max_pos}) (rows of cos_sin_cache), "
+                             f"got values in [{lo}, {hi}]")
+    if slot_mapping.numel():
+        hi = int(slot_mapping.max())
+        if hi >= n_slots:
+            raise ValueError(f"{fn}: argument 'slot_mapping' must be < {n_slots} (num_blocks * block_size of "
+                             f"kv_cache) or negative for padding, got {hi}")
