@@ -81,20 +81,24 @@ def _current_vllm_dump_dir():
     return cfg.compile_debug_dump_path()
 
 
-def sink_of(manager) -> dict | None:
-    """Where ``manager`` records now: ``{"dir", "write_graphs", "source"}`` or None."""
+def sinks_of(manager) -> list[dict]:
+    """Where ``manager`` records now: a list of ``{"dir", "write_graphs",
+    "source"}``, the attached folder first, then ``$MLA_PASSES_EXPLAIN_DIR``
+    when it is another folder; empty when neither is set."""
+    out = []
     att = getattr(manager, _ATTR, None)
     if att is not None:
-        out = dict(att)
+        sink = dict(att)
         if att.get("vllm_relative"):
             d = _current_vllm_dump_dir()
             if d is not None:
-                out["dir"] = str(d)
-        return out
+                sink["dir"] = str(d)
+        out.append(sink)
     env = os.environ.get(ENV_DIR)
-    if env:
-        return {"dir": env, "write_graphs": False, "source": os.environ.get(ENV_DIR + "_SOURCE", "MLAPassManager")}
-    return None
+    if env and all(Path(env).resolve() != Path(s["dir"]).resolve() for s in out):
+        out.append({"dir": env, "write_graphs": False,
+                    "source": out[0]["source"] if out else "MLAPassManager"})
+    return out
 
 
 def append_record(directory, record: dict) -> Path:
@@ -121,20 +125,20 @@ def recorded(call):
     @functools.wraps(call)
     def wrapper(manager, graph, *args, **kwargs):
         try:
-            sink = sink_of(manager)
-            before = _before_state(manager, graph, sink) if sink is not None else None
+            sinks = sinks_of(manager)
+            before = _before_state(manager, graph, sinks) if sinks else None
         except Exception:  # never fail a compile over a record
             logger.debug("mla-passes explain: could not read the graph before the passes", exc_info=True)
-            sink, before = None, None
+            sinks, before = [], None
         try:
             result = call(manager, graph, *args, **kwargs)
         finally:
             if before is not None:
                 before["ran"] = _restore_refusals(manager)
-        if sink is not None and before is not None:
+        if sinks and before is not None:
             try:
                 record = explain_graph(manager, graph, before)
-                _write(sink, record, before, graph)
+                _write(sinks, record, before, graph)
             except Exception:
                 logger.debug("mla-passes explain: could not write the record", exc_info=True)
         return result
@@ -143,11 +147,11 @@ def recorded(call):
     return wrapper
 
 
-def _before_state(manager, graph, sink) -> dict:
+def _before_state(manager, graph, sinks) -> dict:
     for p in getattr(manager, "passes", []):
         p.refusals = _NOT_RUN  # a pass that runs replaces it with its own list
     state = {"ops": mla_op_counts(graph)}
-    if sink.get("write_graphs"):
+    if any(s.get("write_graphs") for s in sinks):
         state["text"] = _graph_text(graph)
     return state
 
@@ -169,21 +173,23 @@ def _graph_text(graph) -> str | None:
     return gm.print_readable(print_output=False)
 
 
-def _write(sink: dict, record: dict, before: dict, graph) -> None:
+def _write(sinks: list[dict], record: dict, before: dict, graph) -> None:
     _graph_counter[0] += 1
     n = _graph_counter[0]
     record["graph"] = n
-    record["source"] = sink.get("source")
-    if sink.get("write_graphs") and before.get("text") is not None:
-        d = Path(sink["dir"])
-        d.mkdir(parents=True, exist_ok=True)
-        stem = f"mla_passes_graph.{os.getpid()}.{n}"
-        (d / f"{stem}.before.py").write_text(before["text"])
-        record["before_file"] = f"{stem}.before.py"
-        if record["decision"]["ran"]:
-            (d / f"{stem}.after.py").write_text(_graph_text(graph) or "")
-            record["after_file"] = f"{stem}.after.py"
-    append_record(sink["dir"], record)
+    after = _graph_text(graph) if record["decision"]["ran"] and before.get("text") is not None else None
+    for sink in sinks:
+        rec = {**record, "source": sink.get("source")}
+        if sink.get("write_graphs") and before.get("text") is not None:
+            d = Path(sink["dir"])
+            d.mkdir(parents=True, exist_ok=True)
+            stem = f"mla_passes_graph.{os.getpid()}.{n}"
+            (d / f"{stem}.before.py").write_text(before["text"])
+            rec["before_file"] = f"{stem}.before.py"
+            if after is not None:
+                (d / f"{stem}.after.py").write_text(after)
+                rec["after_file"] = f"{stem}.after.py"
+        append_record(sink["dir"], rec)
 
 
 # --- reading the graph ----------------------------------------------------------------
@@ -304,34 +310,41 @@ def vllm_config_facts(vllm_config) -> dict:
     }
 
 
-def vllm_record_dir(vllm_config):
+def vllm_record_dirs(vllm_config) -> list:
     """Where records of this vLLM config go: ``compile_debug_dump_path()``
-    when ``debug_dump_path`` is set, else ``$MLA_PASSES_EXPLAIN_DIR``, else None."""
-    d = vllm_config.compile_debug_dump_path() if vllm_config.compilation_config.debug_dump_path else None
-    return d if d is not None else os.environ.get(ENV_DIR) or None
+    when ``debug_dump_path`` is set, and ``$MLA_PASSES_EXPLAIN_DIR`` when set."""
+    out = []
+    if vllm_config.compilation_config.debug_dump_path:
+        out.append(Path(vllm_config.compile_debug_dump_path()))
+    env = os.environ.get(ENV_DIR)
+    if env and all(Path(env).resolve() != d.resolve() for d in out):
+        out.append(Path(env))
+    return out
 
 
 def note_vllm_config(vllm_config, manager=None) -> None:
     """Called by the vLLM plugin for every vLLM config (flag on or off):
-    write a ``vllm_config`` record, and attach ``manager`` (flag on) to the
-    dump folder so it writes its records, and on CPU its graphs, there."""
+    write a ``vllm_config`` record, and attach ``manager`` (flag on) to
+    vLLM's dump folder so it writes its records, and on CPU its graphs,
+    there (``$MLA_PASSES_EXPLAIN_DIR`` gets records from :func:`sinks_of`)."""
     try:
-        d = vllm_record_dir(vllm_config)
-        if d is None:
+        dirs = vllm_record_dirs(vllm_config)
+        if not dirs:
             return
         facts = vllm_config_facts(vllm_config)
         if manager is not None and vllm_config.compilation_config.debug_dump_path:
             # vLLM runs depyf (and so collects our lazy_format_graph_code
             # graphs) only in VLLM_COMPILE mode: elsewhere we write them.
-            attach(manager, d, write_graphs=facts["mode"] != "VLLM_COMPILE", source="vLLM plugin",
+            attach(manager, dirs[0], write_graphs=facts["mode"] != "VLLM_COMPILE", source="vLLM plugin",
                    vllm_relative=True)
         elif manager is not None:
-            attach(manager, d, source="vLLM plugin")
-        key = json.dumps(facts, sort_keys=True, default=str)
+            attach(manager, dirs[0], source="vLLM plugin")
+        key = json.dumps([facts, [str(d) for d in dirs]], sort_keys=True, default=str)
         if key in _noted:
             return
         _noted.add(key)
-        append_record(d, {"kind": "vllm_config", **facts})
+        for d in dirs:
+            append_record(d, {"kind": "vllm_config", **facts})
     except Exception:
         logger.debug("mla-passes explain: could not note the vLLM config", exc_info=True)
 
