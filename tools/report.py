@@ -59,7 +59,7 @@ def summarize(records: list[dict]) -> dict:
         "layers": {name: {"outcomes": dict(c), "best": best_outcome(c), "reasons": reasons.get(name, [])}
                    for name, c in per_layer.items()},
         "totals": dict(totals),
-        "cause": None if per_layer else likely_cause(graphs, configs),
+        "cause": None if totals.get("fused") or totals.get("lifted") else likely_cause(graphs, configs),
     }
 
 
@@ -71,7 +71,7 @@ def best_outcome(counts) -> str:
 
 
 def likely_cause(graphs: list[dict], configs: list[dict]) -> str:
-    """Why no MLA layer was seen, in plain words."""
+    """Why no MLA layer was seen (or none rewritten), in plain words."""
     if configs and not any(c.get("flag") for c in configs):
         return ("the flag is off: pass_config.fuse_aiter_qk_rope_kvcache_mla is not set, so vLLM never "
                 "installed the mla-passes pass manager (turn it on with compilation_config="
@@ -106,7 +106,9 @@ def likely_cause(graphs: list[dict], configs: list[dict]) -> str:
                     "pieces the passes saw hold no MLA attention or cache update; set "
                     "compilation_config.use_inductor_graph_partition=True")
         return "the graphs the passes ran on hold no MLA attention, cache update or fused-RoPE op (not an MLA model?)"
-    return "MLA ops were seen but no layer could be paired (see the refusals below)"
+    if seen.get("attention"):
+        return "the passes ran on the layers and refused each one: the reasons are listed per layer above"
+    return "MLA ops were seen but no layer could be paired (see the refusals above)"
 
 
 # --- printing ------------------------------------------------------------------------
@@ -150,6 +152,8 @@ def format_report(folder: str, records: list[dict], summary: dict) -> str:
         t = summary["totals"]
         out.append(f"-- {len(layers)} layer(s): {t.get('fused', 0)} fused, {t.get('lifted', 0)} lifted, "
                    f"{t.get('left alone', 0)} left alone\n")
+        if summary["cause"]:
+            out.append(f"-- nothing fused or lifted: {summary['cause']}\n")
     else:
         out.append(f"-- no MLA layer seen: {summary['cause']}\n")
     return "".join(out)
