@@ -176,3 +176,51 @@ def test_records_go_to_attached_and_env_folders(tmp_path, monkeypatch, env_too):
     _compile_stack(m, 3, num_layers=1)
     assert len(explain.read_records(a)) == 1
     assert len(explain.read_records(e)) == (1 if env_too else 0)
+
+
+def _fake_vllm_config(tmp_path, *, flag: bool, mode: str, dump: bool = True):
+    from types import SimpleNamespace
+
+    root = tmp_path / "dbg" if dump else None
+
+    class Cfg(SimpleNamespace):
+        def compile_debug_dump_path(self):
+            return None if root is None else root / "rank_0_dp_0"
+
+    cc = SimpleNamespace(pass_config=SimpleNamespace(fuse_aiter_qk_rope_kvcache_mla=flag),
+                         mode=SimpleNamespace(name=mode), use_inductor_graph_partition=False,
+                         splitting_ops=["vllm::unified_mla_attention_with_output"], compile_ranges_endpoints=[4],
+                         debug_dump_path=root)
+    return Cfg(compilation_config=cc, scheduler_config=SimpleNamespace(max_num_seqs=4),
+               model_config=SimpleNamespace(enforce_eager=False))
+
+
+@pytest.mark.parametrize("mode,writes_graphs", [("VLLM_COMPILE", False), ("DYNAMO_TRACE_ONCE", True)])
+def test_vllm_debug_dump_path_routes(tmp_path, monkeypatch, mode, writes_graphs):
+    """debug_dump_path: records go to <path>/rank_0_dp_0; we write graphs only where vLLM runs no depyf (not VLLM_COMPILE)."""
+    monkeypatch.delenv(explain.ENV_DIR, raising=False)
+    cfg = _fake_vllm_config(tmp_path, flag=True, mode=mode)
+    m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=4)
+    explain.note_vllm_config(cfg, m)
+    [sink] = explain.sinks_of(m)
+    assert sink["dir"] == str(tmp_path / "dbg" / "rank_0_dp_0")
+    assert sink["write_graphs"] is writes_graphs and sink["source"] == "vLLM plugin"
+    [rec] = explain.read_records(tmp_path / "dbg")
+    assert rec["kind"] == "vllm_config" and rec["flag"] is True and rec["mode"] == mode
+
+
+def test_vllm_without_dump_path_writes_nothing(tmp_path, monkeypatch):
+    """No debug_dump_path and no $MLA_PASSES_EXPLAIN_DIR: the plugin attaches nothing and writes nothing."""
+    monkeypatch.delenv(explain.ENV_DIR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=4)
+    explain.note_vllm_config(_fake_vllm_config(tmp_path, flag=True, mode="VLLM_COMPILE", dump=False), m)
+    assert explain.sinks_of(m) == [] and list(tmp_path.iterdir()) == []
+
+
+def test_split_vllm_compile_config_named_when_nothing_seen():
+    """VLLM_COMPILE with graph partition off and graphs without MLA ops: the cause names the split."""
+    cfg = [{"kind": "vllm_config", "flag": True, "mode": "VLLM_COMPILE", "use_inductor_graph_partition": False}]
+    g = [{"kind": "graph", "decision": {"ran": True}, "layers": [],
+          "ops_before": {"attention": 0, "kv_cache_update": 0, "fused_rope": 0}}]
+    assert "split at attention (vLLM VLLM_COMPILE with graph partition off)" in likely_cause(g, cfg)
