@@ -79,7 +79,7 @@ def make_pass(passes: str, *, max_num_seqs: int | None = None, backend: str = "a
             self.graphs = 0
 
         def __call__(self, graph):
-            if _vllm_runs():
+            if _is_vllm_graph(graph):
                 return  # vLLM's own config decides (the plugin's manager); see the module docstring
             self.manager(graph)
             self.graphs += 1
@@ -90,6 +90,18 @@ def make_pass(passes: str, *, max_num_seqs: int | None = None, backend: str = "a
             return self.manager.uuid()
 
     return _Counting()
+
+
+def _is_vllm_graph(graph) -> bool:
+    """True for a graph that calls a ``vllm::`` op (directly or through
+    ``auto_functionalized``): a vLLM model's graph."""
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        if getattr(n.target, "namespace", None) == "vllm" or \
+                (n.args and getattr(n.args[0], "namespace", None) == "vllm"):
+            return True
+    return False
 
 
 def _vllm_runs() -> bool:
