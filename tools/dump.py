@@ -217,7 +217,8 @@ def run(args) -> int:
         elif engine not in ("0", "false", "False"):
             print(f"  vLLM: {ENGINE_IN_PROCESS}={engine} in the environment: the engine compiled in another "
                   "process; its graphs are not in this dump, its records are")
-    print("  " + summary_line(out))
+    if custom_pass is not None or _vllm_runs():
+        print("  " + summary_line(out))
     if ours:
         print(f"  {len(ours)} before/after graphs of our passes: {out}/*.mla_passes_*.py")
     if rc:

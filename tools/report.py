@@ -118,12 +118,22 @@ def _range(d: dict) -> str:
     return "none" if r is None else f"({r[0]}, {r[1]})"
 
 
+def _distinct_configs(configs: list[dict]) -> list[tuple[dict, list]]:
+    """vLLM builds its config in each process (main, engine core): one line per distinct config."""
+    seen: dict[str, tuple[dict, list]] = {}
+    for c in configs:
+        key = json.dumps({k: v for k, v in c.items() if k not in ("pid", "time", "_file")}, sort_keys=True,
+                         default=str)
+        seen.setdefault(key, (c, []))[1].append(c.get("pid"))
+    return list(seen.values())
+
+
 def format_report(folder: str, records: list[dict], summary: dict) -> str:
     out = [f"mla-passes report: {folder}\n"]
-    for c in summary["configs"]:
+    for c, pids in _distinct_configs(summary["configs"]):
         out.append(
-            f"vLLM config (pid {c.get('pid')}): flag {'on' if c.get('flag') else 'off'}, mode {c.get('mode')}, "
-            f"graph partition {'on' if c.get('use_inductor_graph_partition') else 'off'}, "
+            f"vLLM config (pid {', '.join(map(str, pids))}): flag {'on' if c.get('flag') else 'off'}, "
+            f"mode {c.get('mode')}, graph partition {'on' if c.get('use_inductor_graph_partition') else 'off'}, "
             f"max_num_seqs {c.get('max_num_seqs')}, threshold override {c.get('threshold_override')}\n")
     for g in (r for r in records if r.get("kind") == "graph"):
         d = g["decision"]
@@ -149,6 +159,9 @@ def format_report(folder: str, records: list[dict], summary: dict) -> str:
         for name, info in layers.items():
             seen = ", ".join(f"{o} in {n}" for o, n in info["outcomes"].items())
             out.append(f"  {name:<{w}}  {info['best']:<10}  ({seen} graph(s))\n")
+            if info["best"] == "left alone":
+                for r in info["reasons"]:
+                    out.append(f"  {'':<{w}}    {r}\n")
         t = summary["totals"]
         out.append(f"-- {len(layers)} layer(s): {t.get('fused', 0)} fused, {t.get('lifted', 0)} lifted, "
                    f"{t.get('left alone', 0)} left alone\n")
