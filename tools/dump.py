@@ -58,8 +58,8 @@ def add_arguments(parser) -> None:
 
 def make_pass(passes: str, *, max_num_seqs: int | None = None, backend: str = "auto"):
     """The custom post-grad pass for ``--passes on|off`` (None for off): the
-    pass manager wrapped so that ``.total_counts`` sums its matches over all
-    graphs."""
+    pass manager (``.manager``), wrapped so that it leaves vLLM's graphs to
+    vLLM's own config. What it did is in the records (:mod:`mla_passes.explain`)."""
     if passes == "off":
         return None
     from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -72,24 +72,19 @@ def make_pass(passes: str, *, max_num_seqs: int | None = None, backend: str = "a
         kwargs["backend"] = backend
     manager = MLAPassManager(PassConfig(**kwargs), max_num_seqs=max_num_seqs)
 
-    class _Counting(CustomGraphPass):
+    class _DumpPass(CustomGraphPass):
         def __init__(self):
             self.manager = manager
-            self.total_counts: dict[str, int] = {}
-            self.graphs = 0
 
         def __call__(self, graph):
             if _is_vllm_graph(graph):
                 return  # vLLM's own config decides (the plugin's manager); see the module docstring
             self.manager(graph)
-            self.graphs += 1
-            for k, v in (getattr(self.manager, "matched_counts", None) or {}).items():
-                self.total_counts[k] = self.total_counts.get(k, 0) + v
 
         def uuid(self):
             return self.manager.uuid()
 
-    return _Counting()
+    return _DumpPass()
 
 
 def _is_vllm_graph(graph) -> bool:
