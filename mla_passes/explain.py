@@ -114,7 +114,10 @@ def append_record(directory, record: dict) -> Path:
 
 # --- the wrapper around MLAPassManager.__call__ ------------------------------------
 
-_NOT_RUN = object()
+class _Unrun(list):
+    """Put on each pass's ``refusals`` before the call: a pass that runs
+    replaces it with its own list. A list, so that a pass that appends to or
+    clears its list in place still works."""
 
 
 def recorded(call):
@@ -149,7 +152,7 @@ def recorded(call):
 
 def _before_state(manager, graph, sinks) -> dict:
     for p in getattr(manager, "passes", []):
-        p.refusals = _NOT_RUN  # a pass that runs replaces it with its own list
+        p.refusals = _Unrun()  # a pass that runs replaces it with its own list
     state = {"ops": mla_op_counts(graph)}
     if any(s.get("write_graphs") for s in sinks):
         state["text"] = _graph_text(graph)
@@ -157,12 +160,14 @@ def _before_state(manager, graph, sinks) -> dict:
 
 
 def _restore_refusals(manager) -> dict[str, bool]:
-    """Which passes ran (replaced the marker); put an empty list back where none did."""
+    """Which passes ran (replaced the marker, or matched); a plain list back where the marker is."""
     ran = {}
+    counts = getattr(manager, "matched_counts", None) or {}
     for p in getattr(manager, "passes", []):
-        ran[p.name] = p.refusals is not _NOT_RUN
-        if not ran[p.name]:
-            p.refusals = []
+        marked = isinstance(p.refusals, _Unrun)
+        ran[p.name] = not marked or bool(p.refusals) or bool(counts.get(p.name))
+        if marked:
+            p.refusals = list(p.refusals)
     return ran
 
 
@@ -243,6 +248,17 @@ def _refusal_layer(where: str, layers) -> str | None:
     return None
 
 
+def _where_why(refusal) -> tuple[str, str]:
+    """(where, why) of one recorded refusal: a ``"where: why"`` string, or
+    an object with ``where`` and ``why`` (or ``reason``)."""
+    where = getattr(refusal, "where", None)
+    why = getattr(refusal, "why", None) or getattr(refusal, "reason", None)
+    if where is not None and why is not None:
+        return str(where), str(why)
+    where, _, why = str(refusal).partition(": ")
+    return where, why
+
+
 def explain_graph(manager, graph, before: dict) -> dict:
     """The record of one call of ``manager`` on ``graph`` (after the call)."""
     from .pass_manager import current_compile_range
@@ -255,8 +271,7 @@ def explain_graph(manager, graph, before: dict) -> dict:
         if not ran_by_pass.get(p.name):
             continue
         for r in p.refusals:
-            where, _, why = str(r).partition(": ")
-            refusals.append((p.name, where, why))
+            refusals.append((p.name, *_where_why(r)))
     r = current_compile_range()
     config = getattr(manager, "config", None)
     decision = {
