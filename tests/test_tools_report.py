@@ -224,3 +224,16 @@ def test_split_vllm_compile_config_named_when_nothing_seen():
     g = [{"kind": "graph", "decision": {"ran": True}, "layers": [],
           "ops_before": {"attention": 0, "kv_cache_update": 0, "fused_rope": 0}}]
     assert "split at attention (vLLM VLLM_COMPILE with graph partition off)" in likely_cause(g, cfg)
+
+
+def test_vllm_config_noted_into_dump_folder(tmp_path, monkeypatch, capsys):
+    """Under `mla-passes dump` ($MLA_PASSES_EXPLAIN_DIR, no debug_dump_path) a flag-off vLLM config is recorded: report says flag off."""
+    monkeypatch.setenv(explain.ENV_DIR, str(tmp_path / "dump"))
+    explain.note_vllm_config(_fake_vllm_config(tmp_path, flag=False, mode="DYNAMO_TRACE_ONCE", dump=False))
+    rc, out = _report(capsys, tmp_path / "dump")
+    assert rc == 1
+    assert "flag off, mode DYNAMO_TRACE_ONCE" in out and "-- no MLA layer seen: the flag is off" in out
+    m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=4)
+    explain.note_vllm_config(_fake_vllm_config(tmp_path, flag=True, mode="DYNAMO_TRACE_ONCE", dump=False), m)
+    assert [(s["dir"], s["source"], s["write_graphs"]) for s in explain.sinks_of(m)] == [
+        (str(tmp_path / "dump"), "vLLM plugin", False)]
