@@ -118,12 +118,15 @@ def _range(d: dict) -> str:
     return "none" if r is None else f"({r[0]}, {r[1]})"
 
 
+_CONFIG_SHOWN = ("flag", "mode", "use_inductor_graph_partition", "max_num_seqs", "threshold_override")
+
+
 def _distinct_configs(configs: list[dict]) -> list[tuple[dict, list]]:
-    """vLLM builds its config in each process (main, engine core): one line per distinct config."""
+    """vLLM builds its config in each process (main, engine core): one line
+    per distinct config, as far as the line shows it."""
     seen: dict[str, tuple[dict, list]] = {}
     for c in configs:
-        key = json.dumps({k: v for k, v in c.items() if k not in ("pid", "time", "_file")}, sort_keys=True,
-                         default=str)
+        key = json.dumps([c.get(k) for k in _CONFIG_SHOWN], default=str)
         seen.setdefault(key, (c, []))[1].append(c.get("pid"))
     return list(seen.values())
 
