@@ -146,7 +146,6 @@ def recorded(call):
                 logger.debug("mla-passes explain: could not write the record", exc_info=True)
         return result
 
-    wrapper.__wrapped_by_explain__ = True
     return wrapper
 
 
