@@ -255,6 +255,7 @@ def normalize_graph_source(src: str) -> str:
 
 # --- pairing the files of two dumps ------------------------------------------
 
+_OUR_NAME = re.compile(r"^mla_passes_graph\.(?P<pid>\d+)\.(?P<n>\d+)\.(?P<side>before|after)\.py$")
 _DEPYF_NAME = re.compile(r"^(?P<fn>__compiled_fn_(?P<n>\d+))[ .](?P<stage>.+)[ .](?P<k>\d+)\.py$")
 
 
@@ -277,7 +278,10 @@ def _stage_name(fn: str, stage: str) -> str:
 
 
 def collect_graph_files(folder: str | os.PathLike) -> dict[GraphKey, Path]:
-    """The graph files of a depyf dump folder, keyed for pairing. Kernel files,
+    """The graph files of a depyf dump folder, keyed for pairing (also the
+    ``mla_passes_graph.<pid>.<n>.<before|after>.py`` files the passes write
+    into vLLM's ``debug_dump_path`` on CPU, stage ``mla_passes_before`` /
+    ``mla_passes_after``). Kernel files,
     ``full_code_for_*`` and ``__transformed_code_*`` are skipped (not FX graphs);
     other ``.py`` files that hold a graph are keyed by their file name."""
     folder = Path(folder)
@@ -287,7 +291,13 @@ def collect_graph_files(folder: str | os.PathLike) -> dict[GraphKey, Path]:
         if not p.is_file() or p.suffix != ".py":
             continue
         m = _DEPYF_NAME.match(p.name)
-        if m:
+        ours = _OUR_NAME.match(p.name)
+        if ours:
+            # mla_passes_graph.<pid>.<n>.<before|after>.py (mla_passes.explain):
+            # keyed like a depyf function, (pid, n) ranked together with depyf's <N>.
+            n = int(ours.group("pid")) * 1_000_000 + int(ours.group("n"))
+            found.append((n, f"mla_passes_{ours.group('side')}", 0, p))
+        elif m:
             stage = m.group("stage")
             if re.fullmatch(r"kernel[ _]\d+", stage) or stage.startswith("kernel"):
                 continue

@@ -29,6 +29,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph
 
+from . import explain as _explain
 from . import op_handles as _op_handles
 from .config import PassConfig
 from .passes import MLADecodeQPrepLiftPass, MLAQkRopeKVCacheFusionPass
@@ -159,6 +160,7 @@ class MLAPassManager(CustomGraphPass):
         return ok, f"no compile range; token count <= {bound} {'within' if ok else 'outside'} bucket <= {limit}"
 
     # --- running ----------------------------------------------------------------
+    @_explain.recorded  # writes what was decided where dumps go (mla-passes report)
     def __call__(self, graph: Graph) -> None:
         self.matched_counts = {p.name: 0 for p in self.passes}
         ok, why = self._decide(graph)

@@ -39,6 +39,8 @@ import logging
 import sys
 from typing import Optional
 
+from . import explain as _explain
+
 logger = logging.getLogger("vllm.mla_passes")  # under vLLM's logger: shown with its handlers
 
 FLAG = "fuse_aiter_qk_rope_kvcache_mla"
@@ -175,6 +177,7 @@ def configure_vllm_config(vllm_config) -> None:
     cc = vllm_config.compilation_config
     pc = cc.pass_config
     if not getattr(pc, FLAG, False):
+        _explain.note_vllm_config(vllm_config)  # "flag off", for mla-passes report
         return
     from . import vllm_compat
     from .config import PassConfig as MLAPassConfig
@@ -203,6 +206,7 @@ def configure_vllm_config(vllm_config) -> None:
         no_range_policy="infer" if has_ranges else "apply",
     )
     manager = MLAPassManager(config, max_num_seqs=max_num_seqs, num_speculative_tokens=num_spec)
+    _explain.note_vllm_config(vllm_config, manager)  # records (+ graphs on CPU) into debug_dump_path
 
     existing = cc.inductor_compile_config.get(PASS_KEY)
     if isinstance(existing, vllm_compat.ComposedPostGradPass):

@@ -171,3 +171,14 @@ def test_cli_two_files_and_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "aten.slice_scatter.default" in out and "@@" not in out
     assert cli.main(["diff", str(fa), str(tmp_path)]) == 2
+
+
+def test_pairs_the_graphs_written_into_vllm_debug_dump_path(tmp_path):
+    """Our CPU debug_dump_path files (mla_passes_graph.<pid>.<n>.<side>.py) pair across runs despite other pids."""
+    a = _write(tmp_path / "a", {"mla_passes_graph.17564.1.before.py": BEFORE,
+                                "mla_passes_graph.17564.1.after.py": AFTER})
+    b = _write(tmp_path / "b", {"mla_passes_graph.9572.1.before.py": BEFORE_RENUMBERED,
+                                "mla_passes_graph.9572.1.after.py": BEFORE})
+    assert set(collect_graph_files(a)) == {GraphKey(0, "mla_passes_before", 0), GraphKey(0, "mla_passes_after", 0)}
+    pairs = {p.key: p.status for p in compare_paths(a, b)}
+    assert pairs == {"fn0.mla_passes_before.0": "identical", "fn0.mla_passes_after.0": "changed"}

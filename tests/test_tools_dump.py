@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 
@@ -89,3 +90,78 @@ def test_dump_summary_line(dumps, capsys, tmp_path):
     out = capsys.readouterr().out
     assert re.search(r"mla-passes dump: \d+ graph files in .*/t/ \(passes off\)", out)
     assert "5.52" in out  # the script's own output: 3 * (sin(1) + 1)
+
+
+def test_dump_summary_counts_recorded_layers(dumps):
+    """The summary reads the records in the dump (any manager, any process), not a counter of its own manager."""
+    from mla_passes.explain import read_records
+    from mla_passes.tools.dump import summary_line
+
+    _, _, out = dumps
+    line = summary_line(out["on"])
+    assert "pass manager called on 1 graph, ran on 1; matches: " in line
+    assert "1 layer(s): " in line and "0 left alone" in line
+    [rec] = [r for r in read_records(out["on"]) if r["kind"] == "graph"]
+    assert rec["source"] == "mla-passes dump"
+    assert "no MLA layer seen: no graph was recorded" in summary_line(out["off"])
+
+
+ENV_SCRIPT = textwrap.dedent('''
+    import os
+    for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "MLA_PASSES_EXPLAIN_DIR"):
+        print(k, "=", os.environ.get(k))
+''')
+
+
+@pytest.mark.parametrize("user_value", [None, "1"])
+def test_dump_environment_for_vllm(tmp_path, capsys, monkeypatch, user_value):
+    """dump exports the record folder and keeps vLLM's engine in process, unless the user set that; restores both."""
+    monkeypatch.delenv("MLA_PASSES_EXPLAIN_DIR", raising=False)
+    if user_value is None:
+        monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", user_value)
+    script = tmp_path / "env.py"
+    script.write_text(ENV_SCRIPT)
+    out_dir = tmp_path / "d"
+    assert cli.main(["dump", "--out", str(out_dir), "--passes", "off", "--", str(script)]) == 0
+    out = capsys.readouterr().out
+    assert f"VLLM_ENABLE_V1_MULTIPROCESSING = {user_value or '0'}" in out
+    assert f"MLA_PASSES_EXPLAIN_DIR = {out_dir.resolve()}" in out
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == user_value
+    assert "MLA_PASSES_EXPLAIN_DIR" not in os.environ
+
+
+def test_dump_manager_steps_aside_for_vllm():
+    """On a graph with vLLM ops the dump's own manager does not run: vLLM's pass_config (the plugin) decides."""
+    import torch
+    import torch.fx
+
+    from mla_passes.tools.dump import make_pass
+
+    p = make_pass("on", max_num_seqs=8)
+    calls = []
+    p.manager = lambda graph: calls.append(graph)
+    plain = torch.fx.Graph()
+    x = plain.placeholder("x")
+    plain.output(plain.call_function(torch.ops.aten.sin.default, (x,)))
+    p(plain)
+    assert calls == [plain]
+    vllm_like = torch.fx.Graph()
+    y = vllm_like.placeholder("y")
+    vllm_like.output(vllm_like.call_function(_vllm_namespace_op(), (y,)))
+    p(vllm_like)
+    assert calls == [plain]
+
+
+_LIBS = []
+
+
+def _vllm_namespace_op():
+    """An op in the ``vllm`` namespace (defined once per process)."""
+    import torch
+
+    if not _LIBS:
+        _LIBS.append(torch.library.Library("vllm", "FRAGMENT"))
+        _LIBS[0].define("mla_passes_dump_test_op(Tensor x) -> Tensor")
+    return torch.ops.vllm.mla_passes_dump_test_op.default

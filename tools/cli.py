@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("demo", "dump", "diff", "patterns", "lint", "bench")
+SUBCOMMANDS = ("demo", "dump", "diff", "report", "patterns", "lint", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

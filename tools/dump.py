@@ -8,13 +8,24 @@ installed as Inductor's ``post_grad_custom_post_pass`` (``--passes on``) or no
 custom pass at all (``--passes off``). DIR then holds depyf's files for every
 compiled function, among them ``AFTER_POST_GRAD`` and, with the passes on, the
 ``mla_passes_before_<pass>`` / ``mla_passes_after_<pass>`` graphs each pass
-logs. Compare two dumps with ``mla-passes diff``.
+logs, and the passes' records (``mla_passes_explain.<pid>.jsonl``, see
+:mod:`mla_passes.explain`): ``mla-passes report DIR`` reads them. Compare two
+dumps with ``mla-passes diff``.
 
 Inductor's and AOTAutograd's caches are turned off for the run: a cache hit
 skips the post-grad passes and leaves no graphs to dump. A script that sets
-``post_grad_custom_post_pass`` itself overrides ours. vLLM compiles in worker
-processes: for vLLM, use its own ``compilation_config.debug_dump_path`` (it
-runs depyf the same way; our passes' graphs land there too).
+``post_grad_custom_post_pass`` itself overrides ours.
+
+A vLLM script: vLLM's config decides (its ``pass_config`` flag installs the
+plugin's pass manager; ``--passes`` does not add a second one). vLLM
+compiles in its engine-core process, which depyf in this process cannot
+see, so the run sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (engine in
+process) unless the environment sets it already, and says so. Records are
+written by whichever pass manager runs, in any process: the run exports
+``MLA_PASSES_EXPLAIN_DIR=DIR`` to child processes too, so the summary and
+``mla-passes report`` count the plugin's manager as well as ours. A
+``tensor_parallel_size > 1`` run still compiles in worker processes: their
+records land in DIR, their graphs do not (use vLLM's ``debug_dump_path``).
 """
 
 from __future__ import annotations
@@ -47,8 +58,8 @@ def add_arguments(parser) -> None:
 
 def make_pass(passes: str, *, max_num_seqs: int | None = None, backend: str = "auto"):
     """The custom post-grad pass for ``--passes on|off`` (None for off): the
-    pass manager wrapped so that ``.total_counts`` sums its matches over all
-    graphs."""
+    pass manager (``.manager``), wrapped so that it leaves vLLM's graphs to
+    vLLM's own config. What it did is in the records (:mod:`mla_passes.explain`)."""
     if passes == "off":
         return None
     from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -61,22 +72,60 @@ def make_pass(passes: str, *, max_num_seqs: int | None = None, backend: str = "a
         kwargs["backend"] = backend
     manager = MLAPassManager(PassConfig(**kwargs), max_num_seqs=max_num_seqs)
 
-    class _Counting(CustomGraphPass):
+    class _DumpPass(CustomGraphPass):
         def __init__(self):
             self.manager = manager
-            self.total_counts: dict[str, int] = {}
-            self.graphs = 0
 
         def __call__(self, graph):
+            if _is_vllm_graph(graph):
+                return  # vLLM's own config decides (the plugin's manager); see the module docstring
             self.manager(graph)
-            self.graphs += 1
-            for k, v in (getattr(self.manager, "matched_counts", None) or {}).items():
-                self.total_counts[k] = self.total_counts.get(k, 0) + v
 
         def uuid(self):
             return self.manager.uuid()
 
-    return _Counting()
+    return _DumpPass()
+
+
+def _is_vllm_graph(graph) -> bool:
+    """True for a graph that calls a ``vllm::`` op (directly or through
+    ``auto_functionalized``): a vLLM model's graph."""
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        if getattr(n.target, "namespace", None) == "vllm" or \
+                (n.args and getattr(n.args[0], "namespace", None) == "vllm"):
+            return True
+    return False
+
+
+def _vllm_runs() -> bool:
+    """True once the script has loaded vLLM's compilation machinery."""
+    return "vllm.compilation.decorators" in sys.modules
+
+
+ENGINE_IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+@contextlib.contextmanager
+def _environment(out: Path):
+    """Export the record folder (inherited by child processes) and keep
+    vLLM's engine in this process unless the user chose otherwise."""
+    from mla_passes.explain import ENV_DIR
+
+    saved = {k: os.environ.get(k) for k in (ENV_DIR, ENGINE_IN_PROCESS)}
+    os.environ[ENV_DIR] = str(out.resolve())
+    engine_set_here = ENGINE_IN_PROCESS not in os.environ
+    if engine_set_here:
+        os.environ[ENGINE_IN_PROCESS] = "0"
+    try:
+        yield engine_set_here
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def prepare_out_dir(out: Path, clean: bool) -> str | None:
@@ -132,13 +181,17 @@ def run(args) -> int:
         print(f"mla-passes dump: {err}", file=sys.stderr)
         return 2
     custom_pass = make_pass(args.passes, max_num_seqs=args.max_num_seqs, backend=args.backend)
+    if custom_pass is not None:
+        from mla_passes.explain import attach
+
+        attach(custom_pass.manager, out.resolve(), source="mla-passes dump")
 
     old_argv, old_path0 = sys.argv, sys.path[0] if sys.path else None
     sys.argv = [str(script), *script_args]
     sys.path.insert(0, str(script.resolve().parent))
     rc = 0
     try:
-        with dumping(out, custom_pass):
+        with _environment(out) as engine_set_here, dumping(out, custom_pass):
             try:
                 runpy.run_path(str(script), run_name="__main__")
             except SystemExit as e:
@@ -151,10 +204,45 @@ def run(args) -> int:
     files = graph_files(out)
     ours = [p for p in files if ".mla_passes_" in p.name]
     print(f"mla-passes dump: {len(files)} graph files in {out}/ (passes {args.passes})")
-    if custom_pass is not None:
-        counts = ", ".join(f"{k}={v}" for k, v in sorted(custom_pass.total_counts.items())) or "none"
-        print(f"  pass manager ran on {custom_pass.graphs} graph{'' if custom_pass.graphs == 1 else 's'}; matches: {counts}")
+    if _vllm_runs():
+        engine = os.environ.get(ENGINE_IN_PROCESS)
+        if engine_set_here:
+            print(f"  vLLM: ran its engine in this process ({ENGINE_IN_PROCESS}=0, set by mla-passes dump) "
+                  "so its compile is dumped; its pass_config decides whether the passes run")
+        elif engine not in ("0", "false", "False"):
+            print(f"  vLLM: {ENGINE_IN_PROCESS}={engine} in the environment: the engine compiled in another "
+                  "process; its graphs are not in this dump, its records are")
+    if custom_pass is not None or _vllm_runs():
+        print("  " + summary_line(out))
+    if ours:
         print(f"  {len(ours)} before/after graphs of our passes: {out}/*.mla_passes_*.py")
     if rc:
         print(f"mla-passes dump: {script} exited with status {rc}", file=sys.stderr)
     return rc
+
+
+def summary_line(out) -> str:
+    """What the recorded pass-manager calls in ``out`` did, whichever manager
+    (ours, the vLLM plugin's, any process) made them."""
+    from mla_passes.explain import read_records
+
+    from .report import summarize
+
+    records = read_records(out)
+    s = summarize(records)
+    graphs = s["graphs"]
+    ran = sum(1 for r in records if r.get("kind") == "graph" and r["decision"].get("ran"))
+    counts: dict[str, int] = {}
+    for r in records:
+        if r.get("kind") == "graph":
+            for k, v in r.get("matched_counts", {}).items():
+                counts[k] = counts.get(k, 0) + v
+    matches = ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
+    line = (f"pass manager called on {graphs} graph{'' if graphs == 1 else 's'}, ran on {ran}; matches: {matches}")
+    if s["layers"]:
+        t = s["totals"]
+        line += (f"; {len(s['layers'])} layer(s): {t.get('fused', 0)} fused, {t.get('lifted', 0)} lifted, "
+                 f"{t.get('left alone', 0)} left alone")
+    else:
+        line += f"; no MLA layer seen: {s['cause']}"
+    return line + f" (details: mla-passes report {out})"

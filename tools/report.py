@@ -1,0 +1,195 @@
+"""``mla-passes report DIR``: per MLA layer, was it fused, lifted or left alone, and why.
+
+DIR is a folder the passes recorded into (see :mod:`mla_passes.explain`):
+an ``mla-passes dump`` folder, or vLLM's ``compilation_config.debug_dump_path``
+(any depth: vLLM writes ``rank_<r>_dp_<d>/`` folders). For each graph the
+pass manager was called on it prints the gating decision (compile range,
+decode threshold, no-range policy, and the manager's reason), the MLA ops
+the graph held, and per layer the outcome with every refusal the passes
+recorded for it; then one line per layer over all graphs. When no layer was
+seen at all it says the likely cause in plain words: the flag is off, the
+graph was split at attention (vLLM's graph partition off), the graph lies
+outside the decode range, or the passes never ran (compile cache hit,
+eager mode).
+
+Exit status: 0 when some layer was fused or lifted, 1 when none was, 2 when
+DIR holds no record at all or is not a folder.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+from pathlib import Path
+
+HELP = "per MLA layer: fused, lifted or left alone, each refusal's reason, and each graph's gating decision"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("dir", metavar="DIR",
+                        help="an `mla-passes dump` folder or vLLM's compilation_config.debug_dump_path")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+# --- the analysis -------------------------------------------------------------------
+
+def summarize(records: list[dict]) -> dict:
+    """Per-layer outcomes over all graph records, and the likely cause when
+    no layer was seen."""
+    graphs = [r for r in records if r.get("kind") == "graph"]
+    configs = [r for r in records if r.get("kind") == "vllm_config"]
+    per_layer: dict[str, collections.Counter] = {}
+    reasons: dict[str, list[str]] = {}
+    for g in graphs:
+        for lay in g.get("layers", []):
+            outcome = lay["outcome"]
+            if outcome == "left alone" and not g["decision"].get("ran"):
+                why = f"gating: {g['decision'].get('why')}"
+                lay = {**lay, "reasons": [why, *lay.get("reasons", [])]}
+            per_layer.setdefault(lay["layer"], collections.Counter())[outcome] += 1
+            rs = reasons.setdefault(lay["layer"], [])
+            rs.extend(r for r in lay.get("reasons", []) if r not in rs)
+    totals = collections.Counter()
+    for counts in per_layer.values():
+        totals[best_outcome(counts)] += 1
+    return {
+        "graphs": len(graphs),
+        "configs": configs,
+        "layers": {name: {"outcomes": dict(c), "best": best_outcome(c), "reasons": reasons.get(name, [])}
+                   for name, c in per_layer.items()},
+        "totals": dict(totals),
+        "cause": None if totals.get("fused") or totals.get("lifted") else likely_cause(graphs, configs),
+    }
+
+
+def best_outcome(counts) -> str:
+    for o in ("fused", "lifted", "prepped q"):
+        if counts.get(o):
+            return o
+    return "left alone"
+
+
+def likely_cause(graphs: list[dict], configs: list[dict]) -> str:
+    """Why no MLA layer was seen (or none rewritten), in plain words."""
+    if configs and not any(c.get("flag") for c in configs):
+        return ("the flag is off: pass_config.fuse_aiter_qk_rope_kvcache_mla is not set, so vLLM never "
+                "installed the mla-passes pass manager (turn it on with compilation_config="
+                "{\"pass_config\": {\"fuse_aiter_qk_rope_kvcache_mla\": True}})")
+    split = any(c.get("mode") == "VLLM_COMPILE" and not c.get("use_inductor_graph_partition") for c in configs)
+    if not graphs:
+        on = [c for c in configs if c.get("flag")]
+        if on and all(c.get("enforce_eager") for c in on):
+            return "the flag is on but vLLM runs eagerly (enforce_eager=True): nothing is compiled, no pass runs"
+        if on:
+            return ("the flag is on but the pass manager never ran on a graph: most likely vLLM loaded the "
+                    "compiled model from its compile cache (no post-grad pass runs then; set "
+                    "VLLM_DISABLE_COMPILE_CACHE=1 or a fresh VLLM_CACHE_ROOT), or compilation is off "
+                    "(mode NONE)")
+        return ("no graph was recorded: the mla-passes pass manager never ran with a record folder "
+                "(not an `mla-passes dump` folder or vLLM debug_dump_path? flag off? compile cache hit?)")
+    ran = [g for g in graphs if g["decision"].get("ran")]
+    if not ran:
+        whys = sorted({str(g["decision"].get("why")) for g in graphs})
+        return ("every graph was outside the decode range, so the passes did not run on it: "
+                + "; ".join(whys))
+    seen = collections.Counter()
+    for g in ran:
+        seen.update({k: v for k, v in g.get("ops_before", {}).items() if v})
+    if seen and not seen.get("attention"):
+        return ("the graph was split at attention: the passes saw cache updates/RoPE but no MLA attention "
+                "call in the same graph (vLLM splits at attention unless "
+                "compilation_config.use_inductor_graph_partition=True)")
+    if not seen:
+        if split:
+            return ("the graph was split at attention (vLLM VLLM_COMPILE with graph partition off): the "
+                    "pieces the passes saw hold no MLA attention or cache update; set "
+                    "compilation_config.use_inductor_graph_partition=True")
+        return "the graphs the passes ran on hold no MLA attention, cache update or fused-RoPE op (not an MLA model?)"
+    if seen.get("attention"):
+        return "the passes ran on the layers and refused each one: the reasons are listed per layer above"
+    return "MLA ops were seen but no layer could be paired (see the refusals above)"
+
+
+# --- printing ------------------------------------------------------------------------
+
+def _range(d: dict) -> str:
+    r = d.get("range")
+    return "none" if r is None else f"({r[0]}, {r[1]})"
+
+
+_CONFIG_SHOWN = ("flag", "mode", "use_inductor_graph_partition", "max_num_seqs", "threshold_override")
+
+
+def _distinct_configs(configs: list[dict]) -> list[tuple[dict, list]]:
+    """vLLM builds its config in each process (main, engine core): one line
+    per distinct config, as far as the line shows it."""
+    seen: dict[str, tuple[dict, list]] = {}
+    for c in configs:
+        key = json.dumps([c.get(k) for k in _CONFIG_SHOWN], default=str)
+        seen.setdefault(key, (c, []))[1].append(c.get("pid"))
+    return list(seen.values())
+
+
+def format_report(folder: str, records: list[dict], summary: dict) -> str:
+    out = [f"mla-passes report: {folder}\n"]
+    for c, pids in _distinct_configs(summary["configs"]):
+        out.append(
+            f"vLLM config (pid {', '.join(map(str, pids))}): flag {'on' if c.get('flag') else 'off'}, "
+            f"mode {c.get('mode')}, graph partition {'on' if c.get('use_inductor_graph_partition') else 'off'}, "
+            f"max_num_seqs {c.get('max_num_seqs')}, threshold override {c.get('threshold_override')}\n")
+    for g in (r for r in records if r.get("kind") == "graph"):
+        d = g["decision"]
+        files = " ".join(f"{k.split('_')[0]}: {g[k]}" for k in ("before_file", "after_file") if g.get(k))
+        out.append(f"graph {g.get('graph')} (pid {g.get('pid')}, {g.get('source')}){' ' + files if files else ''}\n")
+        out.append(f"  gating: {'passes ran' if d.get('ran') else 'left alone'}: {d.get('why')}\n")
+        out.append(f"          range {_range(d)}, threshold {d.get('threshold')}, policy {d.get('policy')}\n")
+        ops = ", ".join(f"{k} {v}" for k, v in g.get("ops_before", {}).items())
+        out.append(f"  MLA ops before: {ops}\n")
+        if d.get("ran"):
+            matched = ", ".join(f"{k}={v}" for k, v in g.get("matched_counts", {}).items()) or "none"
+            out.append(f"  matched: {matched}\n")
+        for lay in g.get("layers", []):
+            out.append(f"  layer {lay['layer']}: {lay['outcome']}\n")
+            for r in lay.get("reasons", []):
+                out.append(f"      refused by {r}\n")
+        for r in g.get("other_refusals", []):
+            out.append(f"  refused (no layer): {r}\n")
+    layers = summary["layers"]
+    if layers:
+        out.append("per layer, over all graphs:\n")
+        w = max(len(n) for n in layers)
+        for name, info in layers.items():
+            seen = ", ".join(f"{o} in {n}" for o, n in info["outcomes"].items())
+            out.append(f"  {name:<{w}}  {info['best']:<10}  ({seen} graph(s))\n")
+            if info["best"] == "left alone":
+                for r in info["reasons"]:
+                    out.append(f"  {'':<{w}}    {r}\n")
+        t = summary["totals"]
+        out.append(f"-- {len(layers)} layer(s): {t.get('fused', 0)} fused, {t.get('lifted', 0)} lifted, "
+                   f"{t.get('left alone', 0)} left alone\n")
+        if summary["cause"]:
+            out.append(f"-- nothing fused or lifted: {summary['cause']}\n")
+    else:
+        out.append(f"-- no MLA layer seen: {summary['cause']}\n")
+    return "".join(out)
+
+
+def run(args) -> int:
+    from mla_passes.explain import read_records
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        print(f"mla-passes report: argument DIR: {folder} is not a folder", file=sys.stderr)
+        return 2
+    records = read_records(folder)
+    summary = summarize(records)
+    if args.json:
+        print(json.dumps({"dir": str(folder), "summary": summary,
+                          "graphs": [r for r in records if r.get("kind") == "graph"]}, indent=2, default=str))
+    else:
+        sys.stdout.write(format_report(str(folder), records, summary))
+    if not records:
+        return 2
+    t = summary["totals"]
+    return 0 if t.get("fused") or t.get("lifted") else 1
