@@ -13,7 +13,11 @@ import os
 from collections import Counter
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass
+
+try:  # vLLM's VLLM_COMPILE pipeline takes only its own InductorPass (a CustomGraphPass)
+    from vllm.compilation.passes.inductor_pass import InductorPass as _PassBase
+except ImportError:
+    from torch._inductor.custom_graph_pass import CustomGraphPass as _PassBase
 
 
 def _val_str(val) -> str:
@@ -64,7 +68,7 @@ def op_counts(graph: torch.fx.Graph) -> dict[str, int]:
     return dict(counts)
 
 
-class GraphProbePass(CustomGraphPass):
+class GraphProbePass(_PassBase):
     def __init__(self, tag: str = "probe"):
         self.tag = tag
 
@@ -117,7 +121,8 @@ def instrument_mla_passes() -> None:
         if only:
             self.passes = [p for p in self.passes if any(s in p.name for s in only.split(","))]
         orig_call(self, graph)
-        _record({"tag": "manager", "pid": os.getpid(), "matched_counts": dict(self.matched_counts),
+        _record({"tag": "manager", "pid": os.getpid(), "compile_range": _compile_range(),
+                 "matched_counts": dict(self.matched_counts),
                  "decision": self.last_decision, "op_counts_after": op_counts(graph)})
 
     pass_manager.MLAPassManager.__call__ = __call__

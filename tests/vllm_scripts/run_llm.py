@@ -1,13 +1,19 @@
 """One vLLM process for tests/test_vllm_e2e.py: build the LLM in one mode,
 generate greedily, write everything the tests check to a JSON file.
 
-    python run_llm.py MODEL_DIR OUT_JSON MODE      MODE in {on, lift, off, eager}
+    python run_llm.py MODEL_DIR OUT_JSON MODE      MODE in {on, lift, off, eager,
+                                                         compile_on, compile_off, compile_nopart,
+                                                         tp_on, tp_off}
 
 ``on``: pass_config.fuse_aiter_qk_rope_kvcache_mla=True plus a user post-grad
 pass (graph probe); ``lift``: the same, with only the q-prep lift pass kept
 in the manager (so the lift is seen on vLLM's real graph, not just the
 fusion that subsumes it); ``off``: the same user pass, flag off; ``eager``:
-enforce_eager=True. The probe and the instrumented pass manager append JSON
+enforce_eager=True. ``compile_*``: ``mode=VLLM_COMPILE`` kept on CPU by
+``vllm_compile_on_cpu.py`` (the caller sets ``MLA_TEST_VLLM_COMPILE=1`` and puts
+``site/`` on PYTHONPATH): flag on, flag off, flag on with
+``use_inductor_graph_partition=False``. ``tp_*``: flag on/off with
+``tensor_parallel_size=2``. The probe and the instrumented pass manager append JSON
 lines to OUT_JSON + ".jsonl" from inside the worker process.
 """
 
@@ -40,8 +46,14 @@ def main() -> None:
         cc = {"inductor_compile_config": {"post_grad_custom_post_pass": GraphProbePass("user")}}
         if mode == "lift":
             os.environ["MLA_PROBE_ONLY_PASSES"] = "lift"  # read by the instrumented manager in the worker
-        if mode in ("on", "lift"):
+        if mode in ("on", "lift", "compile_on", "compile_nopart", "tp_on"):
             cc["pass_config"] = {"fuse_aiter_qk_rope_kvcache_mla": True}
+        if mode.startswith("compile_"):
+            cc["mode"] = 3  # CompilationMode.VLLM_COMPILE
+        if mode == "compile_nopart":
+            cc["use_inductor_graph_partition"] = False
+        if mode.startswith("tp_"):
+            kwargs["tensor_parallel_size"] = 2
         kwargs["compilation_config"] = cc
 
     if mode == "on":
@@ -56,6 +68,8 @@ def main() -> None:
     result["pass_config_flag"] = getattr(ccfg.pass_config, "fuse_aiter_qk_rope_kvcache_mla", None)
     result["compile_ranges_endpoints"] = ccfg.compile_ranges_endpoints
     result["compilation_mode"] = int(ccfg.mode)
+    result["use_inductor_graph_partition"] = ccfg.use_inductor_graph_partition
+    result["splitting_ops"] = ccfg.splitting_ops
     prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 3 * n) % 500 + 3 for i in range(n)]) for n in PROMPT_LENS]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
                         use_tqdm=False)
