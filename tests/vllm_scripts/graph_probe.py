@@ -84,8 +84,15 @@ class GraphProbePass(_PassBase):
                 lines.append(f"{node.name}: {node.op} {node.target} val={_val_str(node.meta.get('val'))}")
         with open(text_path, "w") as f:
             f.write("\n".join(lines))
+        try:  # what would break CUDA-graph capture of this graph (mla_passes.lint; never changes it)
+            from mla_passes.lint import lint_graph
+
+            lint = [f"{f.kind}: {f.op}" for f in lint_graph(graph)]
+        except Exception as e:  # recorded, so a test sees it
+            lint = [f"lint failed: {type(e).__name__}: {e}"]
         rec = {
             "tag": self.tag,
+            "cudagraph_lint": lint,
             "pid": os.getpid(),
             "compile_range": _compile_range(),
             "symbols": _symbol_ranges(graph),
