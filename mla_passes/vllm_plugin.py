@@ -167,10 +167,11 @@ def partition_state(cc) -> tuple[bool, str]:
     """(can our passes see whole layers, why) for a finished compilation config."""
     if not _is_vllm_compile(cc):
         return True, f"compilation mode {getattr(cc.mode, 'name', cc.mode)}: one graph, no FX split"
+    listed = getattr(cc, "splitting_ops", None) or []
     if getattr(cc, PARTITION_FLAG, False):
-        return True, "Inductor graph partition on (no FX split; partitions at " + ", ".join(
-            op for op in (VLLM_MLA_ATTENTION_OP, PREPPED_ATTENTION_OP) if op in (getattr(cc, "splitting_ops", None) or [])) + ")"
-    splits = [op for op in VLLM_MLA_OPS if op in (getattr(cc, "splitting_ops", None) or [])]
+        points = [op for op in (VLLM_MLA_ATTENTION_OP, PREPPED_ATTENTION_OP) if op in listed]
+        return True, f"Inductor graph partition on (no FX split; partitions at {', '.join(points) or 'no MLA op'})"
+    splits = [op for op in VLLM_MLA_OPS if op in listed]
     if splits:
         return False, f"{PARTITION_FLAG}=False and the FX graph splits at {', '.join(splits)}"
     return True, f"{PARTITION_FLAG}=False, no MLA op in splitting_ops (the FX graph keeps whole layers)"
