@@ -14,7 +14,7 @@ threshold 4, so ranges (1, 4) and (5, 2048)), greedy, a user post-grad pass
 
 CPU has no CUDA graphs (``cudagraph_mode`` NONE): what this proves is the
 graph side (partition, ranges, the rewrite, the numbers), not capture.
-About 4-5 minutes on a 2-core box.
+Three vLLM processes (about 2-3 minutes each on a shared 2-core box).
 """
 
 from __future__ import annotations
