@@ -126,8 +126,12 @@ def _decode_q_prep_impl(q, layer_name, kv_lora_rank, qk_rope_head_dim, out_dtype
         )
     _check_out_dtype("mla_decode_q_prep", out_dtype, state, q, layer_name)
     q_out = _decode_q_prep_fake(q, layer_name, kv_lora_rank, qk_rope_head_dim, out_dtype)
-    q_cat = torch.cat((absorb_q_nope(q[..., :P], state.w_uk_t), q[..., P:].float()), dim=-1)
-    finish_q(q_cat, state.q_scale, q_out)
+    rows = _decode_rows(state, q)
+    n = q.shape[0] if rows is None else rows
+    q_cat = torch.cat((absorb_q_nope(q[:n, :, :P], state.w_uk_t), q[:n, :, P:].float()), dim=-1)
+    finish_q(q_cat, state.q_scale, q_out[:n])
+    if n < q.shape[0]:
+        q_out[n:].zero_()
     return q_out
 
 
@@ -162,14 +166,35 @@ def _slots_for(slot_mapping: torch.Tensor, T: int) -> torch.Tensor:
     return torch.cat((slot_mapping, slot_mapping.new_full((T - n,), -1)))
 
 
+def _decode_rows(state, q: torch.Tensor) -> int | None:
+    """On CPU, the number of leading decode rows whose prepped q anyone reads
+    (the prepped-q attention sends the other rows to vLLM's prefill path with
+    the original q); None: prep every row.
+
+    vLLM on CPU compiles one graph for every batch, so a 2048-token prefill
+    step runs the fused op too; absorbing its prefill rows roughly doubles
+    the layer's linear work there (``python -m tools.bench_cpu_prefill``).
+    The output keeps its shape (invariant 1: fake == real, DESIGN §4.2);
+    rows past the decode rows are zero. Never on a GPU: there the op may sit
+    in a captured CUDA graph, replayed for batches with another split, so it
+    must not branch on this step's metadata."""
+    nd = state.num_decode_tokens
+    if q.device.type != "cpu" or nd is None or nd >= q.shape[0]:
+        return None
+    return max(int(nd), 0)
+
+
 def _fused_decode_prep_impl(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend):
     state = resolve_layer(layer_name)
     _check_out_dtype("mla_fused_decode_prep", out_dtype, state, q, layer_name)
     q_out = _fused_decode_prep_fake(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend)
-    kernels.fused_decode_prep(
-        q, kv_c, k_pe, state.w_uk_t, positions, cos_sin_cache, is_neox, _slots_for(state.slot_mapping, q.shape[0]),
-        state.kv_cache, state.kv_cache_dtype, state.k_scale, state.q_scale, q_out, backend=backend,
-    )
+    args = (q, kv_c, k_pe, state.w_uk_t, positions, cos_sin_cache, is_neox, _slots_for(state.slot_mapping, q.shape[0]),
+            state.kv_cache, state.kv_cache_dtype, state.k_scale, state.q_scale, q_out)
+    rows = _decode_rows(state, q)
+    if rows is None:
+        kernels.fused_decode_prep(*args, backend=backend)
+    else:
+        kernels.reference.fused_decode_prep_reference(*args, kernels.check_fused_decode_prep_args(*args), q_rows=rows)
     return q_out
 
 

@@ -30,7 +30,7 @@ import torch
 from .kernels.fp8 import KV_CACHE_DTYPES, is_fp8_kv_cache
 from .layers import MLALayerState, layer_name_str
 
-logger = logging.getLogger("vllm.mla_passes")  # under vLLM's logger: shown with its handlers
+logger = logging.getLogger(__name__)  # the mla_passes tree; shown through vLLM's handlers (vllm_patches)
 
 SUPPORTED_VLLM = ((0, 32), (0, 33))
 
@@ -86,6 +86,9 @@ def check_supported() -> None:
         _get_attention_context()
     except ImportError as e:
         missing.append(f"get_attention_context ({e})")
+    from . import vllm_patches
+
+    missing += vllm_patches.missing_hooks()
     if missing:
         raise RuntimeError(
             "mla-passes: this vLLM's MLA attention layout is not the 0.32/0.33 one "

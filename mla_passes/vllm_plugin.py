@@ -9,17 +9,33 @@ per process: main, engine core and workers. It
    ``aiter_qk_rope_kvcache_fusion_backend``. Any other unknown key is still
    rejected. At their defaults they leave ``PassConfig.compute_hash()`` as
    it is without the plugin;
-2. hooks ``VllmConfig.__post_init__``: with the flag on it checks the vLLM
+2. in ``VLLM_COMPILE`` mode (vLLM on GPU) with the flag on, turns on
+   ``compilation_config.use_inductor_graph_partition`` unless the user set
+   it, before vLLM computes ``splitting_ops`` from it: with partition off
+   vLLM splits the FX graph at ``vllm::unified_mla_attention_with_output`` and
+   ``vllm::unified_mla_kv_cache_update`` and no layer reaches our pass whole.
+   vLLM then lists its attention ops for Inductor's partitioner, and we add
+   ``mla_passes::mla_attention_with_prepped_q`` beside them (it replaces
+   vLLM's MLA attention, so it stays outside piecewise CUDA graphs as that
+   one does). Both fields are hashed by ``CompilationConfig.compute_hash``,
+   so the compile cache tells the two setups apart. A user who forced
+   partition off (with an MLA op still splitting the graph) gets one warning
+   naming the flag, and our pass is not installed: the graph stays vLLM's;
+3. hooks ``VllmConfig.__post_init__``: with the flag on it checks the vLLM
    layout, puts :class:`mla_passes.MLAPassManager` into
    ``compilation_config.inductor_compile_config["post_grad_custom_post_pass"]``
    (composed with a user's own pass there, which keeps running), adds the
-   decode threshold to ``compile_ranges_endpoints`` and logs backend and
-   threshold once. With the flag off it does nothing;
-3. turns on vLLM's ``fuse_rope_kvcache_cat_mla`` (the rope/kv-cache
+   decode threshold to ``compile_ranges_endpoints`` and logs backend,
+   threshold and partition state once. With the flag off it does nothing;
+   it also turns on vLLM's ``fuse_rope_kvcache_cat_mla`` (the rope/kv-cache
    prerequisite, DESIGN §4.4) when our flag is on, the user left it unset and
    the platform runs it (CUDA/ROCm), with a log line;
 4. appends :class:`mla_passes.vllm_compat.VllmLayerResolver` to the layer
    resolver chain.
+
+How each vLLM class is changed lives in :mod:`mla_passes.vllm_patches`.
+Log lines come from the ``mla_passes`` logger tree, which :func:`register`
+hands vLLM's log handlers.
 
 ``LLM(compilation_config={"pass_config": {...}})`` builds vLLM's config
 *before* vLLM loads general plugins, so step 1 also runs from
@@ -32,21 +48,20 @@ CLI (which loads general plugins before parsing) and configs built after
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import importlib.abc
 import logging
-import sys
 from typing import Optional
 
 from . import explain as _explain
+from . import vllm_patches
 
-logger = logging.getLogger("vllm.mla_passes")  # under vLLM's logger: shown with its handlers
+logger = logging.getLogger(__name__)  # the mla_passes tree; shown through vLLM's handlers (register())
 
 FLAG = "fuse_aiter_qk_rope_kvcache_mla"
 MAX_TOKENS = "aiter_qk_rope_kvcache_fusion_max_token_num"
 BACKEND = "aiter_qk_rope_kvcache_fusion_backend"
 ROPE_FLAG = "fuse_rope_kvcache_cat_mla"
+PARTITION_FLAG = "use_inductor_graph_partition"
 
 # name -> (annotation, default): what vLLM's PassConfig gains.
 PASS_CONFIG_FIELDS = {
@@ -56,38 +71,36 @@ PASS_CONFIG_FIELDS = {
 }
 PASS_KEY = "post_grad_custom_post_pass"
 
+# Ops by their splitting_ops names.
+PREPPED_ATTENTION_OP = "mla_passes::mla_attention_with_prepped_q"
+VLLM_MLA_ATTENTION_OP = "vllm::unified_mla_attention_with_output"
+VLLM_MLA_CACHE_OP = "vllm::unified_mla_kv_cache_update"
+VLLM_MLA_OPS = (VLLM_MLA_ATTENTION_OP, VLLM_MLA_CACHE_OP)
+
 
 # --- 1. PassConfig keys ----------------------------------------------------------
 
-def _add_field(cls, name, annotation, default) -> bool:
-    if name in cls.__dataclass_fields__:
-        return False
-    f = dataclasses.field(default=default)
-    f.name, f.type = name, annotation
-    f._field_type = dataclasses._FIELD  # what dataclasses.fields() lists
-    cls.__dataclass_fields__[name] = f
-    cls.__annotations__[name] = annotation
-    setattr(cls, name, default)
-    return True
+def _before_pass_config_init(pc) -> None:
+    # What the user asked for, before vLLM resolves None / turns it off on
+    # platforms without its own rope/kv pass.
+    object.__setattr__(pc, "_mla_passes_rope_asked", getattr(pc, ROPE_FLAG, None))
+    if getattr(pc, FLAG, False) and hasattr(type(pc), ROPE_FLAG) and getattr(pc, ROPE_FLAG) is None:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cuda_alike():
+            setattr(pc, ROPE_FLAG, True)
+            logger.info("mla-passes: %s=True turns on %s=True (its rope/kv-cache prerequisite)", FLAG, ROPE_FLAG)
+
+
+def _hash_ignored(pc) -> set[str]:
+    """Our keys while at their defaults: flag off hashes exactly as without the plugin."""
+    return {n for n, (_, d) in PASS_CONFIG_FIELDS.items() if getattr(pc, n, d) == d}
 
 
 def _extend_module(compilation) -> None:
-    """Add our fields to ``compilation.PassConfig`` and rebuild the pydantic
-    validators of the configs that embed it. Idempotent."""
-    from pydantic.dataclasses import rebuild_dataclass
-
-    pass_config = compilation.PassConfig
-    if getattr(pass_config, "_mla_passes_extended", False):
-        return
-    for name, (annotation, default) in PASS_CONFIG_FIELDS.items():
-        _add_field(pass_config, name, annotation, default)
-    _wrap_pass_config(pass_config)
-    pass_config._mla_passes_extended = True
-    rebuild_dataclass(pass_config, force=True)
-    rebuild_dataclass(compilation.CompilationConfig, force=True)
-    vllm_mod = sys.modules.get("vllm.config.vllm")
-    if vllm_mod is not None and hasattr(vllm_mod, "VllmConfig"):
-        rebuild_dataclass(vllm_mod.VllmConfig, force=True)
+    """Add our fields to ``compilation.PassConfig`` (idempotent)."""
+    vllm_patches.add_pass_config_fields(compilation, PASS_CONFIG_FIELDS)
+    vllm_patches.wrap_pass_config(compilation.PassConfig, _before_pass_config_init, _hash_ignored)
 
 
 def extend_pass_config() -> None:
@@ -96,80 +109,88 @@ def extend_pass_config() -> None:
     _extend_module(compilation)
 
 
-def _wrap_pass_config(cls) -> None:
-    orig_post_init = cls.__post_init__
-
-    @functools.wraps(orig_post_init)
-    def __post_init__(self) -> None:
-        # What the user asked for, before vLLM resolves None / turns it off on
-        # platforms without its own rope/kv pass.
-        object.__setattr__(self, "_mla_passes_rope_asked", getattr(self, ROPE_FLAG, None))
-        if getattr(self, FLAG, False) and hasattr(type(self), ROPE_FLAG) and getattr(self, ROPE_FLAG) is None:
-            from vllm.platforms import current_platform
-
-            if current_platform.is_cuda_alike():
-                setattr(self, ROPE_FLAG, True)
-                logger.info("mla-passes: %s=True turns on %s=True (its rope/kv-cache prerequisite)", FLAG, ROPE_FLAG)
-        orig_post_init(self)
-
-    @functools.wraps(cls.compute_hash)
-    def compute_hash(self) -> str:
-        from vllm.config.utils import get_hash_factors, hash_factors
-
-        # vLLM's own recipe (0.32/0.33), minus our keys while at their
-        # defaults: flag off hashes exactly as without the plugin.
-        at_default = {n for n, (_, d) in PASS_CONFIG_FIELDS.items() if getattr(self, n, d) == d}
-        return hash_factors(get_hash_factors(self, at_default))
-
-    cls.__post_init__ = __post_init__
-    cls.compute_hash = compute_hash
-
-
-class _ExtendWhenLoaded(importlib.abc.MetaPathFinder):
-    """Extends PassConfig as soon as ``vllm.config.compilation`` has defined
-    its classes: checked on every later import, then removed."""
-
-    busy = False
-
-    def find_spec(self, fullname, path=None, target=None):
-        if _ExtendWhenLoaded.busy:
-            return None
-        mod = sys.modules.get("vllm.config.compilation")
-        if mod is not None and hasattr(mod, "CompilationConfig") and hasattr(mod, "PassConfig"):
-            _ExtendWhenLoaded.busy = True
-            try:
-                _extend_module(mod)
-            except Exception:  # never break vLLM's import; register() retries
-                logger.exception("mla-passes: could not extend vLLM's PassConfig early")
-            finally:
-                _ExtendWhenLoaded.busy = False
-                if self in sys.meta_path:
-                    sys.meta_path.remove(self)
-        return None
-
-
 def early_register() -> None:
     """``vllm.platform_plugins`` hook: make our PassConfig keys known before
     any config is built. Returns None: it never activates a platform."""
-    mod = sys.modules.get("vllm.config.compilation")
-    if mod is not None and hasattr(mod, "CompilationConfig"):
-        _extend_module(mod)
-    elif not any(isinstance(f, _ExtendWhenLoaded) for f in sys.meta_path):
-        sys.meta_path.insert(0, _ExtendWhenLoaded())
+    vllm_patches.when_compilation_loaded(_extend_module)
     return None
 
 
-# --- 2. wiring the pass manager ----------------------------------------------------
+# --- 2. graph partition and splitting ops (VLLM_COMPILE) ---------------------------
+
+def _flag_on(cc) -> bool:
+    return bool(getattr(cc.pass_config, FLAG, False))
+
+
+def _is_vllm_compile(cc) -> bool:
+    from vllm.config import CompilationMode
+
+    return cc.mode == CompilationMode.VLLM_COMPILE
+
+
+def _before_vllm_config(vllm_config) -> None:
+    """Before vLLM fills defaults: remember whether the user set graph partition."""
+    cc = vllm_config.compilation_config
+    if not hasattr(cc, "_mla_passes_partition_asked"):
+        object.__setattr__(cc, "_mla_passes_partition_asked", getattr(cc, PARTITION_FLAG, None))
+
+
+def _before_splitting_ops(cc) -> None:
+    """vLLM is about to compute ``splitting_ops`` (the mode is final here).
+
+    In ``VLLM_COMPILE`` mode with the flag on, turn on Inductor graph partition
+    unless the user set it: with it off, vLLM splits the FX graph at both MLA
+    ops and no layer reaches our pass whole. vLLM then computes
+    ``splitting_ops`` for partition mode itself (no kv-cache-update split)."""
+    if not (_flag_on(cc) and _is_vllm_compile(cc)):
+        return
+    asked = getattr(cc, "_mla_passes_partition_asked", None)
+    if asked is None and not getattr(cc, PARTITION_FLAG):
+        from vllm.utils.torch_utils import is_torch_equal_or_newer
+
+        if is_torch_equal_or_newer("2.9.0.dev"):
+            setattr(cc, PARTITION_FLAG, True)
+
+
+def _after_splitting_ops(cc) -> None:
+    """Our prepped-q attention replaces vLLM's MLA attention, so it is a
+    partition point wherever vLLM's is (Inductor's ``custom_should_partition_ops``
+    gets ``splitting_ops``): it runs outside piecewise CUDA graphs, with this
+    step's metadata, as vLLM's attention does."""
+    if not (_flag_on(cc) and _is_vllm_compile(cc) and getattr(cc, PARTITION_FLAG, False)):
+        return
+    ops = cc.splitting_ops
+    if ops is not None and VLLM_MLA_ATTENTION_OP in ops and PREPPED_ATTENTION_OP not in ops:
+        ops.append(PREPPED_ATTENTION_OP)
+
+
+def partition_state(cc) -> tuple[bool, str]:
+    """(can our passes see whole layers, why) for a finished compilation config."""
+    if not _is_vllm_compile(cc):
+        return True, f"compilation mode {getattr(cc.mode, 'name', cc.mode)}: one graph, no FX split"
+    listed = getattr(cc, "splitting_ops", None) or []
+    if getattr(cc, PARTITION_FLAG, False):
+        points = [op for op in (VLLM_MLA_ATTENTION_OP, PREPPED_ATTENTION_OP) if op in listed]
+        return True, f"Inductor graph partition on (no FX split; partitions at {', '.join(points) or 'no MLA op'})"
+    splits = [op for op in VLLM_MLA_OPS if op in listed]
+    if splits:
+        return False, f"{PARTITION_FLAG}=False and the FX graph splits at {', '.join(splits)}"
+    return True, f"{PARTITION_FLAG}=False, no MLA op in splitting_ops (the FX graph keeps whole layers)"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_partition_off(why: str) -> None:
+    logger.warning(
+        "mla-passes: %s=True is set but the MLA decode fusion cannot apply: %s. "
+        "Leave compilation_config.%s unset (or set it to True) to enable it; the graph is left as vLLM builds it.",
+        FLAG, why, PARTITION_FLAG)
+
+
+# --- 3. wiring the pass manager ----------------------------------------------------
 
 def decode_threshold(max_num_seqs: int, num_speculative_tokens: int, override: int | None) -> int:
     """Largest token count the decode bucket holds (DESIGN §4.3)."""
     return override if override is not None else max_num_seqs * (1 + num_speculative_tokens)
-
-
-def _uses_compile_ranges(vllm_config) -> bool:
-    from vllm.config import CompilationMode
-
-    return vllm_config.compilation_config.mode == CompilationMode.VLLM_COMPILE
 
 
 def configure_vllm_config(vllm_config) -> None:
@@ -186,6 +207,11 @@ def configure_vllm_config(vllm_config) -> None:
 
     vllm_compat.check_supported()
 
+    whole, partition = partition_state(cc)
+    if not whole:
+        _warn_partition_off(partition)
+        return
+
     max_num_seqs = vllm_config.scheduler_config.max_num_seqs
     spec = vllm_config.speculative_config
     num_spec = int(getattr(spec, "num_speculative_tokens", 0) or 0) if spec is not None else 0
@@ -197,7 +223,7 @@ def configure_vllm_config(vllm_config) -> None:
     # Without compile ranges (vLLM on CPU: one plain-Inductor graph for every
     # batch size) the passes apply to that graph; the prepped-q attention
     # routes its prefill rows through vLLM's own path.
-    has_ranges = _uses_compile_ranges(vllm_config)
+    has_ranges = _is_vllm_compile(cc)
     config = MLAPassConfig(
         fuse_aiter_qk_rope_kvcache_mla=True,
         fuse_rope_kvcache_cat_mla=rope_asked,
@@ -222,45 +248,32 @@ def configure_vllm_config(vllm_config) -> None:
 
     device = getattr(vllm_config.device_config, "device", None) or "cpu"
     used = resolve_backend(asked, device)  # warns once on a fallback
-    _log_once(used, asked, threshold if has_ranges else None, max_num_seqs, num_spec, len(user_passes))
+    _log_once(used, asked, threshold if has_ranges else None, max_num_seqs, num_spec, len(user_passes), partition)
 
 
 @functools.lru_cache(maxsize=None)
-def _log_once(used, asked, threshold, max_num_seqs, num_spec, n_user) -> None:
+def _log_once(used, asked, threshold, max_num_seqs, num_spec, n_user, partition) -> None:
     logger.info(
         "mla-passes: MLA decode fusion on: backend %s (asked %s), decode threshold %s "
-        "(max_num_seqs %d x (1 + %d speculative))%s",
+        "(max_num_seqs %d x (1 + %d speculative)); %s%s",
         used, asked, f"{threshold} tokens" if threshold is not None
-        else "n/a: no compile ranges here, the one graph is rewritten", max_num_seqs, num_spec,
-        f", after which {n_user} user post-grad pass(es) run" if n_user else "",
+        else "n/a: no compile ranges here, the one graph is rewritten", max_num_seqs, num_spec, partition,
+        f"; after which {n_user} user post-grad pass(es) run" if n_user else "",
     )
-
-
-def _wrap_vllm_config() -> None:
-    from vllm.config.vllm import VllmConfig
-
-    if getattr(VllmConfig, "_mla_passes_wrapped", False):
-        return
-    orig = VllmConfig.__post_init__
-
-    @functools.wraps(orig)
-    def __post_init__(self, *args, **kwargs):
-        orig(self, *args, **kwargs)
-        configure_vllm_config(self)
-
-    VllmConfig.__post_init__ = __post_init__
-    VllmConfig._mla_passes_wrapped = True
 
 
 # --- entry point ------------------------------------------------------------------
 
 def register() -> None:
     """``vllm.general_plugins`` entry point (once per vLLM process)."""
+    vllm_patches.share_vllm_log_handlers()
     extend_pass_config()
-    _wrap_vllm_config()
+    vllm_patches.wrap_vllm_config(_before_vllm_config, configure_vllm_config)
+    vllm_patches.wrap_set_splitting_ops(_before_splitting_ops, _after_splitting_ops)
     from . import layers, vllm_compat
 
     layers.add_resolver(vllm_compat.VllmLayerResolver())
 
 
-__all__ = ["PASS_CONFIG_FIELDS", "configure_vllm_config", "decode_threshold", "early_register", "register"]
+__all__ = ["PASS_CONFIG_FIELDS", "configure_vllm_config", "decode_threshold", "early_register",
+           "partition_state", "register"]

@@ -14,9 +14,6 @@ Skipped without vLLM. About 4-6 minutes on a 2-core box.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,36 +29,8 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from vllm_tiny_model import NUM_MLA_LAYERS, build_tiny_deepseek_v2  # noqa: E402
 
-SCRIPT = HERE / "vllm_scripts" / "run_llm.py"
-PROCESS_TIMEOUT_S = 900
-
-
-def _start(model_dir: Path, work: Path, mode: str) -> tuple[subprocess.Popen, Path, Path]:
-    out = work / f"{mode}.json"
-    log = work / f"{mode}.log"
-    env = dict(os.environ, VLLM_CACHE_ROOT=str(work / f"cache_{mode}"))
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(model_dir), str(out), mode],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=str(work))
-    return proc, out, log
-
-
-def _finish(proc, out: Path, log: Path) -> dict:
-    try:
-        rc = proc.wait(timeout=PROCESS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    if rc != 0 or not out.exists():
-        tail = log.read_bytes()[-6000:].decode(errors="replace")
-        raise AssertionError(f"vLLM subprocess {out.stem} failed (rc={rc}):\n{tail}")
-    result = json.loads(out.read_text())
-    records = []
-    jsonl = Path(str(out) + ".jsonl")
-    if jsonl.exists():
-        records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    result["records"] = records
-    result["log"] = log.read_bytes().decode(errors="replace")
-    return result
+from vllm_harness import finish as _finish  # noqa: E402
+from vllm_harness import start as _start  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -48,8 +48,11 @@ def finish_q(q_cat: torch.Tensor, q_scale: torch.Tensor | None, q_out: torch.Ten
 
 def fused_decode_prep_reference(
     q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, is_neox, slot_mapping,
-    kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims,
+    kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims, *, q_rows: int | None = None,
 ) -> None:
+    """The reference backend. ``q_rows``: absorb/concat/quant q only for rows
+    ``[:q_rows]`` and zero the rest of ``q_out`` (RoPE and the cache write
+    still cover every row); used on CPU only, see ``ops._decode_rows``."""
     P = dims.P
     # Index values are checked here (named errors instead of torch's IndexError);
     # a sync, which the reference can afford (not under CUDA-graph capture).
@@ -61,8 +64,11 @@ def fused_decode_prep_reference(
     k_pe_flat = k_pe.select(1, 0) if k_pe.dim() == 3 else k_pe  # a view, whatever the strides
     k_pe_rot = rope_fp32(k_pe_flat, cos, sin, is_neox)
 
-    ql_nope = absorb_q_nope(q[..., :P], w_uk_t)
-    finish_q(torch.cat((ql_nope, q_pe_rot), dim=-1), q_scale, q_out)
+    n = dims.T if q_rows is None else q_rows
+    ql_nope = absorb_q_nope(q[:n, :, :P], w_uk_t)
+    finish_q(torch.cat((ql_nope, q_pe_rot[:n]), dim=-1), q_scale, q_out[:n])
+    if n < dims.T:
+        q_out[n:].zero_()
 
     # Cache write: rows with slot >= 0 only; a padded (-1) slot writes nothing.
     kv_row = torch.cat((kv_c.float(), k_pe_rot), dim=-1)

@@ -13,7 +13,11 @@ import os
 from collections import Counter
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass
+
+try:  # vLLM's VLLM_COMPILE pipeline takes only its own InductorPass (a CustomGraphPass)
+    from vllm.compilation.passes.inductor_pass import InductorPass as _PassBase
+except ImportError:
+    from torch._inductor.custom_graph_pass import CustomGraphPass as _PassBase
 
 
 def _val_str(val) -> str:
@@ -64,7 +68,7 @@ def op_counts(graph: torch.fx.Graph) -> dict[str, int]:
     return dict(counts)
 
 
-class GraphProbePass(CustomGraphPass):
+class GraphProbePass(_PassBase):
     def __init__(self, tag: str = "probe"):
         self.tag = tag
 
@@ -80,8 +84,15 @@ class GraphProbePass(CustomGraphPass):
                 lines.append(f"{node.name}: {node.op} {node.target} val={_val_str(node.meta.get('val'))}")
         with open(text_path, "w") as f:
             f.write("\n".join(lines))
+        try:  # what would break CUDA-graph capture of this graph (mla_passes.lint; never changes it)
+            from mla_passes.lint import lint_graph
+
+            lint = [f"{f.kind}: {f.op}" for f in lint_graph(graph)]
+        except Exception as e:  # recorded, so a test sees it
+            lint = [f"lint failed: {type(e).__name__}: {e}"]
         rec = {
             "tag": self.tag,
+            "cudagraph_lint": lint,
             "pid": os.getpid(),
             "compile_range": _compile_range(),
             "symbols": _symbol_ranges(graph),
@@ -117,7 +128,8 @@ def instrument_mla_passes() -> None:
         if only:
             self.passes = [p for p in self.passes if any(s in p.name for s in only.split(","))]
         orig_call(self, graph)
-        _record({"tag": "manager", "pid": os.getpid(), "matched_counts": dict(self.matched_counts),
+        _record({"tag": "manager", "pid": os.getpid(), "compile_range": _compile_range(),
+                 "matched_counts": dict(self.matched_counts),
                  "decision": self.last_decision, "op_counts_after": op_counts(graph)})
 
     pass_manager.MLAPassManager.__call__ = __call__
@@ -132,7 +144,8 @@ def instrument_mla_passes() -> None:
         md = md.get(str(getattr(layer_name, "value", layer_name))) if isinstance(md, dict) else md
         if md is not None:
             _record({"tag": "attention", "pid": os.getpid(), "num_decode_tokens": int(md.num_decode_tokens),
-                     "num_actual_tokens": int(md.num_actual_tokens), "q_prepped_dtype": str(q_prepped.dtype)})
+                     "num_actual_tokens": int(md.num_actual_tokens), "q_prepped_dtype": str(q_prepped.dtype),
+                     "q_prepped_shape": list(q_prepped.shape)})
         orig_attn(layer_name, q, q_prepped, kv_c_normed, k_pe, output, **kw)
 
     vllm_compat.attention_with_prepped_q = attention_with_prepped_q

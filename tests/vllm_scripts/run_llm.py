@@ -1,13 +1,19 @@
 """One vLLM process for tests/test_vllm_e2e.py: build the LLM in one mode,
 generate greedily, write everything the tests check to a JSON file.
 
-    python run_llm.py MODEL_DIR OUT_JSON MODE      MODE in {on, lift, off, eager}
+    python run_llm.py MODEL_DIR OUT_JSON MODE      MODE in {on, lift, off, eager,
+                                                         compile_on, compile_off, compile_nopart,
+                                                         tp_on, tp_off}
 
 ``on``: pass_config.fuse_aiter_qk_rope_kvcache_mla=True plus a user post-grad
 pass (graph probe); ``lift``: the same, with only the q-prep lift pass kept
 in the manager (so the lift is seen on vLLM's real graph, not just the
 fusion that subsumes it); ``off``: the same user pass, flag off; ``eager``:
-enforce_eager=True. The probe and the instrumented pass manager append JSON
+enforce_eager=True. ``compile_*``: ``mode=VLLM_COMPILE`` kept on CPU by
+``vllm_compile_on_cpu.py`` (the caller sets ``MLA_TEST_VLLM_COMPILE=1`` and puts
+``site/`` on PYTHONPATH): flag on, flag off, flag on with
+``use_inductor_graph_partition=False``. ``tp_*``: flag on/off with
+``tensor_parallel_size=2``. The probe and the instrumented pass manager append JSON
 lines to OUT_JSON + ".jsonl" from inside the worker process.
 """
 
@@ -40,8 +46,14 @@ def main() -> None:
         cc = {"inductor_compile_config": {"post_grad_custom_post_pass": GraphProbePass("user")}}
         if mode == "lift":
             os.environ["MLA_PROBE_ONLY_PASSES"] = "lift"  # read by the instrumented manager in the worker
-        if mode in ("on", "lift"):
+        if mode in ("on", "lift", "compile_on", "compile_nopart", "tp_on"):
             cc["pass_config"] = {"fuse_aiter_qk_rope_kvcache_mla": True}
+        if mode.startswith("compile_"):
+            cc["mode"] = 3  # CompilationMode.VLLM_COMPILE
+        if mode == "compile_nopart":
+            cc["use_inductor_graph_partition"] = False
+        if mode.startswith("tp_"):
+            kwargs["tensor_parallel_size"] = 2
         kwargs["compilation_config"] = cc
 
     if mode == "on":
@@ -56,12 +68,36 @@ def main() -> None:
     result["pass_config_flag"] = getattr(ccfg.pass_config, "fuse_aiter_qk_rope_kvcache_mla", None)
     result["compile_ranges_endpoints"] = ccfg.compile_ranges_endpoints
     result["compilation_mode"] = int(ccfg.mode)
+    result["use_inductor_graph_partition"] = ccfg.use_inductor_graph_partition
+    result["splitting_ops"] = ccfg.splitting_ops
     prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 3 * n) % 500 + 3 for i in range(n)]) for n in PROMPT_LENS]
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
-                        use_tqdm=False)
-    result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+    result["tokens"] = generate_staggered(llm, prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                                                       ignore_eos=True))
     with open(out_json, "w") as f:
         json.dump(result, f, indent=1)
+
+
+def generate_staggered(llm, prompts, params) -> list[list[int]]:
+    """Greedy tokens per prompt, the first prompt added one engine step before
+    the others: its decode rows then share steps with their prefill rows (a
+    mixed step), whatever the timing of the engine-core process. (vLLM on CPU
+    turns chunked prefill off for MLA with a 2048-token budget, so prompts
+    added together are prefilled together and no step mixes.)"""
+    engine = llm.llm_engine
+    done: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+
+    engine.add_request("0", prompts[0], params)
+    step()  # the first prompt's prefill, alone
+    for i, prompt in enumerate(prompts[1:], 1):
+        engine.add_request(str(i), prompt, params)
+    while engine.has_unfinished_requests():
+        step()
+    return [done[str(i)] for i in range(len(prompts))]
 
 
 def config_checks() -> dict:

