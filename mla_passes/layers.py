@@ -79,6 +79,10 @@ class LocalLayerRegistry:
     def __contains__(self, layer_name: str) -> bool:
         return layer_name in self._layers
 
+    def items(self) -> list[tuple[str, MLALayerState]]:
+        """(name, state) of every registered layer."""
+        return list(self._layers.items())
+
 
 local_layers = LocalLayerRegistry()
 _resolvers: list[LayerResolver] = [local_layers]

@@ -83,7 +83,8 @@ OP_SPECS: dict[str, OpSpec] = {
         OpSpec(
             "mla_fused_decode_prep",
             f"(Tensor(a!) q, Tensor kv_c, Tensor(b!) k_pe, Tensor positions, Tensor cos_sin_cache, "
-            f"bool is_neox, {_LN} layer_name, ScalarType out_dtype, str backend) -> Tensor",
+            f"bool is_neox, {_LN} layer_name, ScalarType out_dtype, str backend, "
+            f"str? kv_cache_dtype=None, Tensor? k_scale=None) -> Tensor",
             mutates=("q", "k_pe"),
         ),
         OpSpec(
@@ -139,12 +140,14 @@ def _decode_q_prep_impl(q, layer_name, kv_lora_rank, qk_rope_head_dim, out_dtype
 
 # --- mla_fused_decode_prep ---------------------------------------------------
 
-def _fused_decode_prep_out_spec(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend):
+def _fused_decode_prep_out_spec(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend,
+                                kv_cache_dtype=None, k_scale=None):
     """(like, shape, dtype) of the new output: ``like.new_empty(shape, dtype=dtype)``."""
     return q, (q.shape[0], q.shape[1], kv_c.shape[-1] + k_pe.shape[-1]), out_dtype
 
 
-def _fused_decode_prep_fake(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend):
+def _fused_decode_prep_fake(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend,
+                            kv_cache_dtype=None, k_scale=None):
     like, shape, dtype = _fused_decode_prep_out_spec(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name,
                                                      out_dtype, backend)
     return like.new_empty(shape, dtype=dtype)
@@ -161,13 +164,22 @@ def _slots_for(slot_mapping: torch.Tensor, T: int) -> torch.Tensor:
     return torch.cat((slot_mapping, slot_mapping.new_full((T - n,), -1)))
 
 
-def _fused_decode_prep_impl(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend):
+def _fused_decode_prep_impl(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend,
+                            kv_cache_dtype=None, k_scale=None):
+    """``kv_cache_dtype`` / ``k_scale``: what the graph's cache update passed
+    (the passes always give them); None reads the layer state's."""
     state = resolve_layer(layer_name)
     _check_out_dtype("mla_fused_decode_prep", out_dtype, state, q, layer_name)
+    if kv_cache_dtype is not None and kv_cache_dtype != state.kv_cache_dtype:
+        raise ValueError(
+            f"mla_fused_decode_prep: argument 'kv_cache_dtype' is {kv_cache_dtype!r} but layer "
+            f"{layer_name_str(layer_name)!r} holds a {state.kv_cache_dtype!r} cache")
+    if k_scale is None:
+        k_scale = state.k_scale
     q_out = _fused_decode_prep_fake(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend)
     kernels.fused_decode_prep(
         q, kv_c, k_pe, state.w_uk_t, positions, cos_sin_cache, is_neox, _slots_for(state.slot_mapping, q.shape[0]),
-        state.kv_cache, state.kv_cache_dtype, state.k_scale, state.q_scale, q_out, backend=backend,
+        state.kv_cache, state.kv_cache_dtype, k_scale, state.q_scale, q_out, backend=backend,
     )
     return q_out
 

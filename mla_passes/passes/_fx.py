@@ -18,29 +18,62 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import Graph, Node
+from torch.multiprocessing.reductions import StorageWeakRef
 
 aten = torch.ops.aten
 
-# Ops whose output aliases their first argument's storage.
-VIEW_OPS = frozenset({
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
-    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims,
-    aten.select.int, aten.expand.default, aten.permute.default, aten.transpose.int,
-    aten.t.default, aten.as_strided.default, aten.alias.default, aten.view.dtype,
-})
-# Multi-output view ops; their getitems alias the input (disjoint pieces).
-SPLIT_OPS = frozenset({
-    aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default,
-    aten.tensor_split.sections, aten.tensor_split.indices,
-})
+_VIEW_OPS: dict = {}
+
+
+def _is_view_op(target) -> bool:
+    """Whether ``target``'s schema says its result aliases its first argument
+    (a non-writing alias annotation on both, as ``view(Tensor(a) self) ->
+    Tensor(a)`` or ``split(Tensor(a -> *) self) -> Tensor(a)[]``): the rule
+    Inductor's ``reinplace.py`` reads, not a hand list."""
+    p = _VIEW_OPS.get(target)
+    if p is None:
+        p = False
+        if isinstance(target, torch._ops.OpOverload):
+            s = target._schema
+            args, rets = s.arguments, s.returns
+            p = bool(not s.is_mutable and args and rets and args[0].alias_info is not None
+                     and rets[0].alias_info is not None and not rets[0].alias_info.is_write)
+        _VIEW_OPS[target] = p
+    return p
+
+
+def _storage(v):
+    return StorageWeakRef(v.untyped_storage()) if isinstance(v, torch.Tensor) else None
+
+
+def same_storage(a: Node, b: Node) -> bool:
+    """Whether the values of ``a`` and ``b`` share one storage (their fake
+    tensors do exactly when the real ones will)."""
+    sa = _storage(val(a))
+    return sa is not None and sa == _storage(val(b))
 
 
 def is_view(node: Node) -> bool:
-    if node.op != "call_function":
+    """Whether ``node``'s value aliases :func:`view_source` (``node``): its op's
+    schema declares the alias, or, for an op whose schema does not (such as
+    ``_unsafe_view``), the fake values share one storage."""
+    if node.op != "call_function" or not node.args:
         return False
-    if node.target in VIEW_OPS or node.target in SPLIT_OPS:
+    t = node.target
+    if t is operator.getitem:  # a piece of a multi-output view (split, unbind, ...)
+        src = node.args[0]
+        if not isinstance(src, Node) or src.op != "call_function" or not src.args:
+            return False
+        if _is_view_op(src.target):
+            return True
+        return isinstance(src.args[0], Node) and _pure_op(src.target) and same_storage(node, src.args[0])
+    if _is_view_op(t):
         return True
-    return node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0].target in SPLIT_OPS
+    return isinstance(node.args[0], Node) and _pure_op(t) and same_storage(node, node.args[0])
+
+
+def _pure_op(t) -> bool:
+    return isinstance(t, torch._ops.OpOverload) and not t._schema.is_mutable
 
 
 def view_source(node: Node) -> Node:
@@ -52,6 +85,31 @@ def root_of(node: Node) -> Node:
     while is_view(node):
         node = view_source(node)
     return node
+
+
+def aliases(root: Node) -> list[Node]:
+    """``root`` and every node reached from it through views (:func:`is_view`):
+    the graph values that share its memory."""
+    out, work, seen = [], [root], {root}
+    while work:
+        a = work.pop()
+        out.append(a)
+        for u in a.users:
+            if u not in seen and is_view(u) and view_source(u) is a:
+                seen.add(u)
+                work.append(u)
+    return out
+
+
+class NodeOrder:
+    """Graph position as a sort key (``order[node]``), valid while nodes are
+    inserted: FX nodes compare by their position in the graph."""
+
+    def __getitem__(self, node: Node) -> Node:
+        return node
+
+    def get(self, node, default=None):
+        return node if isinstance(node, Node) else default
 
 
 def val(node) -> object:
@@ -92,6 +150,17 @@ class Region:
             end = min(end, size[-1])
         size[-1] = end - start
         return Region(self.root, tuple(size), self.stride, self.offset + start * self.stride[-1])
+
+    def same_elements(self, other: "Region | None") -> bool:
+        """Whether both cover the same elements in the same order (unit dims,
+        as ``unsqueeze`` adds, ignored)."""
+        if other is None or self.root is not other.root or self.offset != other.offset:
+            return False
+
+        def dims(r):
+            return [(n, st) for n, st in zip(r.size, r.stride) if n != 1]
+
+        return dims(self) == dims(other)
 
     def disjoint_columns(self, other: "Region") -> bool:
         """True when both are row-major pieces of the same rows with
@@ -291,12 +360,13 @@ def call(graph: Graph, target, args, kwargs=None, *, fake_mode=None) -> Node:
     return node
 
 
-def erase_dead(graph: Graph, nodes) -> int:
+def erase_dead(graph: Graph, nodes) -> set:
     """Erase ``nodes`` that have no users, then inputs that became dead
-    (pure nodes only: never placeholders or ops with side effects)."""
+    (pure nodes only: never placeholders or ops with side effects). Returns
+    the erased nodes."""
     work = list(nodes)
     explicit = set(work)
-    erased = 0
+    erased = set()
     seen = set()
     keep_ops = ("placeholder", "output", "get_attr")
     while work:
@@ -308,7 +378,7 @@ def erase_dead(graph: Graph, nodes) -> int:
         seen.add(n)
         inputs = n.all_input_nodes
         graph.erase_node(n)
-        erased += 1
+        erased.add(n)
         work.extend(inputs)
     return erased
 
@@ -332,5 +402,3 @@ def _impure(n: Node) -> bool:
     return p
 
 
-def order_index(graph: Graph) -> dict:
-    return {n: i for i, n in enumerate(graph.nodes)}
