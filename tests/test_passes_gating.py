@@ -70,3 +70,34 @@ def test_uuid_tracks_pass_source(monkeypatch):
     monkeypatch.setattr(pmod, "_module_hash",
                         lambda m: "edited" if m.__name__.endswith("patterns.rope") else real(m))
     assert a.uuid() != before
+
+
+def test_fx_graph_cache_sees_layer_state(tmp_path, monkeypatch):
+    """FX graph cache ON: the fp8-q rewrite was served to the same model with a bf16 q (ValueError on out_dtype)."""
+    import torch
+    import torch._inductor.config as ic
+
+    from conftest import CaseResult, assert_close_case, run_both
+    from mla_passes.models import build_decode_stack, set_step
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    st = build_decode_stack(1, H=4, hidden=64, q_fp8=True)
+    pm = make_pm(max_num_seqs=8)
+    uuids = []
+    with ic.patch(post_grad_custom_post_pass=pm, fx_graph_cache=True, fx_graph_remote_cache=False,
+                  autotune_local_cache=False):
+        for q_fp8 in (True, False, True):
+            if not q_fp8:
+                for s in st.states.values():
+                    s.q_scale = None
+            else:
+                for s in st.states.values():
+                    s.q_scale = torch.tensor([0.07])
+            torch._dynamo.reset()
+            uuids.append(pm.uuid())
+            compiled = torch.compile(st.module, fullgraph=True)
+            pos, h = st.make_inputs(4, seed=9)
+            set_step(st, 4, seed=2)
+            eager, ref_caches, out, _ = run_both(st, compiled, pos, h)
+            assert_close_case(CaseResult(st, None, pm, eager, out, ref_caches, st.snapshot_caches()))
+    assert uuids[0] != uuids[1] and uuids[0] == uuids[2]
