@@ -47,8 +47,9 @@ class CaseResult:
     caches: dict
 
 
-def make_pm(fuse=True, max_num_seqs=256, **cfg):
-    return MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=fuse, **cfg), max_num_seqs=max_num_seqs)
+def make_pm(fuse=True, max_num_seqs=256, num_speculative_tokens=0, **cfg):
+    return MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=fuse, **cfg), max_num_seqs=max_num_seqs,
+                          num_speculative_tokens=num_speculative_tokens)
 
 
 def run_both(st, compiled, pos, h):
