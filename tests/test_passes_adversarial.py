@@ -249,3 +249,72 @@ def test_unexpected_error_becomes_refusal(monkeypatch, caplog):
     torch._dynamo.reset()
     with pytest.raises(Exception, match="planted"):
         run_variant(st, Variant(st))
+
+
+# --- aliasing: views the old hand list of view ops missed ----------------------------------
+
+class EarlyDiagonalRead(nn.Module):
+    """Reads q's rotary columns through ``diagonal`` (a view op) before the RoPE."""
+
+    def __init__(self, stack):
+        super().__init__()
+        self.layer = stack.module.layers[0]
+        self.cos_sin_cache = stack.module.cos_sin_cache
+
+    def forward(self, positions, hidden):
+        ly = self.layer
+        P, R, L, H = ly.P, ly.R, ly.L, ly.H
+        ln = LayerName(ly.layer_name)
+        q = (hidden @ ly.w_q).view(-1, H, P + R)
+        unrotated = q.diagonal(offset=P, dim1=1, dim2=2) * 3  # q[t, h, P + h], before the RoPE
+        kv_c, k_pe = (hidden @ ly.w_kv).split([L, R], dim=-1)
+        kv_c = _rms(kv_c)
+        q[..., P:], k_rot = _rope_native(positions, q[..., P:], k_pe.unsqueeze(1), self.cos_sin_cache, ly.is_neox)
+        dep = standins.kv_cache_update(kv_c, k_rot, ln, ly.kv_cache_dtype, ly.k_scale)
+        out = torch.empty((hidden.shape[0], H * ly.V), dtype=q.dtype)
+        standins.attention_with_output(q, kv_c, k_rot, out, ln, kv_cache_dummy_dep=dep)
+        return hidden + out @ ly.w_o, unrotated
+
+
+def _capture(module, st, T=5):
+    """The post-grad-like graph of ``module`` (aot_autograd + Inductor decompositions), no pass run."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    graphs = []
+
+    def fw(gm, inputs):
+        graphs.append(gm.graph)
+        return gm
+
+    with torch._inductor.config.patch(enable_auto_functionalized_v2=False):
+        compiled = torch.compile(module, fullgraph=True,
+                                 backend=aot_autograd(fw_compiler=fw, decompositions=select_decomp_table()))
+        pos, h = st.make_inputs(T)
+        set_step(st, T)
+        with torch.no_grad():
+            compiled(pos, h)
+    return graphs[0]
+
+
+@pytest.mark.parametrize("sink", [False, True])
+def test_late_reader_through_unlisted_view_refused(sink):
+    """A reader of q's unrotated memory through ``diagonal`` (missing from the old view list) escaped the check."""
+    st = build_decode_stack(1, H=4, hidden=64)
+    graph = _capture(EarlyDiagonalRead(st), st)
+    diag = graph.find_nodes(op="call_function", target=torch.ops.aten.diagonal.default)
+    assert len(diag) == 1, "the graph keeps the diagonal view"
+    (reader,) = diag[0].users
+    if sink:  # a scheduler moved the read after the attention (Inductor may reorder for locality)
+        attn = next(n for n in graph.nodes if n.target is torch.ops.higher_order.auto_functionalized
+                    and "attention" in str(n.args[0]))
+        attn.append(reader)
+    pm = make_pm()
+    pm(graph)
+    graph.lint()
+    if sink:
+        assert pm.matched_counts[FUSION] == 0
+        assert any("reads" in r and "after the fusion point" in r for r in pm.passes[0].refusals), \
+            pm.passes[0].refusals
+    else:
+        assert pm.matched_counts[FUSION] == 1

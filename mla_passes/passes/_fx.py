@@ -18,39 +18,40 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import Graph, Node
-from torch.multiprocessing.reductions import StorageWeakRef
 
 aten = torch.ops.aten
 
-_VIEW_OPS: dict = {}
+_OP_KIND: dict = {}  # id(target) -> (target, schema-declared view, pure OpOverload)
 
 
-def _is_view_op(target) -> bool:
-    """Whether ``target``'s schema says its result aliases its first argument
-    (a non-writing alias annotation on both, as ``view(Tensor(a) self) ->
-    Tensor(a)`` or ``split(Tensor(a -> *) self) -> Tensor(a)[]``): the rule
-    Inductor's ``reinplace.py`` reads, not a hand list."""
-    p = _VIEW_OPS.get(target)
-    if p is None:
-        p = False
-        if isinstance(target, torch._ops.OpOverload):
-            s = target._schema
-            args, rets = s.arguments, s.returns
-            p = bool(not s.is_mutable and args and rets and args[0].alias_info is not None
-                     and rets[0].alias_info is not None and not rets[0].alias_info.is_write)
-        _VIEW_OPS[target] = p
-    return p
-
-
-def _storage(v):
-    return StorageWeakRef(v.untyped_storage()) if isinstance(v, torch.Tensor) else None
+def _op_kind(target) -> tuple[bool, bool]:
+    """(view, pure) of ``target``. A view: its schema says the result aliases
+    the first argument (a non-writing alias annotation on both, as in
+    ``view(Tensor(a) self) -> Tensor(a)`` or ``split(Tensor(a -> *) self) ->
+    Tensor(a)[]``), the rule Inductor's ``reinplace.py`` reads, not a hand
+    list. Keyed by ``id``: ``OpOverload.__hash__`` is Python code, and this
+    runs for every node the passes look at."""
+    e = _OP_KIND.get(id(target))
+    if e is not None and e[0] is target:
+        return e[1], e[2]
+    view = pure = False
+    if isinstance(target, torch._ops.OpOverload):
+        s = target._schema
+        pure = not s.is_mutable
+        args, rets = s.arguments, s.returns
+        view = bool(pure and args and rets and args[0].alias_info is not None
+                    and rets[0].alias_info is not None and not rets[0].alias_info.is_write)
+    _OP_KIND[id(target)] = (target, view, pure)
+    return view, pure
 
 
 def same_storage(a: Node, b: Node) -> bool:
     """Whether the values of ``a`` and ``b`` share one storage (their fake
-    tensors do exactly when the real ones will)."""
-    sa = _storage(val(a))
-    return sa is not None and sa == _storage(val(b))
+    tensors do exactly when the real ones will; a storage keeps one Python
+    object, so identity is the test)."""
+    va, vb = val(a), val(b)
+    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
+            and va.untyped_storage() is vb.untyped_storage())
 
 
 def is_view(node: Node) -> bool:
@@ -59,21 +60,14 @@ def is_view(node: Node) -> bool:
     ``_unsafe_view``), the fake values share one storage."""
     if node.op != "call_function" or not node.args:
         return False
-    t = node.target
-    if t is operator.getitem:  # a piece of a multi-output view (split, unbind, ...)
+    if node.target is operator.getitem:  # a piece of a multi-output view (split, unbind, ...)
         src = node.args[0]
         if not isinstance(src, Node) or src.op != "call_function" or not src.args:
             return False
-        if _is_view_op(src.target):
-            return True
-        return isinstance(src.args[0], Node) and _pure_op(src.target) and same_storage(node, src.args[0])
-    if _is_view_op(t):
-        return True
-    return isinstance(node.args[0], Node) and _pure_op(t) and same_storage(node, node.args[0])
-
-
-def _pure_op(t) -> bool:
-    return isinstance(t, torch._ops.OpOverload) and not t._schema.is_mutable
+        view, pure = _op_kind(src.target)
+        return view or (pure and isinstance(src.args[0], Node) and same_storage(node, src.args[0]))
+    view, pure = _op_kind(node.target)
+    return view or (pure and isinstance(node.args[0], Node) and same_storage(node, node.args[0]))
 
 
 def view_source(node: Node) -> Node:
