@@ -16,33 +16,37 @@ from dataclasses import dataclass
 import sympy
 import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.fx import Graph, Node
 
 aten = torch.ops.aten
 
-_OP_KIND: dict = {}  # id(target) -> (target, schema-declared view, pure OpOverload)
+_OP_KIND: dict = {}  # id(target) -> (target, view, may alias)
 
 
 def _op_kind(target) -> tuple[bool, bool]:
-    """(view, pure) of ``target``. A view: its schema says the result aliases
-    the first argument (a non-writing alias annotation on both, as in
+    """(view, may alias) of ``target``. A view: its schema says the result
+    aliases the first argument (a non-writing alias annotation on both, as in
     ``view(Tensor(a) self) -> Tensor(a)`` or ``split(Tensor(a -> *) self) ->
     Tensor(a)[]``), the rule Inductor's ``reinplace.py`` reads, not a hand
-    list. Keyed by ``id``: ``OpOverload.__hash__`` is Python code, and this
-    runs for every node the passes look at."""
+    list. May alias: a pure op whose schema does not say so but whose value
+    could still share its input's storage (``_unsafe_view``): storage
+    identity decides; ops tagged ``pointwise`` always make a new tensor.
+    Keyed by ``id``: ``OpOverload.__hash__`` is Python code, and this runs
+    for every node the passes look at."""
     e = _OP_KIND.get(id(target))
     if e is not None and e[0] is target:
         return e[1], e[2]
-    view = pure = False
+    view = may_alias = False
     if isinstance(target, torch._ops.OpOverload):
         s = target._schema
         pure = not s.is_mutable
         args, rets = s.arguments, s.returns
         view = bool(pure and args and rets and args[0].alias_info is not None
                     and rets[0].alias_info is not None and not rets[0].alias_info.is_write)
-    _OP_KIND[id(target)] = (target, view, pure)
-    return view, pure
+        may_alias = pure and not view and torch.Tag.pointwise not in target.tags
+    _OP_KIND[id(target)] = (target, view, may_alias)
+    return view, may_alias
 
 
 def same_storage(a: Node, b: Node) -> bool:
@@ -55,19 +59,29 @@ def same_storage(a: Node, b: Node) -> bool:
 
 
 def is_view(node: Node) -> bool:
-    """Whether ``node``'s value aliases :func:`view_source` (``node``): its op's
-    schema declares the alias, or, for an op whose schema does not (such as
-    ``_unsafe_view``), the fake values share one storage."""
+    """Whether ``node``'s op is a view by its schema (see :func:`_op_kind`):
+    its value aliases :func:`view_source` (``node``). Ops that alias without
+    saying so in their schema (``_unsafe_view``) are found by storage
+    identity in :func:`root_of` and :func:`aliases`."""
     if node.op != "call_function" or not node.args:
         return False
     if node.target is operator.getitem:  # a piece of a multi-output view (split, unbind, ...)
         src = node.args[0]
-        if not isinstance(src, Node) or src.op != "call_function" or not src.args:
-            return False
-        view, pure = _op_kind(src.target)
-        return view or (pure and isinstance(src.args[0], Node) and same_storage(node, src.args[0]))
-    view, pure = _op_kind(node.target)
-    return view or (pure and isinstance(node.args[0], Node) and same_storage(node, node.args[0]))
+        return isinstance(src, Node) and src.op == "call_function" and _op_kind(src.target)[0]
+    return _op_kind(node.target)[0]
+
+
+def _aliases_source(node: Node) -> bool:
+    """:func:`is_view`, or a pure op whose value shares its first argument's storage."""
+    if is_view(node):
+        return True
+    if node.op != "call_function" or not node.args:
+        return False
+    if node.target is operator.getitem:
+        src = node.args[0]
+        return (isinstance(src, Node) and src.op == "call_function" and bool(src.args)
+                and isinstance(src.args[0], Node) and _op_kind(src.target)[1] and same_storage(node, src.args[0]))
+    return isinstance(node.args[0], Node) and _op_kind(node.target)[1] and same_storage(node, node.args[0])
 
 
 def view_source(node: Node) -> Node:
@@ -75,21 +89,37 @@ def view_source(node: Node) -> Node:
 
 
 def root_of(node: Node) -> Node:
-    """The non-view node whose storage ``node`` aliases."""
-    while is_view(node):
+    """The node whose storage ``node`` aliases and that aliases no input."""
+    while _aliases_source(node):
         node = view_source(node)
     return node
 
 
 def aliases(root: Node) -> list[Node]:
-    """``root`` and every node reached from it through views (:func:`is_view`):
-    the graph values that share its memory."""
+    """``root`` and every node reached from it through values that alias
+    their first argument: schema views (and the pieces of a multi-output
+    view), or pure ops whose value shares ``root``'s storage (checked by
+    identity). These are the graph values that share ``root``'s memory."""
+    rv = val(root)
+    storage = rv.untyped_storage() if isinstance(rv, torch.Tensor) else None
+
+    def shares(u):
+        v = val(u)
+        return storage is not None and isinstance(v, torch.Tensor) and v.untyped_storage() is storage
+
     out, work, seen = [], [root], {root}
     while work:
         a = work.pop()
         out.append(a)
         for u in a.users:
-            if u not in seen and is_view(u) and view_source(u) is a:
+            if u in seen or u.op != "call_function" or not u.args or u.args[0] is not a:
+                continue
+            if u.target is operator.getitem:
+                ok = (a.op == "call_function" and _op_kind(a.target)[0]) or shares(u)
+            else:
+                view, may_alias = _op_kind(u.target)
+                ok = view or (may_alias and shares(u))
+            if ok:
                 seen.add(u)
                 work.append(u)
     return out
@@ -311,14 +341,12 @@ def _fresh_outs() -> dict:
 
 def fresh_fake(mode, like: torch.Tensor, shape, dtype) -> torch.Tensor:
     """What ``like.new_empty(shape, dtype=dtype)`` gives under fake ``mode``
-    (a new contiguous FakeTensor with its own storage on ``like``'s device),
-    built the way the mode wraps a meta kernel's output, without the
-    ~0.2 ms dispatch (cache key and cache entry over the arguments)."""
-    from torch._subclasses.fake_tensor import in_kernel_invocation_manager
-
-    with in_kernel_invocation_manager(mode):
+    (a new contiguous FakeTensor with its own storage on ``like``'s device):
+    a meta tensor wrapped by the ``FakeTensor`` constructor, ~5x cheaper than
+    dispatching ``torch.empty`` through the mode (cache key and cache entry)."""
+    with unset_fake_temporarily():
         meta = torch.empty(shape, dtype=dtype, layout=like.layout, device="meta")
-    return mode.fake_tensor_converter.from_meta_and_device(mode, meta, like.device)
+    return FakeTensor(mode, meta, like.device)
 
 
 _FAKE: dict = {}

@@ -384,10 +384,12 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             if root.op == "placeholder":
                 self.refuse(where, "would rotate graph input %s in place", root.name)
                 return False
-            for a in _fx.aliases(root):
+            shared = _fx.aliases(root)
+            alias_set = set(shared)
+            for a in shared:
                 r = False  # Region.of(a), computed at the first reader that needs it
                 for u in a.users:
-                    if u in going or _fx.is_view(u) or u < at:
+                    if u in going or u in alias_set or u < at:
                         continue
                     if u.op == "output":
                         self.refuse(where, "rotated memory %s is a graph output", a.name)
