@@ -106,7 +106,9 @@ def layer_name_str(layer_name: object) -> str:
         return layer_name
     real = getattr(layer_name, "real_obj", None)  # FakeScriptObject at compile time
     if real is not None:
-        return layer_name_str(real)
+        layer_name = real  # unwrapped once: never recurse on an object's own attributes
+        if isinstance(layer_name, str):
+            return layer_name
     value = getattr(layer_name, "value", None)
     if isinstance(value, str):
         return value

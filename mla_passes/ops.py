@@ -205,5 +205,7 @@ for _name, _impl, _fake in (
     ("mla_fused_decode_prep", _fused_decode_prep_impl, _fused_decode_prep_fake),
     ("mla_attention_with_prepped_q", _attention_with_prepped_q_impl, _attention_with_prepped_q_fake),
 ):
-    _lib.impl(_name, _impl, "CompositeExplicitAutograd")
+    # run-time kernels are never traced by Dynamo (as torch.library.custom_op does): a frame
+    # Dynamo skipped at a graph break runs eagerly with Dynamo still active on new frames
+    _lib.impl(_name, torch.compiler.disable(_impl), "CompositeExplicitAutograd")
     _lib._register_fake(_name, _fake)

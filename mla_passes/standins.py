@@ -198,7 +198,7 @@ for _name, _impl, _fake in (
     ("fused_rope_unified_mla_kv_cache_update", _fused_rope_impl, _fused_rope_fake),
 ):
     _lib.define(_name + SCHEMAS[_name])
-    _lib.impl(_name, _impl, "CompositeExplicitAutograd")
+    _lib.impl(_name, torch.compiler.disable(_impl), "CompositeExplicitAutograd")  # never traced (see ops.py)
     _lib._register_fake(_name, _fake)
 
 kv_cache_update = torch.ops.mla_passes_standin.unified_mla_kv_cache_update.default
