@@ -89,7 +89,7 @@ class Variant(nn.Module):
 
 def run_variant(st, module, *, T=5, num_decode_tokens=2, inductor=False, pm=None):
     """Eager vs compiled (fresh inputs, same caches); returns (pm, backend).
-    Extra outputs must agree to fp32 rounding, the rest within bf16/fp8 noise."""
+    fp32 extra outputs must agree to fp32 rounding, the rest within bf16/fp8 noise."""
     pm = pm or make_pm()
     b = TestBackend(pm, inductor=inductor)
     compiled = torch.compile(module, backend=b, fullgraph=True)
@@ -106,7 +106,10 @@ def run_variant(st, module, *, T=5, num_decode_tokens=2, inductor=False, pm=None
     assert len(extras) == len(eager_extras)
     for got, ref in zip(extras, eager_extras):
         assert got.dtype == ref.dtype, (got.dtype, ref.dtype)
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        if ref.dtype == torch.float32:  # an fp32 value stays the same fp32 value
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        else:  # eager's bf16 RoPE rounds each step; the fused op rounds once
+            torch.testing.assert_close(got.float(), ref.float(), rtol=2**-6, atol=2**-6)
     return pm, b
 
 
