@@ -1,5 +1,4 @@
-"""User configuration of the mla-passes passes (DESIGN §4.4) and the
-decode-bucket gating rules (DESIGN §4.3).
+"""User configuration of the mla-passes passes (DESIGN §4.4).
 
 ``fuse_aiter_qk_rope_kvcache_mla`` turns the passes on: the QK-RoPE /
 KV-cache / q-absorb / q-cat / q-quant fusion, then the decode q-prep lift for
@@ -8,33 +7,62 @@ prerequisite ``fuse_rope_kvcache_cat_mla`` (logged once when that was left
 unset; an explicit ``False`` keeps the fusion to graphs that already hold the
 fused-rope form and leaves raw-RoPE layers to the lift).
 
-Gating: the passes apply to a compile range whose end is ``<=``
-:meth:`PassConfig.decode_max_tokens` (``aiter_qk_rope_kvcache_fusion_max_token_num``
-if set, else ``max_num_seqs * (1 + num_speculative_tokens)``). A graph
-compiled with no range information (plain Inductor, or vLLM on CPU where one
-dynamic graph serves every batch) follows ``no_range_policy``:
+:class:`PassConfig` is typed and checked when built, as vLLM's own
+``PassConfig`` is: a field of the wrong type or out of range raises
+:class:`PassConfigError` naming the field and what was expected. No
+coercion: ``"no"`` is not a bool, ``True`` is not a token count.
 
-* ``"infer"`` (default): read the token count from the graph: apply when it
-  is static and within the bucket, or symbolic with an upper bound within the
-  bucket; otherwise leave the graph alone;
-* ``"apply"``: always apply (correct for every row by invariant 1; the
-  prefill rows then also run the decode q-prep, which costs time);
-* ``"skip"``: never apply.
+Gating (which graphs the passes touch: the decode-bucket threshold, compile
+ranges, ``no_range_policy``) lives in :mod:`mla_passes.gating`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass
 
+from .gating import NO_RANGE_POLICIES, decode_threshold
+
 logger = logging.getLogger(__name__)
 
-NO_RANGE_POLICIES = ("infer", "apply", "skip")
 BACKENDS = ("auto", "reference", "triton", "aiter")
+
+
+class PassConfigError(TypeError, ValueError):
+    """A configuration value of the wrong type or out of range. Both a
+    ``TypeError`` and a ``ValueError``, so either ``except`` catches it."""
+
+
+def _check_bool(owner: str, name: str, value, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, bool):
+        expected = "a bool or None" if optional else "a bool"
+        raise PassConfigError(f"{owner}: argument {name!r} must be {expected}, got {value!r}")
+
+
+def check_int(owner: str, name: str, value, *, minimum: int, optional: bool = False) -> None:
+    """Raise :class:`PassConfigError` unless ``value`` is an int ``>= minimum``
+    (a bool is not an int here), or None when ``optional``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected = f"an int >= {minimum}" + (" or None" if optional else "")
+        raise PassConfigError(f"{owner}: argument {name!r} must be {expected}, got {value!r}")
+    if value < minimum:
+        raise PassConfigError(f"{owner}: argument {name!r} must be >= {minimum}, got {value!r}")
+
+
+def _check_choice(owner: str, name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise PassConfigError(f"{owner}: argument {name!r} must be one of {choices}, got {value!r}")
 
 
 @dataclass
 class PassConfig:
+    """The passes' options (see the module doc); checked on construction."""
+
     fuse_aiter_qk_rope_kvcache_mla: bool = False
     fuse_rope_kvcache_cat_mla: bool | None = None
     aiter_qk_rope_kvcache_fusion_max_token_num: int | None = None
@@ -44,28 +72,37 @@ class PassConfig:
     no_range_policy: str = "infer"
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"PassConfig: argument 'backend' must be one of {BACKENDS}, got {self.backend!r}")
-        if self.no_range_policy not in NO_RANGE_POLICIES:
-            raise ValueError(
-                f"PassConfig: argument 'no_range_policy' must be one of {NO_RANGE_POLICIES}, "
-                f"got {self.no_range_policy!r}")
-        n = self.aiter_qk_rope_kvcache_fusion_max_token_num
-        if n is not None and (not isinstance(n, int) or n < 1):
-            raise ValueError(
-                f"PassConfig: argument 'aiter_qk_rope_kvcache_fusion_max_token_num' must be a positive int "
-                f"or None, got {n!r}")
+        self.validate()
         if self.fuse_aiter_qk_rope_kvcache_mla and self.fuse_rope_kvcache_cat_mla is None:
             logger.info("mla-passes: fuse_aiter_qk_rope_kvcache_mla=True turns on fuse_rope_kvcache_cat_mla")
             self.fuse_rope_kvcache_cat_mla = True
 
+    def validate(self) -> None:
+        """Raise :class:`PassConfigError` for a field of the wrong type or out of range."""
+        owner = "PassConfig"
+        _check_bool(owner, "fuse_aiter_qk_rope_kvcache_mla", self.fuse_aiter_qk_rope_kvcache_mla)
+        _check_bool(owner, "fuse_rope_kvcache_cat_mla", self.fuse_rope_kvcache_cat_mla, optional=True)
+        check_int(owner, "aiter_qk_rope_kvcache_fusion_max_token_num",
+                  self.aiter_qk_rope_kvcache_fusion_max_token_num, minimum=1, optional=True)
+        _check_choice(owner, "backend", self.backend, BACKENDS)
+        _check_bool(owner, "lift_q_prep", self.lift_q_prep)
+        _check_choice(owner, "no_range_policy", self.no_range_policy, NO_RANGE_POLICIES)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PassConfig":
+        """A config from a mapping (e.g. vLLM's ``pass_config``); an unknown key is an error."""
+        if not isinstance(values, dict):
+            raise PassConfigError(f"PassConfig.from_dict: argument 'values' must be a dict, got {values!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise PassConfigError(f"PassConfig: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
     def decode_max_tokens(self, max_num_seqs: int | None, num_speculative_tokens: int = 0) -> int | None:
-        """The decode-bucket threshold (DESIGN §4.3), or None when unknown."""
-        if self.aiter_qk_rope_kvcache_fusion_max_token_num is not None:
-            return self.aiter_qk_rope_kvcache_fusion_max_token_num
-        if max_num_seqs is None:
-            return None
-        return max_num_seqs * (1 + (num_speculative_tokens or 0))
+        """The decode-bucket threshold (DESIGN §4.3), or None when unknown
+        (:func:`mla_passes.gating.decode_threshold`)."""
+        return decode_threshold(max_num_seqs, num_speculative_tokens, self.aiter_qk_rope_kvcache_fusion_max_token_num)
 
     def as_dict(self) -> dict:
         return asdict(self)

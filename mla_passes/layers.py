@@ -79,6 +79,10 @@ class LocalLayerRegistry:
     def __contains__(self, layer_name: str) -> bool:
         return layer_name in self._layers
 
+    def items(self) -> list[tuple[str, MLALayerState]]:
+        """(name, state) of every registered layer."""
+        return list(self._layers.items())
+
 
 local_layers = LocalLayerRegistry()
 _resolvers: list[LayerResolver] = [local_layers]
@@ -102,7 +106,9 @@ def layer_name_str(layer_name: object) -> str:
         return layer_name
     real = getattr(layer_name, "real_obj", None)  # FakeScriptObject at compile time
     if real is not None:
-        return layer_name_str(real)
+        layer_name = real  # unwrapped once: never recurse on an object's own attributes
+        if isinstance(layer_name, str):
+            return layer_name
     value = getattr(layer_name, "value", None)
     if isinstance(value, str):
         return value

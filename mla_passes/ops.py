@@ -89,7 +89,9 @@ def define_op(lib: torch.library.Library, name: str, schema: str, *, mutates: It
     written = {a.name for a in overload._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     if written != set(mutates):
         raise AssertionError(f"{qualname}: mutates={sorted(mutates)} but the schema writes {sorted(written)}")
-    torch.library.impl(qualname, "CompositeExplicitAutograd", impl, lib=lib)
+    # the run-time impl is never traced by Dynamo (as custom_op arranges): a frame Dynamo
+    # skipped at a graph break runs eagerly with Dynamo still active on new frames (issue 11 item 15)
+    torch.library.impl(qualname, "CompositeExplicitAutograd", torch.compiler.disable(impl), lib=lib)
     torch.library.register_fake(qualname, fake, lib=lib)
     return overload
 
@@ -144,12 +146,14 @@ decode_q_prep_op = define_op(
 
 # --- mla_fused_decode_prep ---------------------------------------------------
 
-def _fused_decode_prep_out_spec(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend):
+def _fused_decode_prep_out_spec(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend,
+                                kv_cache_dtype=None, k_scale=None):
     """(like, shape, dtype) of the new output: ``like.new_empty(shape, dtype=dtype)``."""
     return q, (q.shape[0], q.shape[1], kv_c.shape[-1] + k_pe.shape[-1]), out_dtype
 
 
-def _fused_decode_prep_fake(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend):
+def _fused_decode_prep_fake(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend,
+                            kv_cache_dtype=None, k_scale=None):
     like, shape, dtype = _fused_decode_prep_out_spec(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name,
                                                      out_dtype, backend)
     return like.new_empty(shape, dtype=dtype)
@@ -184,12 +188,21 @@ def _decode_rows(state, q: torch.Tensor) -> int | None:
     return max(int(nd), 0)
 
 
-def _fused_decode_prep_impl(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend):
+def _fused_decode_prep_impl(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend,
+                            kv_cache_dtype=None, k_scale=None):
+    """``kv_cache_dtype`` / ``k_scale``: what the graph's cache update passed
+    (the passes always give them); None reads the layer state's."""
     state = resolve_layer(layer_name)
     _check_out_dtype("mla_fused_decode_prep", out_dtype, state, q, layer_name)
+    if kv_cache_dtype is not None and kv_cache_dtype != state.kv_cache_dtype:
+        raise ValueError(
+            f"mla_fused_decode_prep: argument 'kv_cache_dtype' is {kv_cache_dtype!r} but layer "
+            f"{layer_name_str(layer_name)!r} holds a {state.kv_cache_dtype!r} cache")
+    if k_scale is None:
+        k_scale = state.k_scale
     q_out = _fused_decode_prep_fake(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, layer_name, out_dtype, backend)
     args = (q, kv_c, k_pe, state.w_uk_t, positions, cos_sin_cache, is_neox, _slots_for(state.slot_mapping, q.shape[0]),
-            state.kv_cache, state.kv_cache_dtype, state.k_scale, state.q_scale, q_out)
+            state.kv_cache, state.kv_cache_dtype, k_scale, state.q_scale, q_out)
     rows = _decode_rows(state, q)
     if rows is None:
         kernels.fused_decode_prep(*args, backend=backend)
@@ -201,7 +214,8 @@ def _fused_decode_prep_impl(q, kv_c, k_pe, positions, cos_sin_cache, is_neox, la
 fused_decode_prep_op = define_op(
     _lib, "mla_fused_decode_prep",
     f"(Tensor(a!) q, Tensor kv_c, Tensor(b!) k_pe, Tensor positions, Tensor cos_sin_cache, "
-    f"bool is_neox, {LAYER_NAME_TYPE} layer_name, ScalarType out_dtype, str backend) -> Tensor",
+    f"bool is_neox, {LAYER_NAME_TYPE} layer_name, ScalarType out_dtype, str backend, "
+    "str? kv_cache_dtype=None, Tensor? k_scale=None) -> Tensor",
     mutates=("q", "k_pe"), impl=_fused_decode_prep_impl, fake=_fused_decode_prep_fake)
 
 
@@ -226,3 +240,4 @@ attention_with_prepped_q_op = define_op(
     f"(Tensor q, Tensor q_prepped, Tensor kv_c_normed, Tensor k_pe, Tensor(a!) output, "
     f"{LAYER_NAME_TYPE} layer_name, Tensor? kv_cache_dummy_dep=None) -> ()",
     mutates=("output",), impl=_attention_with_prepped_q_impl, fake=_attention_with_prepped_q_fake)
+

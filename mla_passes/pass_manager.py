@@ -1,77 +1,41 @@
 """``MLAPassManager``: the mla-passes passes as one Inductor custom pass.
 
 Use it as ``torch._inductor.config.post_grad_custom_post_pass`` (plain
-Inductor) or wrap it in vLLM (the mla-passes plugin does). It runs, in order,
-the QK-RoPE/KV-cache fusion and the decode q-prep lift on graphs of the
-decode bucket (see :mod:`mla_passes.config` for the gating rules), records
+Inductor) or wrap it in vLLM (the mla-passes plugin does). It asks its
+:class:`~mla_passes.gating.DecodeGate` once per graph whether the graph is in
+the decode bucket (all gating rules: :mod:`mla_passes.gating`), then runs, in
+order, the QK-RoPE/KV-cache fusion and the decode q-prep lift, records
 ``matched_counts`` of the last call, logs at debug level what matched and
 why candidates did not, and dumps the graph before and after each pass
 through ``lazy_format_graph_code`` (``mla_passes_before_<pass>`` /
 ``mla_passes_after_<pass>``) so depyf collects them.
 
-The compile range of the graph being compiled comes from, in order:
-:func:`compile_range` (a context manager for plain Inductor use), vLLM's pass
-context when vLLM has set one, else none (then ``no_range_policy``).
+``uuid()`` covers everything a rewrite depends on at compile time, so
+Inductor's FX graph cache never serves a graph rewritten for another setup:
+the config, the threshold and compile range, the pass and pattern sources,
+the matched op set, and the compile-time facts of the registered layers
+(cache dtype, whether q is quantized: they choose the prepped q's dtype).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import inspect
 import json
 import logging
 import sys
-from dataclasses import dataclass
 
-import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph
 
 from . import explain as _explain
 from . import op_handles as _op_handles
-from .config import PassConfig
+from .config import PassConfig, PassConfigError, check_int
+from .gating import DecodeGate, TokenRange, compile_range, current_compile_range  # noqa: F401 (re-exported)
 from .passes import MLADecodeQPrepLiftPass, MLAQkRopeKVCacheFusionPass
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TokenRange:
-    """A compile range of token counts, inclusive at both ends (like vLLM's Range)."""
-
-    start: int
-    end: int
-
-
-_current_range: list = []
-
-
-@contextlib.contextmanager
-def compile_range(r):
-    """Compile graphs inside this block as the range ``r`` (``.start``/``.end``,
-    or an int meaning ``(r, r)``)."""
-    if isinstance(r, int):
-        r = TokenRange(r, r)
-    _current_range.append(r)
-    try:
-        yield r
-    finally:
-        _current_range.pop()
-
-
-def _vllm_compile_range():
-    mod = sys.modules.get("vllm.compilation.passes.inductor_pass")
-    ctx = getattr(mod, "_pass_context", None) if mod is not None else None
-    return getattr(ctx, "compile_range", None)
-
-
-def current_compile_range():
-    """The compile range in force, or None."""
-    if _current_range:
-        return _current_range[-1]
-    return _vllm_compile_range()
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,72 +56,40 @@ class MLAPassManager(CustomGraphPass):
 
     def __init__(self, config: PassConfig | None = None, *, max_num_seqs: int | None = None,
                  num_speculative_tokens: int = 0):
-        self.config = config if config is not None else PassConfig()
+        if config is None:
+            config = PassConfig()
+        if not isinstance(config, PassConfig):
+            raise PassConfigError(f"MLAPassManager: argument 'config' must be a PassConfig, got {config!r}")
+        config.validate()  # fields may have been assigned after construction
+        check_int("MLAPassManager", "max_num_seqs", max_num_seqs, minimum=1, optional=True)
+        check_int("MLAPassManager", "num_speculative_tokens", num_speculative_tokens, minimum=0)
+        self.config = config
         self.max_num_seqs = max_num_seqs
-        self.num_speculative_tokens = num_speculative_tokens or 0
+        self.num_speculative_tokens = num_speculative_tokens
+        self.gate = DecodeGate(config.decode_max_tokens(max_num_seqs, num_speculative_tokens),
+                               config.no_range_policy)
         self.passes = []
-        if self.config.fuse_aiter_qk_rope_kvcache_mla:
+        if config.fuse_aiter_qk_rope_kvcache_mla:
             self.passes.append(MLAQkRopeKVCacheFusionPass(
-                backend=self.config.backend, raw_form=bool(self.config.fuse_rope_kvcache_cat_mla)))
-            if self.config.lift_q_prep:
-                self.passes.append(MLADecodeQPrepLiftPass(backend=self.config.backend))
+                backend=config.backend, raw_form=bool(config.fuse_rope_kvcache_cat_mla), gate=self.gate))
+            if config.lift_q_prep:
+                self.passes.append(MLADecodeQPrepLiftPass(gate=self.gate))
         self.matched_counts: dict[str, int] = {p.name: 0 for p in self.passes}
         self.last_decision: str = "not called"
 
-    # --- gating ----------------------------------------------------------------
+    # --- gating (rules in mla_passes.gating) ---------------------------------------
     @property
     def decode_max_tokens(self) -> int | None:
-        return self.config.decode_max_tokens(self.max_num_seqs, self.num_speculative_tokens)
+        return self.gate.threshold
 
     def is_applicable_for_range(self, r) -> bool:
         """True for a compile range inside the decode bucket (``r.end <= threshold``)."""
-        limit = self.decode_max_tokens
-        if not self.passes or limit is None or r is None:
-            return False
-        return r.end <= limit
-
-    def _token_count_bound(self, graph: Graph):
-        """Upper bound of the token count of ``graph`` (from an attention's q), or None."""
-        from .passes import _fx
-
-        handles = _op_handles.op_handles()
-        for node in graph.nodes:
-            call = _fx.as_op_call(node, handles.attention | handles.kv_cache_update | handles.fused_rope)
-            if call is None:
-                continue
-            first = call.arg("q") if call.op in handles.attention else call.arg("positions") \
-                if call.op in handles.fused_rope else call.arg("kv_c_normed")
-            v = _fx.val(first)
-            if not isinstance(v, torch.Tensor):
-                continue
-            t = v.shape[0]
-            if isinstance(t, int):
-                return t
-            shape_env = t.node.shape_env
-            upper = shape_env.bound_sympy(t.node.expr).upper
-            return None if not upper.is_finite else int(upper)
-        return None
+        return bool(self.passes) and self.gate.is_applicable_for_range(r)
 
     def _decide(self, graph: Graph) -> tuple[bool, str]:
         if not self.passes:
             return False, "no pass enabled"
-        limit = self.decode_max_tokens
-        if limit is None:
-            return False, "decode bucket unknown (give max_num_seqs or aiter_qk_rope_kvcache_fusion_max_token_num)"
-        r = current_compile_range()
-        if r is not None:
-            ok = self.is_applicable_for_range(r)
-            return ok, f"compile range ({r.start}, {r.end}) {'within' if ok else 'outside'} decode bucket <= {limit}"
-        policy = self.config.no_range_policy
-        if policy == "apply":
-            return True, "no compile range; policy 'apply'"
-        if policy == "skip":
-            return False, "no compile range; policy 'skip'"
-        bound = self._token_count_bound(graph)
-        if bound is None:
-            return False, "no compile range; token count unbounded or unknown (policy 'infer')"
-        ok = bound <= limit
-        return ok, f"no compile range; token count <= {bound} {'within' if ok else 'outside'} bucket <= {limit}"
+        return self.gate.decide(graph)
 
     # --- running ----------------------------------------------------------------
     @_explain.recorded  # writes what was decided where dumps go (mla-passes report)
@@ -181,12 +113,13 @@ class MLAPassManager(CustomGraphPass):
         logger.debug("mla-passes: matched %s", self.matched_counts)
 
     def uuid(self) -> str:
-        """Changes whenever the rewrite can change: config, threshold, pass and
-        pattern sources, the matched op set; stable otherwise."""
+        """Changes whenever the rewrite can change: config, threshold, compile
+        range, pass and pattern sources, the matched op set, the registered
+        layers' compile-time facts; stable otherwise."""
         from . import patterns
 
-        modules = {sys.modules[__name__], sys.modules[PassConfig.__module__], _op_handles,
-                   sys.modules[patterns.__name__]}
+        modules = {sys.modules[__name__], sys.modules[PassConfig.__module__], sys.modules[DecodeGate.__module__],
+                   _op_handles, sys.modules[patterns.__name__]}
         for p in self.passes:
             modules.update(p.source_modules())
         modules.update(patterns.pattern_modules())
@@ -196,6 +129,18 @@ class MLAPassManager(CustomGraphPass):
             "range": None if (r := current_compile_range()) is None else (r.start, r.end),
             "passes": [p.name for p in self.passes],
             "ops": _op_handles.describe(),
+            "layers": _layer_facts() if self.passes else [],
             "sources": sorted((m.__name__, _module_hash(m)) for m in modules),
         }
         return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _layer_facts() -> list:
+    """What the passes read from each locally registered layer at compile
+    time (:func:`mla_passes.passes.lift.compile_time_facts`), by name. Layers
+    resolved through vLLM are covered by vLLM's own compile-cache key (its
+    config decides their cache dtype and q quantization)."""
+    from .layers import local_layers
+    from .passes.lift import compile_time_facts
+
+    return sorted((name, compile_time_facts(state)) for name, state in local_layers.items())

@@ -188,11 +188,6 @@ def _warn_partition_off(why: str) -> None:
 
 # --- 3. wiring the pass manager ----------------------------------------------------
 
-def decode_threshold(max_num_seqs: int, num_speculative_tokens: int, override: int | None) -> int:
-    """Largest token count the decode bucket holds (DESIGN §4.3)."""
-    return override if override is not None else max_num_seqs * (1 + num_speculative_tokens)
-
-
 def configure_vllm_config(vllm_config) -> None:
     """With the flag on: wire our pass manager into ``vllm_config`` (idempotent)."""
     cc = vllm_config.compilation_config
@@ -241,7 +236,7 @@ def configure_vllm_config(vllm_config) -> None:
         user_passes = [] if existing is None else [existing]
     cc.inductor_compile_config[PASS_KEY] = vllm_compat.ComposedPostGradPass([manager, *user_passes])
 
-    threshold = decode_threshold(max_num_seqs, num_spec, override)
+    threshold = config.decode_max_tokens(max_num_seqs, num_spec)  # the rule lives in gating.py
     endpoints = list(cc.compile_ranges_endpoints or [])
     if threshold not in endpoints:
         cc.compile_ranges_endpoints = sorted([*endpoints, threshold])
@@ -275,5 +270,5 @@ def register() -> None:
     layers.add_resolver(vllm_compat.VllmLayerResolver())
 
 
-__all__ = ["PASS_CONFIG_FIELDS", "configure_vllm_config", "decode_threshold", "early_register",
+__all__ = ["PASS_CONFIG_FIELDS", "configure_vllm_config", "early_register",
            "partition_state", "register"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -14,6 +15,12 @@ from mla_passes.layers import local_layers
 from mla_passes.testing.models import build_decode_stack, set_step
 from mla_passes.testing import fp8_step
 from mla_passes.testing.backend import TestBackend
+
+
+# Tests run the passes in strict mode: an unexpected exception while matching
+# a layer raises instead of becoming a refusal with a warning
+# (mla_passes.passes.base). A test of the lenient mode sets it to "0".
+os.environ["MLA_PASSES_STRICT"] = "1"
 
 
 @pytest.fixture
@@ -40,8 +47,9 @@ class CaseResult:
     caches: dict
 
 
-def make_pm(fuse=True, max_num_seqs=256, **cfg):
-    return MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=fuse, **cfg), max_num_seqs=max_num_seqs)
+def make_pm(fuse=True, max_num_seqs=256, num_speculative_tokens=0, **cfg):
+    return MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=fuse, **cfg), max_num_seqs=max_num_seqs,
+                          num_speculative_tokens=num_speculative_tokens)
 
 
 def run_both(st, compiled, pos, h):

@@ -95,7 +95,7 @@ _SCHEMAS = {  # what the passes emit: names, argument names/order and what each 
                          "int qk_rope_head_dim, ScalarType out_dtype) -> Tensor",
     "mla_fused_decode_prep": "mla_passes::mla_fused_decode_prep(Tensor(a!) q, Tensor kv_c, Tensor(b!) k_pe, "
                              "Tensor positions, Tensor cos_sin_cache, bool is_neox, {LN} layer_name, "
-                             "ScalarType out_dtype, str backend) -> Tensor",
+                             "ScalarType out_dtype, str backend, str? kv_cache_dtype=None, Tensor? k_scale=None) -> Tensor",
     "mla_attention_with_prepped_q": "mla_passes::mla_attention_with_prepped_q(Tensor q, Tensor q_prepped, "
                                     "Tensor kv_c_normed, Tensor k_pe, Tensor(a!) output, {LN} layer_name, "
                                     "Tensor? kv_cache_dummy_dep=None) -> ()",

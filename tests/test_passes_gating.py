@@ -70,3 +70,88 @@ def test_uuid_tracks_pass_source(monkeypatch):
     monkeypatch.setattr(pmod, "_module_hash",
                         lambda m: "edited" if m.__name__.endswith("patterns.rope") else real(m))
     assert a.uuid() != before
+
+
+def test_fx_graph_cache_sees_layer_state(tmp_path, monkeypatch):
+    """FX graph cache ON: the fp8-q rewrite was served to the same model with a bf16 q (ValueError on out_dtype)."""
+    import torch
+    import torch._inductor.config as ic
+
+    from conftest import CaseResult, assert_close_case, run_both
+    from mla_passes.testing.models import build_decode_stack, set_step
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    st = build_decode_stack(1, H=4, hidden=64, q_fp8=True)
+    pm = make_pm(max_num_seqs=8)
+    uuids = []
+    with ic.patch(post_grad_custom_post_pass=pm, fx_graph_cache=True, fx_graph_remote_cache=False,
+                  autotune_local_cache=False):
+        for q_fp8 in (True, False, True):
+            if not q_fp8:
+                for s in st.states.values():
+                    s.q_scale = None
+            else:
+                for s in st.states.values():
+                    s.q_scale = torch.tensor([0.07])
+            torch._dynamo.reset()
+            uuids.append(pm.uuid())
+            compiled = torch.compile(st.module, fullgraph=True)
+            pos, h = st.make_inputs(4, seed=9)
+            set_step(st, 4, seed=2)
+            eager, ref_caches, out, _ = run_both(st, compiled, pos, h)
+            assert_close_case(CaseResult(st, None, pm, eager, out, ref_caches, st.snapshot_caches()))
+    assert uuids[0] != uuids[1] and uuids[0] == uuids[2]
+
+
+def test_vllm_pass_context_without_context(monkeypatch):
+    """vLLM 0.32's get_pass_context() asserts when no context is set: that reads as no range, not a crash."""
+    import sys
+    import types
+
+    from mla_passes import gating
+
+    mod = types.ModuleType("vllm.compilation.passes.inductor_pass")
+
+    def get_pass_context():
+        assert False, "no pass context"
+
+    mod.get_pass_context = get_pass_context
+    monkeypatch.setitem(sys.modules, "vllm.compilation.passes.inductor_pass", mod)
+    assert gating.vllm_compile_range() is None
+    assert gating.current_compile_range() is None
+    mod.get_pass_context = lambda: types.SimpleNamespace(compile_range=TokenRange(1, 16))
+    assert gating.current_compile_range() == TokenRange(1, 16)
+    with compile_range(4):  # the innermost explicit block wins
+        assert gating.current_compile_range() == TokenRange(4, 4)
+
+
+def test_vllm_pass_context_real():
+    """Through vLLM's own pass_context(): the manager gates by the range vLLM compiles for."""
+    ip = pytest.importorskip("vllm.compilation.passes.inductor_pass")
+    from vllm.config.utils import Range
+
+    from mla_passes import gating
+
+    assert gating.vllm_compile_range() is None  # no context set: vLLM asserts, we read None
+    pm = make_pm(max_num_seqs=8)
+    with ip.pass_context(Range(1, 8)):
+        assert gating.current_compile_range() == Range(1, 8)
+        ok, why = pm._decide(None)
+        assert ok, why
+    with ip.pass_context(Range(9, 64)):
+        ok, why = pm._decide(None)
+        assert not ok and "outside" in why
+
+
+def test_passes_expose_the_managers_gate():
+    """Each pass answers is_applicable_for_range from the manager's one gate."""
+    pm = make_pm(max_num_seqs=8, num_speculative_tokens=1)
+    assert pm.decode_max_tokens == 16
+    for p in pm.passes:
+        assert p.gate is pm.gate
+        assert p.is_applicable_for_range(TokenRange(1, 16))
+        assert not p.is_applicable_for_range(TokenRange(1, 17))
+    from mla_passes.gating import decode_threshold
+
+    assert decode_threshold(8, 1) == 16 and decode_threshold(8, 0, override=3) == 3
+    assert decode_threshold(None) is None

@@ -16,31 +16,72 @@ from dataclasses import dataclass
 import sympy
 import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.fx import Graph, Node
 
 aten = torch.ops.aten
 
-# Ops whose output aliases their first argument's storage.
-VIEW_OPS = frozenset({
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
-    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims,
-    aten.select.int, aten.expand.default, aten.permute.default, aten.transpose.int,
-    aten.t.default, aten.as_strided.default, aten.alias.default, aten.view.dtype,
-})
-# Multi-output view ops; their getitems alias the input (disjoint pieces).
-SPLIT_OPS = frozenset({
-    aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default,
-    aten.tensor_split.sections, aten.tensor_split.indices,
-})
+_OP_KIND: dict = {}  # id(target) -> (target, view, may alias)
+
+
+def _op_kind(target) -> tuple[bool, bool]:
+    """(view, may alias) of ``target``. A view: its schema says the result
+    aliases the first argument (a non-writing alias annotation on both, as in
+    ``view(Tensor(a) self) -> Tensor(a)`` or ``split(Tensor(a -> *) self) ->
+    Tensor(a)[]``), the rule Inductor's ``reinplace.py`` reads, not a hand
+    list. May alias: a pure op whose schema does not say so but whose value
+    could still share its input's storage (``_unsafe_view``): storage
+    identity decides; ops tagged ``pointwise`` always make a new tensor.
+    Keyed by ``id``: ``OpOverload.__hash__`` is Python code, and this runs
+    for every node the passes look at."""
+    e = _OP_KIND.get(id(target))
+    if e is not None and e[0] is target:
+        return e[1], e[2]
+    view = may_alias = False
+    if isinstance(target, torch._ops.OpOverload):
+        s = target._schema
+        pure = not s.is_mutable
+        args, rets = s.arguments, s.returns
+        view = bool(pure and args and rets and args[0].alias_info is not None
+                    and rets[0].alias_info is not None and not rets[0].alias_info.is_write)
+        may_alias = pure and not view and torch.Tag.pointwise not in target.tags
+    _OP_KIND[id(target)] = (target, view, may_alias)
+    return view, may_alias
+
+
+def same_storage(a: Node, b: Node) -> bool:
+    """Whether the values of ``a`` and ``b`` share one storage (their fake
+    tensors do exactly when the real ones will; a storage keeps one Python
+    object, so identity is the test)."""
+    va, vb = val(a), val(b)
+    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
+            and va.untyped_storage() is vb.untyped_storage())
 
 
 def is_view(node: Node) -> bool:
-    if node.op != "call_function":
+    """Whether ``node``'s op is a view by its schema (see :func:`_op_kind`):
+    its value aliases :func:`view_source` (``node``). Ops that alias without
+    saying so in their schema (``_unsafe_view``) are found by storage
+    identity in :func:`root_of` and :func:`aliases`."""
+    if node.op != "call_function" or not node.args:
         return False
-    if node.target in VIEW_OPS or node.target in SPLIT_OPS:
+    if node.target is operator.getitem:  # a piece of a multi-output view (split, unbind, ...)
+        src = node.args[0]
+        return isinstance(src, Node) and src.op == "call_function" and _op_kind(src.target)[0]
+    return _op_kind(node.target)[0]
+
+
+def _aliases_source(node: Node) -> bool:
+    """:func:`is_view`, or a pure op whose value shares its first argument's storage."""
+    if is_view(node):
         return True
-    return node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0].target in SPLIT_OPS
+    if node.op != "call_function" or not node.args:
+        return False
+    if node.target is operator.getitem:
+        src = node.args[0]
+        return (isinstance(src, Node) and src.op == "call_function" and bool(src.args)
+                and isinstance(src.args[0], Node) and _op_kind(src.target)[1] and same_storage(node, src.args[0]))
+    return isinstance(node.args[0], Node) and _op_kind(node.target)[1] and same_storage(node, node.args[0])
 
 
 def view_source(node: Node) -> Node:
@@ -48,10 +89,51 @@ def view_source(node: Node) -> Node:
 
 
 def root_of(node: Node) -> Node:
-    """The non-view node whose storage ``node`` aliases."""
-    while is_view(node):
+    """The node whose storage ``node`` aliases and that aliases no input."""
+    while _aliases_source(node):
         node = view_source(node)
     return node
+
+
+def aliases(root: Node) -> list[Node]:
+    """``root`` and every node reached from it through values that alias
+    their first argument: schema views (and the pieces of a multi-output
+    view), or pure ops whose value shares ``root``'s storage (checked by
+    identity). These are the graph values that share ``root``'s memory."""
+    rv = val(root)
+    storage = rv.untyped_storage() if isinstance(rv, torch.Tensor) else None
+
+    def shares(u):
+        v = val(u)
+        return storage is not None and isinstance(v, torch.Tensor) and v.untyped_storage() is storage
+
+    out, work, seen = [], [root], {root}
+    while work:
+        a = work.pop()
+        out.append(a)
+        for u in a.users:
+            if u in seen or u.op != "call_function" or not u.args or u.args[0] is not a:
+                continue
+            if u.target is operator.getitem:
+                ok = (a.op == "call_function" and _op_kind(a.target)[0]) or shares(u)
+            else:
+                view, may_alias = _op_kind(u.target)
+                ok = view or (may_alias and shares(u))
+            if ok:
+                seen.add(u)
+                work.append(u)
+    return out
+
+
+class NodeOrder:
+    """Graph position as a sort key (``order[node]``), valid while nodes are
+    inserted: FX nodes compare by their position in the graph."""
+
+    def __getitem__(self, node: Node) -> Node:
+        return node
+
+    def get(self, node, default=None):
+        return node if isinstance(node, Node) else default
 
 
 def val(node) -> object:
@@ -92,6 +174,17 @@ class Region:
             end = min(end, size[-1])
         size[-1] = end - start
         return Region(self.root, tuple(size), self.stride, self.offset + start * self.stride[-1])
+
+    def same_elements(self, other: "Region | None") -> bool:
+        """Whether both cover the same elements in the same order (unit dims,
+        as ``unsqueeze`` adds, ignored)."""
+        if other is None or self.root is not other.root or self.offset != other.offset:
+            return False
+
+        def dims(r):
+            return [(n, st) for n, st in zip(r.size, r.stride) if n != 1]
+
+        return dims(self) == dims(other)
 
     def disjoint_columns(self, other: "Region") -> bool:
         """True when both are row-major pieces of the same rows with
@@ -248,14 +341,12 @@ def _fresh_outs() -> dict:
 
 def fresh_fake(mode, like: torch.Tensor, shape, dtype) -> torch.Tensor:
     """What ``like.new_empty(shape, dtype=dtype)`` gives under fake ``mode``
-    (a new contiguous FakeTensor with its own storage on ``like``'s device),
-    built the way the mode wraps a meta kernel's output, without the
-    ~0.2 ms dispatch (cache key and cache entry over the arguments)."""
-    from torch._subclasses.fake_tensor import in_kernel_invocation_manager
-
-    with in_kernel_invocation_manager(mode):
+    (a new contiguous FakeTensor with its own storage on ``like``'s device):
+    a meta tensor wrapped by the ``FakeTensor`` constructor, ~5x cheaper than
+    dispatching ``torch.empty`` through the mode (cache key and cache entry)."""
+    with unset_fake_temporarily():
         meta = torch.empty(shape, dtype=dtype, layout=like.layout, device="meta")
-    return mode.fake_tensor_converter.from_meta_and_device(mode, meta, like.device)
+    return FakeTensor(mode, meta, like.device)
 
 
 _FAKE: dict = {}
@@ -291,12 +382,13 @@ def call(graph: Graph, target, args, kwargs=None, *, fake_mode=None) -> Node:
     return node
 
 
-def erase_dead(graph: Graph, nodes) -> int:
+def erase_dead(graph: Graph, nodes) -> set:
     """Erase ``nodes`` that have no users, then inputs that became dead
-    (pure nodes only: never placeholders or ops with side effects)."""
+    (pure nodes only: never placeholders or ops with side effects). Returns
+    the erased nodes."""
     work = list(nodes)
     explicit = set(work)
-    erased = 0
+    erased = set()
     seen = set()
     keep_ops = ("placeholder", "output", "get_attr")
     while work:
@@ -308,7 +400,7 @@ def erase_dead(graph: Graph, nodes) -> int:
         seen.add(n)
         inputs = n.all_input_nodes
         graph.erase_node(n)
-        erased += 1
+        erased.add(n)
         work.extend(inputs)
     return erased
 
@@ -332,5 +424,3 @@ def _impure(n: Node) -> bool:
     return p
 
 
-def order_index(graph: Graph) -> dict:
-    return {n: i for i, n in enumerate(graph.nodes)}

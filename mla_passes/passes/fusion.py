@@ -13,7 +13,8 @@ and the attention with ``mla_passes::mla_attention_with_prepped_q``::
     af = auto_functionalized(unified_mla_attention_with_output, q=q_new, kv_c_normed=kv_c,
              k_pe=k_pe_rot, output=out, layer_name=ln, kv_cache_dummy_dep=dep)
     # after
-    qp = mla_passes.mla_fused_decode_prep(q, kv_c, k, positions, cos_sin, is_neox, ln, out_dtype, backend)
+    qp = mla_passes.mla_fused_decode_prep(q, kv_c, k, positions, cos_sin, is_neox, ln, out_dtype, backend,
+                                          kv_cache_dtype, k_scale)   # the graph's cache-update operands
     mla_passes.mla_attention_with_prepped_q(q, qp, kv_c, k.unsqueeze(1), out, ln, None)
 
 Both new calls are in place (defunctionalized, DESIGN §3): ``q[..., P:]`` and
@@ -26,11 +27,20 @@ are rewired to views of the mutated tensors, placed after the fused op.
 
 Refused (debug log, graph untouched for that layer): no unique cache update
 and attention per ``layer_name``; a RoPE subgraph whose intermediates have
-other users or that is not RoPE (:mod:`mla_passes.patterns.rope`); a reader
-of the rotated memory after the fusion point that expects unrotated values; a
-dependency token with users other than the layer's attention; a layer state
-the resolver does not know at compile time, or whose cache dtype differs
-from the graph's.
+other users, that does not read q_pe from the q it writes back into, or that
+is not RoPE (:mod:`mla_passes.patterns.rope`); an attention that reads
+another k_pe than the rotated one; a value the rewrite would replace by a
+view of the rotated memory in another dtype (e.g. an fp32 RoPE result with a
+second reader); a reader of the rotated memory after the fusion point that
+expects unrotated values (aliases found by storage identity); a dependency
+token with users other than the layer's attention; a layer state the
+resolver does not know at compile time, or whose cache dtype differs from
+the graph's. An unexpected error while planning a layer refuses that layer
+with a warning (see :mod:`mla_passes.passes.base`).
+
+The fused op takes every operand the graph carries (``kv_cache_dtype`` and
+``k_scale`` of the cache update included); the layer state is read only
+for what the graph does not carry (W_UK_T, q_scale, the cache, the slots).
 
 Procedural, not ``register_replacement``: the rewrite spans the attention,
 walks through ``slice_scatter`` (a pattern cannot express "the base of this
@@ -68,6 +78,8 @@ class FusionPlan:
     positions: Node
     cos_sin_cache: Node
     is_neox: bool
+    kv_cache_dtype: str
+    k_scale: Node
     out_dtype: torch.dtype
     P: int
     R: int
@@ -113,8 +125,9 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
 
     name = "mla_qk_rope_kvcache_fusion"
 
-    def __init__(self, *, backend: str = "auto", raw_form: bool = True):
-        super().__init__(backend=backend)
+    def __init__(self, *, backend: str = "auto", raw_form: bool = True, gate=None):
+        super().__init__(gate=gate)
+        self.backend = backend
         self.raw_form = raw_form
 
     def source_modules(self) -> list:
@@ -136,7 +149,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                 updates.setdefault(c.arg("layer_name"), []).append(c)
         if not updates:
             return 0
-        order = _fx.order_index(graph)
+        order = _fx.NodeOrder()  # stays valid while earlier layers' rewrites insert nodes
         mode = _fx.graph_fake_mode(graph)
         count = 0
         for ln, ups in updates.items():
@@ -146,24 +159,30 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                 self.refuse(where, "%d cache update(s) and %d attention call(s) use this layer_name",
                             len(ups), len(ats))
                 continue
-            up, attn = ups[0], ats[0]
-            if up.op in handles.fused_rope:
-                plan = self._plan_fused_rope(up, attn, ln, where)
-            elif not self.raw_form:
-                self.refuse(where, "raw RoPE form and fuse_rope_kvcache_cat_mla is off")
-                continue
-            else:
-                plan = self._plan_raw(up, attn, ln, where, order)
-            if plan is None or not self._safe(plan, order, where):
+            plan = self.guarded(where, self._plan, ups[0], ats[0], ln, where, order, handles)
+            if plan is None:
                 continue
             self._rewrite(graph, plan, mode)
             count += 1
         return count
 
+    def _plan(self, up, attn, ln, where, order, handles) -> FusionPlan | None:
+        """The checked plan for one layer, or None (refused). Reads the graph only."""
+        if up.op in handles.fused_rope:
+            plan = self._plan_fused_rope(up, attn, ln, where)
+        elif not self.raw_form:
+            self.refuse(where, "raw RoPE form and fuse_rope_kvcache_cat_mla is off")
+            return None
+        else:
+            plan = self._plan_raw(up, attn, ln, where, order)
+        if plan is None or not self._safe(plan, where):
+            return None
+        return plan
+
     # --- planning ----------------------------------------------------------------
     def _common(self, attn: _fx.OpCall, ln, where, kv_c, kv_cache_dtype):
         """Checks both graph forms share; the layer's state, or None (refused)."""
-        why = check_attention(self, attn)
+        why = check_attention(attn)
         if why:
             self.refuse(where, why)
             return None
@@ -251,12 +270,17 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         if m is None:
             self.refuse(where, "RoPE subgraph leaves are not (q, k, positions, cos_sin_cache)")
             return None
+        if q_root not in m.leaves:
+            # the fused op rotates base[..., P:] in place: the RoPE must read it from there
+            self.refuse(where, "the RoPE does not read q_pe from the q (%s) it writes back into", q_root.name)
+            return None
         if not rope.verify(m, q_pe_region, q_rot, k_rot, R):
             self.refuse(where, "subgraph between q/k and the cache update does not compute RoPE")
             return None
         return FusionPlan(
             ln=ln, attn=attn, update=up, q_orig=base, k_in=m.k_in, kv_c=kv_c, positions=m.positions,
-            cos_sin_cache=m.cos_sin_cache, is_neox=m.is_neox, out_dtype=state.q_out_dtype(_fx.val(base).dtype),
+            cos_sin_cache=m.cos_sin_cache, is_neox=m.is_neox, kv_cache_dtype=up.arg("kv_cache_dtype"),
+            k_scale=up.arg("k_scale"), out_dtype=state.q_out_dtype(_fx.val(base).dtype),
             P=P, R=R, insert_before=up.node,
             q_value_nodes=[ss], q_pe_value_nodes=[q_rot], k_value_nodes=[k_rot],
             dead=[n for n in (copy, ss, up.node) if n is not None], cone=cone,
@@ -300,30 +324,59 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             for u in gi.users:
                 if _is_slice_scatter(u) and _ss_args(u)[1] is gi and _ss_region(u) == k_region:
                     root_values.append((u, _ss_args(u)[0]))
+        if not self._reads_rotated_k(attn.arg("k_pe"), k_values, root_values, k_region):
+            self.refuse(where, "the attention reads another k_pe than the fused-rope op rotates")
+            return None
         # other readers of the new q_pe value: users of q_new getitems besides ss/copy
         q_pe_values = list(q_new)
         dead += list(dep) + list(q_new) + list(k_new)
         return FusionPlan(
             ln=ln, attn=attn, update=up, q_orig=q_orig, k_in=k_in, kv_c=kv_c, positions=up.arg("positions"),
             cos_sin_cache=up.arg("cos_sin_cache"), is_neox=bool(up.arg("is_neox")),
+            kv_cache_dtype=up.arg("kv_cache_dtype"), k_scale=up.arg("kv_cache_scale"),
             out_dtype=state.q_out_dtype(_fx.val(base).dtype), P=P, R=R, insert_before=up.node,
             q_value_nodes=[ss], q_pe_value_nodes=q_pe_values, k_value_nodes=k_values,
             root_value_nodes=root_values, dead=dead, cone=set(),
         )
 
+    @staticmethod
+    def _reads_rotated_k(k_attn: Node, k_values: list, root_values: list, k_region) -> bool:
+        """Whether ``k_attn`` (through views) holds exactly the rotated k_pe:
+        the elements of a rotated-k getitem, or the k region of a mutated
+        base regenerated by ``slice_scatter`` after the fused-rope op."""
+        if not isinstance(k_attn, Node):
+            return False
+        r = _fx.Region.of(k_attn)
+        if r is None:
+            return False
+        for gi in k_values:
+            if r.root is gi:
+                return r.same_elements(_fx.Region.of(gi))
+        for ss, base in root_values:
+            if r.root is ss:
+                rb, rs = _fx.Region.of(base), _fx.Region.of(ss)
+                if (rb.size, rb.stride, rb.offset) != (rs.size, rs.stride, rs.offset):
+                    return False  # base and regenerated base laid out differently
+                return r.same_elements(_fx.Region(ss, k_region.size, k_region.stride, k_region.offset))
+        return False
+
     # --- safety ---------------------------------------------------------------------
-    def _safe(self, plan: FusionPlan, order: dict, where: str) -> bool:
-        """No reader of the memory the fused op rotates runs after it expecting
-        unrotated values; every input exists before the fusion point."""
-        at = order[plan.insert_before]
-        for inp in (plan.q_orig, plan.k_in, plan.kv_c, plan.positions, plan.cos_sin_cache):
-            if order.get(inp, -1) >= at:
-                self.refuse(where, "input %s is defined after the fusion point", inp.name)
+    def _safe(self, plan: FusionPlan, where: str) -> bool:
+        """Every input exists before the fusion point; every value the rewrite
+        replaces by a view of the rotated memory has that view's dtype; no
+        reader of the memory the fused op rotates runs after it expecting
+        unrotated values."""
+        at = plan.insert_before
+        for inp in (plan.q_orig, plan.k_in, plan.kv_c, plan.positions, plan.cos_sin_cache, plan.k_scale):
+            if not isinstance(inp, Node) or not inp < at:
+                self.refuse(where, "input %s is not a graph value defined before the fusion point", inp)
                 return False
         for n, base in plan.root_value_nodes:
-            if order.get(base, -1) >= at:
+            if not base < at:
                 self.refuse(where, "mutated base %s is defined after the fusion point", base.name)
                 return False
+        if not self._same_dtypes(plan, where):
+            return False
         going = set(plan.dead) | plan.cone | {plan.attn.node, plan.update.node}
         going |= set(plan.q_value_nodes) | {n for n, _ in plan.root_value_nodes}
         for target in (_fx.Region.of(plan.q_orig).slice_last(plan.P, plan.P + plan.R), _fx.Region.of(plan.k_in)):
@@ -331,15 +384,12 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             if root.op == "placeholder":
                 self.refuse(where, "would rotate graph input %s in place", root.name)
                 return False
-            aliases, work = [], [root]
-            while work:
-                a = work.pop()
-                aliases.append(a)
-                work.extend(u for u in a.users if _fx.is_view(u))
-            for a in aliases:
+            shared = _fx.aliases(root)
+            alias_set = set(shared)
+            for a in shared:
                 r = False  # Region.of(a), computed at the first reader that needs it
                 for u in a.users:
-                    if u in going or _fx.is_view(u) or order.get(u, -1) < at:
+                    if u in going or u in alias_set or u < at:
                         continue
                     if u.op == "output":
                         self.refuse(where, "rotated memory %s is a graph output", a.name)
@@ -352,11 +402,29 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                     return False
         return True
 
+    def _same_dtypes(self, plan: FusionPlan, where: str) -> bool:
+        """The rewrite replaces rotated values by views of the rotated q / k
+        memory: refuse when a kept reader would get another dtype (an fp32
+        RoPE result rounded to the model dtype is not the same value)."""
+        k_dtype, q_dtype = _fx.val(plan.k_in).dtype, _fx.val(plan.q_orig).dtype
+        keep = set(plan.dead) | set(plan.q_value_nodes) | plan.cone
+        checks = [(n, k_dtype) for n in plan.k_value_nodes if set(n.users) - {plan.update.node}]
+        checks.append((plan.attn.arg("k_pe"), k_dtype))
+        checks += [(n, q_dtype) for n in plan.q_pe_value_nodes if set(n.users) - keep]
+        for n, dtype in checks:
+            v = _fx.val(n)
+            if not isinstance(v, torch.Tensor) or v.dtype != dtype:
+                self.refuse(where, "%s holds a rotated value as %s; after the rewrite it would be %s", n,
+                            getattr(v, "dtype", v), dtype)
+                return False
+        return True
+
     # --- rewriting --------------------------------------------------------------------
     def _rewrite(self, graph: Graph, plan: FusionPlan, mode=None) -> None:
         with graph.inserting_before(plan.insert_before):
             qp = _fx.call(graph, FUSED, (plan.q_orig, plan.kv_c, plan.k_in, plan.positions, plan.cos_sin_cache,
-                                        plan.is_neox, plan.ln, plan.out_dtype, self.backend), fake_mode=mode)
+                                        plan.is_neox, plan.ln, plan.out_dtype, self.backend, plan.kv_cache_dtype,
+                                        plan.k_scale), fake_mode=mode)
         views: dict = {}
         cursor = [qp]
 
@@ -414,7 +482,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                 for u in list(n.users):
                     if not u.users and u.target is operator.getitem:
                         graph.erase_node(u)
-        _fx.erase_dead(graph, list(plan.dead) + [n for n, _ in plan.root_value_nodes] + list(plan.cone))
-        leftover = [n for n in plan.dead if not getattr(n, "_erased", False)]
+        erased = _fx.erase_dead(graph, list(plan.dead) + [n for n, _ in plan.root_value_nodes] + list(plan.cone))
+        leftover = [n for n in plan.dead if n not in erased]
         if leftover:
             raise AssertionError(f"mla fusion left {leftover} in the graph")

@@ -61,6 +61,14 @@ def layer_state_for(pass_: MLAGraphPass, ln_node, where):
         return None
 
 
+def compile_time_facts(state) -> tuple:
+    """What the passes read from a layer state at compile time: the cache
+    dtype (checked against the graph's) and the prepped q's dtype (fp8 when
+    the layer quantizes q; shown for an fp32 model). The pass manager hashes
+    these into its uuid."""
+    return (state.kv_cache_dtype, str(state.q_out_dtype(torch.float32)))
+
+
 def describe_layer(ln_node) -> str:
     try:
         return layer_name_str(_fx.val(ln_node) if isinstance(ln_node, torch.fx.Node) else ln_node)
@@ -89,7 +97,7 @@ def replace_attention(graph: Graph, attn: _fx.OpCall, q, q_prepped, kv_c, k_pe, 
     return new
 
 
-def check_attention(pass_: MLAGraphPass, attn: _fx.OpCall):
+def check_attention(attn: _fx.OpCall):
     """Why ``attn`` cannot take a prepped q (None when it can)."""
     for name in UNSUPPORTED_ARGS:
         if attn.arg(name) is not None:
@@ -116,24 +124,30 @@ class MLADecodeQPrepLiftPass(MLAGraphPass):
         count = 0
         mode = None  # the graph's fake mode, found at the first rewrite
         for attn in _fx.find_op_calls(graph, handles.attention):
-            node = attn.node
-            ln = attn.arg("layer_name")
-            where = f"attention {node.name} ({describe_layer(ln)})"
-            why = check_attention(self, attn)
-            if why:
-                self.refuse(where, why)
+            where = f"attention {attn.node.name} ({describe_layer(attn.arg('layer_name'))})"
+            plan = self.guarded(where, self._plan, attn, where)
+            if plan is None:
                 continue
-            state = layer_state_for(self, ln, where)
-            if state is None:
-                continue
-            q, kv_c, k_pe = attn.arg("q"), attn.arg("kv_c_normed"), attn.arg("k_pe")
-            qv = _fx.val(q)
-            out_dtype = state.q_out_dtype(qv.dtype)
-            L, R = _fx.val(kv_c).shape[-1], _fx.val(k_pe).shape[-1]
             if mode is None:
                 mode = _fx.graph_fake_mode(graph)
-            with graph.inserting_before(node):
-                qp = _fx.call(graph, Q_PREP, (q, ln, int(L), int(R), out_dtype), fake_mode=mode)
-            replace_attention(graph, attn, q, qp, kv_c, k_pe, attn.arg("kv_cache_dummy_dep"), fake_mode=mode)
+            q, ln, L, R, out_dtype = plan
+            with graph.inserting_before(attn.node):
+                qp = _fx.call(graph, Q_PREP, (q, ln, L, R, out_dtype), fake_mode=mode)
+            replace_attention(graph, attn, q, qp, attn.arg("kv_c_normed"), attn.arg("k_pe"),
+                              attn.arg("kv_cache_dummy_dep"), fake_mode=mode)
             count += 1
         return count
+
+    def _plan(self, attn: _fx.OpCall, where: str):
+        """``(q, layer_name, L, R, out_dtype)`` of the q-prep to insert, or None (refused)."""
+        why = check_attention(attn)
+        if why:
+            self.refuse(where, why)
+            return None
+        ln = attn.arg("layer_name")
+        state = layer_state_for(self, ln, where)
+        if state is None:
+            return None
+        q, kv_c, k_pe = attn.arg("q"), attn.arg("kv_c_normed"), attn.arg("k_pe")
+        L, R = _fx.val(kv_c).shape[-1], _fx.val(k_pe).shape[-1]
+        return q, ln, int(L), int(R), state.q_out_dtype(_fx.val(q).dtype)
