@@ -42,6 +42,7 @@ matched semantically (see :mod:`mla_passes.patterns.rope`).
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +50,7 @@ from torch.fx import Graph, Node
 
 from ..op_handles import op_handles
 from . import _fx
-from .base import MLAGraphPass
+from .base import MLAGraphPass, logger
 from .lift import check_attention, describe_layer, layer_state_for, replace_attention
 
 FUSED = torch.ops.mla_passes.mla_fused_decode_prep.default
@@ -78,6 +79,7 @@ class FusionPlan:
     root_value_nodes: list = field(default_factory=list)  # (node, base): value == mutated base
     dead: list = field(default_factory=list)            # to erase explicitly
     cone: set = field(default_factory=set)
+    patterns: tuple = ()                                # registered patterns (or "rope_semantic") used
 
 
 def _last_dim(dim, ndim) -> bool:
@@ -116,20 +118,26 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
     def __init__(self, *, backend: str = "auto", raw_form: bool = True):
         super().__init__(backend=backend)
         self.raw_form = raw_form
+        self.pattern_counts: Counter = Counter()  # per registered pattern, over the layers rewritten last call
+        self._hits = None
 
     def source_modules(self) -> list:
         import sys
 
-        from ..patterns import rope
+        from ..patterns import _engine, qk_rope_kvcache, rope
 
-        return super().source_modules() + [rope, _fx, sys.modules[check_attention.__module__]]
+        return super().source_modules() + [rope, qk_rope_kvcache, _engine, _fx,
+                                           sys.modules[check_attention.__module__]]
 
     def apply(self, graph: Graph) -> int:
+        from ..patterns import qk_rope_kvcache as qk_patterns
+
         handles = op_handles()
         attns: dict = {}
         updates: dict = {}
-        upd_ops = handles.kv_cache_update | handles.fused_rope
-        for c in _fx.find_op_calls(graph, handles.attention | upd_ops):
+        self.pattern_counts = Counter()
+        self._hits = qk_patterns.match(graph, handles)  # registered patterns first (DESIGN §3)
+        for c in qk_patterns.anchor_calls(self._hits, handles):
             if c.op in handles.attention:
                 attns.setdefault(c.arg("layer_name"), []).append(c)
             else:
@@ -157,6 +165,9 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             if plan is None or not self._safe(plan, order, where):
                 continue
             self._rewrite(graph, plan, mode)
+            plan.patterns += (qk_patterns.anchor_name(up), qk_patterns.anchor_name(attn))
+            self.pattern_counts.update(plan.patterns)
+            logger.debug("%s: %s matched by %s", self.name, where, ", ".join(plan.patterns))
             count += 1
         return count
 
@@ -202,6 +213,9 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
     def _src_value(self, ss: Node, region):
         """The rotated q_pe written by ``ss`` (through a ``copy`` into a slice of
         the same memory), and the copy node if any."""
+        hit = self._hits.at(ss, "q_pe_scatter") if self._hits is not None else None
+        if hit is not None and _fx.Region.of(hit["q_pe_dest"]) == region:
+            return hit["q_pe_rot"], hit.root.args[1]
         src = _ss_args(ss)[1]
         if isinstance(src, Node) and src.target is aten.copy.default:
             dest = src.args[0]
@@ -211,6 +225,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         return src, None
 
     def _plan_raw(self, up: _fx.OpCall, attn: _fx.OpCall, ln, where, order=None) -> FusionPlan | None:
+        from ..patterns import qk_rope_kvcache as qk_patterns
         from ..patterns import rope
 
         kv_c, k_rot = up.arg("kv_c_normed"), up.arg("k_pe")
@@ -246,20 +261,24 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                 if u not in cone:
                     self.refuse(where, "RoPE intermediate %s has another user %s", n.name, u.name)
                     return None
-        q_root = _fx.root_of(base)
-        m = rope.extract(cone, q_root, R, order)
-        if m is None:
-            self.refuse(where, "RoPE subgraph leaves are not (q, k, positions, cos_sin_cache)")
-            return None
-        if not rope.verify(m, q_pe_region, q_rot, k_rot, R):
-            self.refuse(where, "subgraph between q/k and the cache update does not compute RoPE")
-            return None
+        m = qk_patterns.rope_for_layer(self._hits, q_rot, k_rot, q_pe_region, R)
+        if m is not None:
+            used = m.pattern_names + (("q_pe_scatter",) if self._hits.at(ss, "q_pe_scatter") else ())
+        else:  # no registered form: the semantic check, held to the dtype's rounding
+            m = rope.extract(cone, _fx.root_of(base), R, order)
+            if m is None:
+                self.refuse(where, "RoPE subgraph leaves are not (q, k, positions, cos_sin_cache)")
+                return None
+            if not rope.verify(m, q_pe_region, q_rot, k_rot, R):
+                self.refuse(where, "subgraph between q/k and the cache update does not compute RoPE")
+                return None
+            used = ("rope_semantic",)
         return FusionPlan(
             ln=ln, attn=attn, update=up, q_orig=base, k_in=m.k_in, kv_c=kv_c, positions=m.positions,
             cos_sin_cache=m.cos_sin_cache, is_neox=m.is_neox, out_dtype=state.q_out_dtype(_fx.val(base).dtype),
             P=P, R=R, insert_before=up.node,
             q_value_nodes=[ss], q_pe_value_nodes=[q_rot], k_value_nodes=[k_rot],
-            dead=[n for n in (copy, ss, up.node) if n is not None], cone=cone,
+            dead=[n for n in (copy, ss, up.node) if n is not None], cone=cone, patterns=used,
         )
 
     def _plan_fused_rope(self, up: _fx.OpCall, attn: _fx.OpCall, ln, where) -> FusionPlan | None:
@@ -309,6 +328,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             out_dtype=state.q_out_dtype(_fx.val(base).dtype), P=P, R=R, insert_before=up.node,
             q_value_nodes=[ss], q_pe_value_nodes=q_pe_values, k_value_nodes=k_values,
             root_value_nodes=root_values, dead=dead, cone=set(),
+            patterns=("fused_rope_q_scatter",) if self._hits.at(ss, "fused_rope_q_scatter") else (),
         )
 
     # --- safety ---------------------------------------------------------------------

@@ -1,0 +1,170 @@
+"""Named Inductor patterns whose matches feed a plan instead of a rewrite.
+
+Inductor's pattern matcher (``torch._inductor.pattern_matcher``) usually
+replaces what it matches. The mla-passes rewrites span several matches per
+layer (two RoPE rotations, a cache update, a scatter into q, the attention)
+and are planned, checked and applied procedurally; so here every pattern is
+registered with ``register_graph_pattern`` into one ``PatternMatcherPass``
+per :class:`PatternSet`, with its guards in ``extra_check(match)`` (reading
+``meta["val"]``), and its handler only records a :class:`Hit` (pattern name,
+matched root, bound nodes). The passes read the hits.
+
+:meth:`PatternSet.match` walks the registered ``(op, target)`` keys of the
+patterns it is asked for (the anchors: a few targets, few nodes), and
+:meth:`PatternSet.match_at` tries patterns at one given node (a RoPE output
+the plan points at), so common root targets (``view``, ``add``, ``cat``) are
+never scanned graph-wide. Both do that itself
+rather than calling ``PatternMatcherPass.apply``: ``apply`` needs a
+``GraphModule`` (its ``GraphTransformObserver``; the pass manager and the
+bench hand over a bare ``Graph``), keeps mutation-region ids and skips CPU
+nodes when C++ codegen is off, all of which guard *replacements*. Nothing
+here changes the graph, so the loop is the engine's, minus that bookkeeping:
+``entry.pattern.match(node)``, ``entry.extra_check(match)``, ``entry.apply``.
+
+Pattern sets are built once per process (``functools.lru_cache`` on the
+builder), never per graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch._inductor.pattern_matcher import (
+    Match,
+    PatternExpr,
+    GraphPatternEntry,
+    PatternMatcherPass,
+    PatternPrettyPrinter,
+    is_match,
+)
+from torch.fx import Graph, Node
+
+logger = logging.getLogger("mla_passes.passes")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One match of a registered pattern: its name, the node the pattern is
+    rooted at, and the nodes/values it bound (``KeywordArg`` names)."""
+
+    name: str
+    root: Node
+    kwargs: dict
+    nodes: tuple
+
+    def __getitem__(self, key):
+        return self.kwargs[key]
+
+
+@dataclass
+class RegisteredPattern:
+    """What ``mla-passes patterns`` lists: a name, what it matches, and its
+    variants (one Inductor ``PatternExpr`` each, all registered)."""
+
+    name: str
+    module: str
+    doc: str
+    variants: list = field(default_factory=list)
+
+    def pretty(self) -> list[str]:
+        """Each variant as Python source of the pattern expression."""
+        return [_pretty(p) for p in self.variants]
+
+
+def _pretty(p: PatternExpr) -> str:
+    try:
+        return PatternPrettyPrinter.run(p, output_name="pattern")
+    except Exception as e:  # noqa: BLE001 - show why rather than fail the listing
+        return f"# not printable: {e}\n{p!r}"
+
+
+class Hits:
+    """The hits of one :meth:`PatternSet.match` call, by root node."""
+
+    def __init__(self):
+        self.by_root: dict[Node, list[Hit]] = {}
+        self.by_name: dict[str, list[Hit]] = {}
+        self.tried: set = set()
+        self.pattern_set: PatternSet | None = None
+
+    def add(self, hit: Hit) -> None:
+        self.by_root.setdefault(hit.root, []).append(hit)
+        self.by_name.setdefault(hit.name, []).append(hit)
+
+    def at(self, node, prefix: str = "") -> Hit | None:
+        """The first hit rooted at ``node`` whose name starts with ``prefix``."""
+        for h in self.by_root.get(node, ()):
+            if h.name.startswith(prefix):
+                return h
+        return None
+
+    def named(self, name: str) -> list[Hit]:
+        return self.by_name.get(name, [])
+
+    def counts(self) -> Counter:
+        return Counter({k: len(v) for k, v in self.by_name.items()})
+
+
+class PatternSet:
+    """Named patterns registered into one ``PatternMatcherPass``."""
+
+    def __init__(self, pass_name: str, module: str):
+        self.pm_pass = PatternMatcherPass(pass_name=pass_name)
+        self.module = module
+        self.registered: dict[str, RegisteredPattern] = {}
+        self._names: dict = {}   # id(entry) -> pattern name (entries are unhashable dataclasses)
+        self._sink: Hits | None = None
+
+    def register(self, name: str, doc: str, pattern: PatternExpr, extra_check=None) -> None:
+        """Register ``pattern`` (one variant of ``name``); a match that passes
+        ``extra_check`` is recorded as a :class:`Hit` named ``name``."""
+        reg = self.registered.setdefault(name, RegisteredPattern(name, self.module, doc))
+        reg.variants.append(pattern)
+
+        def record(match: Match, *args, **kwargs):
+            if self._sink is not None:
+                self._sink.add(Hit(name, match.output_node(), dict(match.kwargs), tuple(match.nodes)))
+
+        # what register_graph_pattern does, keeping the entry to know its name
+        entry = GraphPatternEntry(pattern=pattern, extra_check=extra_check or (lambda m: True), handler=record)
+        entry.register(self.pm_pass)
+        self._names[id(entry)] = name
+
+    def match(self, graph: Graph, names) -> Hits:
+        """Every hit of the patterns ``names`` in ``graph`` (the graph is not changed)."""
+        hits = Hits()
+        for (op, target), entries in self.pm_pass.patterns.items():
+            mine = [e for e in entries if self._names.get(id(e)) in names]
+            if mine:
+                for node in graph.find_nodes(op=op, target=target, sort=False):
+                    self._try(node, mine, hits)
+        return hits
+
+    def match_at(self, node: Node, hits: Hits, names) -> None:
+        """Try the patterns ``names`` rooted at ``node``; add what matches to ``hits``."""
+        if node in hits.tried:
+            return
+        hits.tried.add(node)
+        entries = self.pm_pass.patterns.get((node.op, node.target), ())
+        mine = [e for e in entries if self._names.get(id(e)) in names]
+        if mine:
+            self._try(node, mine, hits)
+
+    def _try(self, node: Node, entries, hits: Hits) -> None:
+        self._sink = hits
+        try:
+            for entry in entries:
+                m = entry.pattern.match(node)
+                if not is_match(m):
+                    continue
+                try:
+                    ok = bool(entry.extra_check(m))
+                except Exception as e:  # noqa: BLE001 - a guard that cannot decide refuses
+                    logger.debug("pattern guard failed at %s: %s", node.name, e)
+                    ok = False
+                if ok:
+                    entry.apply(m, node.graph, node)
+        finally:
+            self._sink = None
