@@ -32,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from torch._inductor.pattern_matcher import (
+    CallFunctionVarArgs,
     Match,
     PatternExpr,
     GraphPatternEntry,
@@ -40,6 +41,8 @@ from torch._inductor.pattern_matcher import (
     is_match,
 )
 from torch.fx import Graph, Node
+
+from mla_passes.passes import _fx
 
 logger = logging.getLogger("mla_passes.passes")
 
@@ -74,6 +77,8 @@ class RegisteredPattern:
 
 
 def _pretty(p: PatternExpr) -> str:
+    if isinstance(p, CallFunctionVarArgs):  # the printer does not know it: any arguments, read by name later
+        return f"pattern = CallFunctionVarArgs({', '.join(map(str, p.fns))})"
     try:
         return PatternPrettyPrinter.run(p, output_name="pattern")
     except Exception as e:  # noqa: BLE001 - show why rather than fail the listing
@@ -168,3 +173,30 @@ class PatternSet:
                     entry.apply(m, node.graph, node)
         finally:
             self._sink = None
+
+
+def _layer_name_bound(m) -> bool:
+    return isinstance(m.kwargs.get("layer_name"), (Node, str))
+
+
+def register_op_anchor(ps: PatternSet, name: str, doc: str, ops, *, direct: bool = True) -> None:
+    """Register a call of any op in ``ops`` as pattern ``name``: the
+    ``auto_functionalized`` v1/v2 forms (guard: a ``layer_name`` is bound), and
+    with ``direct`` the plain call (``CallFunctionVarArgs``: the op's arguments
+    are read through :class:`mla_passes.passes._fx.OpCall`)."""
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
+    from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, CallFunctionVarArgs, KeywordArg
+
+    for op in sorted(ops, key=str):
+        ps.register(name, doc, CallFunction([auto_functionalized, auto_functionalized_v2], op,
+                                            layer_name=KeywordArg("layer_name"), _users=MULTIPLE),
+                    _layer_name_bound)
+        if direct:
+            ps.register(name, doc, CallFunctionVarArgs(op))
+
+
+def anchor_calls(hits: Hits, names, ops) -> list:
+    """The calls the anchors ``names`` matched, as :class:`mla_passes.passes._fx.OpCall`
+    views, in graph order."""
+    roots = {h.root for name in names for h in hits.named(name)}
+    return [c for n in sorted(roots) if (c := _fx.as_op_call(n, ops)) is not None]

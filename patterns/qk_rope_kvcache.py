@@ -41,20 +41,20 @@ import functools
 import operator
 
 import torch
-from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
-from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, CallFunctionVarArgs, Ignored, KeywordArg
+from torch._higher_order_ops.auto_functionalize import auto_functionalized
+from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, Ignored, KeywordArg
 from torch.fx import Node
 
 from mla_passes.passes import _fx
 
-from ._engine import Hits, PatternSet
+from ._engine import Hits, PatternSet, register_op_anchor
+from ._engine import anchor_calls as _anchor_calls
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 VIEWS = [aten.view.default, aten.reshape.default, aten._unsafe_view.default]
 CASTS = (prims.convert_element_type.default, aten._to_copy.default)
 GATHERS = (aten.index.Tensor, aten.index_select.default, aten.embedding.default)
-AF = [auto_functionalized, auto_functionalized_v2]
 
 # name -> (is_neox, cos/sin full width)
 ROPE_FORMS = {
@@ -210,7 +210,9 @@ def _rope_check(name):
                 return False
         if _shape(m.output_node()) != s:
             return False
-        return rope_source(_HitView(name, m.kwargs)) is not None
+        src = rope_source(_HitView(name, m.kwargs))
+        m.kwargs["cos_sin_source"] = src  # recorded with the hit: (positions, cos_sin_cache)
+        return src is not None
 
     return check
 
@@ -280,10 +282,6 @@ ROPE_DOCS = {
 }
 
 
-def _layer_name_ok(m) -> bool:
-    return isinstance(m.kwargs.get("layer_name"), (Node, str))
-
-
 def _scatter_check(src_key):
     def check(m) -> bool:
         k = m.kwargs
@@ -305,18 +303,11 @@ def _scatter_check(src_key):
 def pattern_set(attention: frozenset, kv_cache_update: frozenset, fused_rope: frozenset) -> PatternSet:
     """The fusion's patterns for these op overloads, registered once per process."""
     ps = PatternSet("mla_qk_rope_kvcache_fusion", __name__)
-    for op in sorted(attention, key=str):
-        for target_pattern in (CallFunction(AF, op, layer_name=KeywordArg("layer_name"), _users=MULTIPLE),
-                               CallFunctionVarArgs(op)):
-            ps.register("mla_attention", "the MLA attention (direct, auto_functionalized v1 or v2)",
-                        target_pattern, _layer_name_ok if target_pattern.fns[0] is not op else None)
-    for op in sorted(kv_cache_update, key=str):
-        ps.register("mla_kv_cache_update", "the raw form's latent-cache update",
-                    CallFunctionVarArgs(op))
+    register_op_anchor(ps, "mla_attention", "the MLA attention (direct, auto_functionalized v1 or v2)", attention)
+    register_op_anchor(ps, "mla_kv_cache_update", "the raw form's latent-cache update", kv_cache_update)
+    register_op_anchor(ps, "fused_rope_kv_cache_update", "vLLM's fused RoPE + latent-cache update (DESIGN §3)",
+                       fused_rope, direct=False)
     for op in sorted(fused_rope, key=str):
-        fr = CallFunction(AF, op, layer_name=KeywordArg("layer_name"), _users=MULTIPLE)
-        ps.register("fused_rope_kv_cache_update", "vLLM's fused RoPE + latent-cache update (DESIGN §3)",
-                    fr, _layer_name_ok)
         fr1 = CallFunction(auto_functionalized, op, layer_name=KeywordArg("layer_name"), _users=MULTIPLE)
         rotated = CallFunction(operator.getitem, fr1, 1)
         doc = "fused-rope form: the op's rotated q_pe scattered into q (auto_functionalized v1)"
@@ -381,8 +372,8 @@ def rope_for_layer(hits: Hits, q_rot: Node, k_rot: Node, q_pe_region, R: int):
     hq, hk = _rope_hit(hits, q_rot), _rope_hit(hits, k_rot)
     if hq is None or hk is None or ROPE_FORMS[hq.name][0] != ROPE_FORMS[hk.name][0]:
         return None
-    src = rope_source(hq)
-    if src is None or src != rope_source(hk):
+    src = hq["cos_sin_source"]
+    if src is None or src != hk["cos_sin_source"]:
         return None
     xq, xk = strip_casts(hq["x"]), strip_casts(hk["x"])
     if _fx.Region.of(xq) != q_pe_region:
@@ -409,10 +400,8 @@ def rope_for_layer(hits: Hits, q_rot: Node, k_rot: Node, q_pe_region, R: int):
 def anchor_calls(hits: Hits, handles) -> list:
     """The attention / cache-update / fused-rope calls the anchors matched, as
     :class:`mla_passes.passes._fx.OpCall` views, in graph order."""
-    ops = handles.attention | handles.kv_cache_update | handles.fused_rope
-    roots = {h.root for name in ("mla_attention", "mla_kv_cache_update", "fused_rope_kv_cache_update")
-             for h in hits.named(name)}
-    return [c for n in sorted(roots) if (c := _fx.as_op_call(n, ops)) is not None]
+    return _anchor_calls(hits, ("mla_attention", "mla_kv_cache_update", "fused_rope_kv_cache_update"),
+                         handles.attention | handles.kv_cache_update | handles.fused_rope)
 
 
 def anchor_name(call) -> str:
