@@ -36,6 +36,7 @@ from torch._inductor.pattern_matcher import (
     Match,
     PatternExpr,
     GraphPatternEntry,
+    MatchContext,
     PatternMatcherPass,
     PatternPrettyPrinter,
     is_match,
@@ -120,6 +121,7 @@ class PatternSet:
         self.module = module
         self.registered: dict[str, RegisteredPattern] = {}
         self._names: dict = {}   # id(entry) -> pattern name (entries are unhashable dataclasses)
+        self._shapes: dict = {}  # id(entry) -> [_Shape] of earlier matches
         self._sink: Hits | None = None
 
     def register(self, name: str, doc: str, pattern: PatternExpr, extra_check=None) -> None:
@@ -161,9 +163,14 @@ class PatternSet:
         self._sink = hits
         try:
             for entry in entries:
-                m = entry.pattern.match(node)
-                if not is_match(m):
-                    continue
+                m = _Shape.replay(self._shapes.get(id(entry), ()), node, entry.pattern)
+                if m is None:
+                    m = entry.pattern.match(node)
+                    if not is_match(m):
+                        continue
+                    shapes = self._shapes.setdefault(id(entry), [])
+                    if len(shapes) < 4 and (shape := _Shape.of(m, node)) is not None:
+                        shapes.append(shape)
                 try:
                     ok = bool(entry.extra_check(m))
                 except Exception as e:  # noqa: BLE001 - a guard that cannot decide refuses
@@ -200,3 +207,126 @@ def anchor_calls(hits: Hits, names, ops) -> list:
     views, in graph order."""
     roots = {h.root for name in names for h in hits.named(name)}
     return [c for n in sorted(roots) if (c := _fx.as_op_call(n, ops)) is not None]
+
+
+class _Shape:
+    """The shape of one match, to recognise the same subgraph at the next layer.
+
+    Inductor's matcher costs ~0.15 ms per RoPE match (a ``MatchContext``, a
+    ``Match`` and a pytree flatten per pattern node); a 61-layer model repeats
+    one subgraph 122 times. A match is recorded as its nodes' targets,
+    literal arguments (all of them, including those the pattern ignores or
+    binds: stricter than the pattern), references between matched nodes,
+    user counts (stricter than ``_users``) and the positions of the bound
+    nodes. :meth:`replay` follows that record from a new root; when every
+    node, literal, reference and user count agrees, the new subgraph is
+    isomorphic to one the pattern matched, so the pattern matches it with
+    the bindings read off the same positions. Anything else goes to the
+    matcher. The ``extra_check`` guards run on every match either way.
+    """
+
+    __slots__ = ("steps", "const_kwargs", "node_names")
+
+    def __init__(self, steps, const_kwargs, node_names):
+        self.steps = steps            # [(target, arg template, kwarg template, n_users or None)], parents first
+        self.const_kwargs = const_kwargs
+        self.node_names = node_names  # the names bound to nodes
+
+    @staticmethod
+    def of(m: Match, root: Node) -> "_Shape | None":
+        """The record of match ``m`` rooted at ``root`` (None if it cannot be replayed)."""
+        inside = set(m.nodes)
+        nodes, index = [root], {root: 0}
+        for n in nodes:  # breadth first: every node after one that references it
+            for a in n.all_input_nodes:
+                if a in inside and a not in index:
+                    index[a] = len(nodes)
+                    nodes.append(a)
+        if len(nodes) != len(inside):
+            return None
+        bound = {}
+        for k, v in m.kwargs.items():
+            if isinstance(v, Node):
+                if v in bound:
+                    return None  # one node under two names: left to the matcher
+                bound[v] = k
+
+        def item(a):
+            if isinstance(a, Node):
+                if a in index:
+                    return ("N", index[a])
+                return ("K", bound[a]) if a in bound else ("X", None)
+            return ("L", a)
+
+        steps = []
+        for n in nodes:
+            struct, flat = _flatten(n.args, n.kwargs)
+            steps.append((n.target, struct, tuple(item(a) for a in flat), None if n is root else len(n.users)))
+        return _Shape(steps, {k: v for k, v in m.kwargs.items() if not isinstance(v, Node)},
+                      frozenset(bound.values()))
+
+    @staticmethod
+    def replay(shapes, root: Node, pattern) -> Match | None:
+        for shape in shapes:
+            got = shape._follow(root)
+            if got is not None:
+                nodes, kwargs = got
+                ctx = MatchContext([pattern], graph=root.graph)
+                ctx.pattern_to_node[pattern] = root
+                m = Match(ctx, pattern, kwargs=kwargs)
+                m.nodes.extend(reversed(nodes))
+                return m
+        return None
+
+    def _follow(self, root: Node):
+        nodes = [None] * len(self.steps)
+        nodes[0] = root
+        kwargs = dict(self.const_kwargs)
+        seen = {root}
+        for i, (target, struct, items, n_users) in enumerate(self.steps):
+            n = nodes[i]
+            if n is None or n.op != "call_function" or n.target is not target:
+                return None
+            if n_users is not None and len(n.users) != n_users:
+                return None
+            got_struct, flat = _flatten(n.args, n.kwargs)
+            if got_struct != struct:
+                return None
+            for (kind, t), a in zip(items, flat):
+                is_node = isinstance(a, Node)
+                if kind == "L":
+                    if is_node or type(a) is not type(t) or a != t:
+                        return None
+                elif not is_node:
+                    return None
+                elif kind == "N":
+                    cur = nodes[t]
+                    if cur is None:
+                        if a in seen:
+                            return None
+                        nodes[t] = a
+                        seen.add(a)
+                    elif cur is not a:
+                        return None
+                elif kind == "K":
+                    if kwargs.setdefault(t, a) is not a:
+                        return None
+        if len(kwargs) != len(self.const_kwargs) + len(self.node_names):
+            return None
+        return nodes, kwargs
+
+
+def _flatten(args, kwargs):
+    """(structure, leaves) of a node's arguments: lists/tuples/dicts opened,
+    the structure a hashable description of the nesting."""
+    flat: list = []
+
+    def go(a):
+        if isinstance(a, (list, tuple)):
+            return (type(a), tuple(go(x) for x in a))
+        if isinstance(a, dict):
+            return (dict, tuple((k, go(v)) for k, v in a.items()))
+        flat.append(a)
+        return None
+
+    return (go(args), go(kwargs)), flat
