@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 from torch._inductor.pattern_matcher import (
     CallFunctionVarArgs,
-    Match,
-    PatternExpr,
     GraphPatternEntry,
+    Match,
     MatchContext,
+    PatternExpr,
     PatternMatcherPass,
     PatternPrettyPrinter,
     is_match,

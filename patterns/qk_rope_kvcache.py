@@ -282,7 +282,7 @@ ROPE_DOCS = {
 }
 
 
-def _scatter_check(src_key):
+def _scatter_check():
     def check(m) -> bool:
         k = m.kwargs
         base = k["q_base"]
@@ -314,12 +314,12 @@ def pattern_set(attention: frozenset, kv_cache_update: frozenset, fused_rope: fr
         for src in (rotated, CallFunction(aten.copy.default, KeywordArg("q_pe_dest"), rotated)):
             ps.register("fused_rope_q_scatter", doc,
                         CallFunction(aten.slice_scatter.default, KeywordArg("q_base"), src, KeywordArg("dim"),
-                                     KeywordArg("start"), KeywordArg("end")), _scatter_check("rotated"))
+                                     KeywordArg("start"), KeywordArg("end")), _scatter_check())
     ps.register("q_pe_scatter", "raw form: slice_scatter(q, copy(q[..., P:], q_pe_rot), -1, P)",
                 CallFunction(aten.slice_scatter.default, KeywordArg("q_base"),
                              CallFunction(aten.copy.default, KeywordArg("q_pe_dest"), KeywordArg("q_pe_rot")),
                              KeywordArg("dim"), KeywordArg("start"), KeywordArg("end")),
-                _scatter_check("q_pe_rot"))
+                _scatter_check())
     for name in ROPE_FORMS:
         for p in _rope_patterns(name):
             ps.register(name, ROPE_DOCS[name], p, _rope_check(name))

@@ -123,3 +123,81 @@ def test_rope_guard_refuses_cos_sin_of_two_gathers():
     assert hit["cos_sin_source"] is not None
     swapped = dict(hit.kwargs, cos=hit["sin"], sin=hit["cos"])
     assert qk_rope_kvcache.rope_source(qk_rope_kvcache._HitView(hit.name, swapped)) is None
+
+
+@pytest.mark.parametrize("rope,is_neox", [("native", False), ("deepseek", True)])
+def test_replayed_matches_equal_the_matcher(rope, is_neox):
+    """A match replayed from an earlier layer's shape binds exactly what Inductor's matcher binds at that node."""
+    from torch._inductor.pattern_matcher import is_match
+
+    st = models.build_decode_stack(3, H=4, hidden=64, rope=rope, is_neox=is_neox)
+    graph = _capture(st)
+    hits = qk_rope_kvcache.match(graph, op_handles())
+    ps = hits.pattern_set
+    roots = [ss["q_pe_rot"] for ss in hits.named("q_pe_scatter")]
+    assert len(roots) == 3
+    for r in roots:
+        ps.match_at(r, hits, qk_rope_kvcache.ROPE_FORMS)
+    got = [h for r in roots for h in hits.by_root[r] if h.name in qk_rope_kvcache.ROPE_FORMS]
+    assert len(got) == 3 and len({h.name for h in got}) == 1
+    entries = ps.pm_pass.patterns[(roots[0].op, roots[0].target)]
+    for h in got:
+        direct = [m for e in entries if ps._names[id(e)] == h.name and is_match(m := e.pattern.match(h.root))]
+        assert len(direct) == 1
+        want = {k: v for k, v in direct[0].kwargs.items()}
+        assert {k: v for k, v in h.kwargs.items() if k != "cos_sin_source"} == want
+        assert set(h.nodes) == set(direct[0].nodes)
+
+
+def test_replay_refuses_a_changed_literal():
+    """A layer whose subgraph differs from the recorded shape in one literal is not replayed (the matcher decides)."""
+    from mla_passes.patterns._engine import _Shape
+
+    st = models.build_decode_stack(2, H=4, hidden=64, rope="native", is_neox=False)
+    graph = _capture(st)
+    hits = qk_rope_kvcache.match(graph, op_handles())
+    ps = hits.pattern_set
+    r0, r1 = [ss["q_pe_rot"] for ss in hits.named("q_pe_scatter")]
+    ps.match_at(r0, hits, qk_rope_kvcache.ROPE_FORMS)
+    (entry,) = [e for e in ps.pm_pass.patterns[(r0.op, r0.target)] if ps._names[id(e)] == "rope_gptj_native"]
+    shapes = ps._shapes[id(entry)]
+    assert _Shape.replay(shapes, r1, entry.pattern) is not None
+    sl = next(n for n in graph.nodes if n.target is torch.ops.aten.slice.Tensor and len(n.args) == 5
+              and n.args[3:] == (9223372036854775807, 2) and n.args[2] == 1 and n in set(_ancestors(r1)))
+    sl.args = sl.args[:4] + (3,)  # step 3: not RoPE any more
+    assert _Shape.replay(shapes, r1, entry.pattern) is None
+
+
+def _ancestors(n, depth=8):
+    out, work = [], [(n, 0)]
+    while work:
+        m, d = work.pop()
+        out.append(m)
+        if d < depth:
+            work.extend((a, d + 1) for a in m.all_input_nodes)
+    return out
+
+
+def _capture(st):
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.fx_passes.post_grad import remove_noop_ops
+
+    from mla_passes.models import set_step
+
+    captured = []
+
+    def fw(gm, inputs):
+        remove_noop_ops(gm.graph)
+        captured.append(gm.graph)
+        return gm
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(enable_auto_functionalized_v2=False):
+        f = torch.compile(st.module, fullgraph=True,
+                          backend=aot_autograd(fw_compiler=fw, decompositions=select_decomp_table()))
+        pos, h = st.make_inputs(5)
+        set_step(st, 5)
+        with torch.no_grad():
+            f(pos, h)
+    return captured[0]
