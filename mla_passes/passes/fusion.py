@@ -32,11 +32,15 @@ dependency token with users other than the layer's attention; a layer state
 the resolver does not know at compile time, or whose cache dtype differs
 from the graph's.
 
-Procedural, not ``register_replacement``: the rewrite spans the attention,
+The pieces are found by the Inductor patterns registered in
+:mod:`mla_passes.patterns.qk_rope_kvcache` (anchors, q scatters, the RoPE
+forms vLLM traces; ``pattern_counts`` and the debug log name the patterns
+each layer matched); a RoPE none of them covers goes to the semantic check
+of :mod:`mla_passes.patterns.rope`. The plan and the rewrite stay
+procedural, not ``register_replacement``: the rewrite spans the attention,
 walks through ``slice_scatter`` (a pattern cannot express "the base of this
 slice_scatter is the tensor the fused op mutates"), needs the compile-time
-layer state for ``out_dtype`` and emits in-place calls; RoPE itself is
-matched semantically (see :mod:`mla_passes.patterns.rope`).
+layer state for ``out_dtype`` and emits in-place calls.
 """
 
 from __future__ import annotations
