@@ -7,9 +7,11 @@ scaling variant uses full-width cos/sin with ``repeat_interleave``/``cat`` and a
 ``rotate`` helper), with the pairing (NeoX or GPT-J), with dtype casts of the
 cos/sin cache, with how functionalization regenerated the views (one
 ``reshape`` of the projection per slice in vLLM's CPU graph), and with CSE.
-An Inductor pattern (``register_replacement``/``PatternMatcherPass``) is one
-traced op sequence per variant x dtype x view layout; it would miss the next
-variant silently. So this module matches RoPE *semantically*:
+The forms vLLM traces are registered Inductor patterns
+(:mod:`.qk_rope_kvcache`) and are matched first; a pattern is one op
+sequence, and the next variant (operands commuted, another helper, another
+cast) would be missed. For those this module is the fallback and matches
+RoPE *semantically*:
 
 1. :func:`private_cone` collects the nodes that only feed the rotated q_pe /
    k_pe (the subgraph the fusion may delete);
