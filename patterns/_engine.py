@@ -28,6 +28,7 @@ builder), never per graph.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -122,7 +123,7 @@ class PatternSet:
         self.registered: dict[str, RegisteredPattern] = {}
         self._names: dict = {}   # id(entry) -> pattern name (entries are unhashable dataclasses)
         self._shapes: dict = {}  # id(entry) -> [_Shape] of earlier matches
-        self._sink: Hits | None = None
+        self._local = threading.local()  # .sink: the Hits being filled (compiles may run in threads)
 
     def register(self, name: str, doc: str, pattern: PatternExpr, extra_check=None) -> None:
         """Register ``pattern`` (one variant of ``name``); a match that passes
@@ -131,8 +132,9 @@ class PatternSet:
         reg.variants.append(pattern)
 
         def record(match: Match, *args, **kwargs):
-            if self._sink is not None:
-                self._sink.add(Hit(name, match.output_node(), dict(match.kwargs), tuple(match.nodes)))
+            sink = getattr(self._local, "sink", None)
+            if sink is not None:
+                sink.add(Hit(name, match.output_node(), dict(match.kwargs), tuple(match.nodes)))
 
         # what register_graph_pattern does, keeping the entry to know its name
         entry = GraphPatternEntry(pattern=pattern, extra_check=extra_check or (lambda m: True), handler=record)
@@ -160,7 +162,7 @@ class PatternSet:
             self._try(node, mine, hits)
 
     def _try(self, node: Node, entries, hits: Hits) -> None:
-        self._sink = hits
+        self._local.sink = hits
         try:
             for entry in entries:
                 m = _Shape.replay(self._shapes.get(id(entry), ()), node, entry.pattern)
@@ -179,7 +181,7 @@ class PatternSet:
                 if ok:
                     entry.apply(m, node.graph, node)
         finally:
-            self._sink = None
+            self._local.sink = None
 
 
 def _layer_name_bound(m) -> bool:
