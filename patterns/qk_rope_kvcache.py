@@ -363,7 +363,8 @@ def _rope_hit(hits: Hits, n):
 
 
 def rope_for_layer(hits: Hits, q_rot: Node, k_rot: Node, q_pe_region, R: int):
-    """A :class:`mla_passes.patterns.rope.RopeMatch` (``pattern_names`` set)
+    """A :class:`mla_passes.patterns.rope.RopeMatch` (``pattern_names`` set,
+    ``cone``: the matched nodes, private by the patterns' user counts)
     when registered RoPE patterns produce ``q_rot`` from ``q_pe_region`` and
     ``k_rot`` from a ``[T, R]``/``[T, 1, R]`` k, with one convention, one
     ``positions`` and one ``cos_sin_cache``; else None (semantic fallback)."""
@@ -392,7 +393,7 @@ def rope_for_layer(hits: Hits, q_rot: Node, k_rot: Node, q_pe_region, R: int):
         xk = up
     positions, table = src
     m = RopeMatch(positions=positions, cos_sin_cache=table, q_root=_fx.root_of(xq), k_in=xk,
-                  is_neox=ROPE_FORMS[hq.name][0])
+                  is_neox=ROPE_FORMS[hq.name][0], cone=set(hq.nodes) | set(hk.nodes))
     m.pattern_names = (hq.name, hk.name)
     return m
 

@@ -253,22 +253,23 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             self.refuse(where, "q slice_scatter source is not a copy into q[..., P:]")
             return None
         # other users of the rotated q (and of q_rot) are rewired to q after the fused op
-        cone = rope.private_cone([q_rot, k_rot], {up.node, attn.node})
-        if cone is None:
-            self.refuse(where, "no RoPE subgraph")
-            return None
-        # a cone node (other than the outputs) with a user outside is a shared intermediate
-        for n in cone:
-            if n is q_rot or n is k_rot:
-                continue
-            for u in n.users:
-                if u not in cone:
-                    self.refuse(where, "RoPE intermediate %s has another user %s", n.name, u.name)
-                    return None
         m = qk_patterns.rope_for_layer(self._hits, q_rot, k_rot, q_pe_region, R)
-        if m is not None:
+        if m is not None:  # the patterns' user counts keep their intermediates private
+            cone = m.cone | {q_rot, k_rot}
             used = m.pattern_names + (("q_pe_scatter",) if self._hits.at(ss, "q_pe_scatter") else ())
         else:  # no registered form: the semantic check, held to the dtype's rounding
+            cone = rope.private_cone([q_rot, k_rot], {up.node, attn.node})
+            if cone is None:
+                self.refuse(where, "no RoPE subgraph")
+                return None
+            # a cone node (other than the outputs) with a user outside is a shared intermediate
+            for n in cone:
+                if n is q_rot or n is k_rot:
+                    continue
+                for u in n.users:
+                    if u not in cone:
+                        self.refuse(where, "RoPE intermediate %s has another user %s", n.name, u.name)
+                        return None
             m = rope.extract(cone, _fx.root_of(base), R, order)
             if m is None:
                 self.refuse(where, "RoPE subgraph leaves are not (q, k, positions, cos_sin_cache)")
