@@ -33,6 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from torch._inductor.pattern_matcher import (
+    CallFunction,
     CallFunctionVarArgs,
     GraphPatternEntry,
     Match,
@@ -167,6 +168,8 @@ class PatternSet:
             for entry in entries:
                 m = _Shape.replay(self._shapes.get(id(entry), ()), node, entry.pattern)
                 if m is None:
+                    if not _may_match(entry.pattern, node, 2):
+                        continue
                     m = entry.pattern.match(node)
                     if not is_match(m):
                         continue
@@ -316,6 +319,24 @@ class _Shape:
         if len(kwargs) != len(self.const_kwargs) + len(self.node_names):
             return None
         return nodes, kwargs
+
+
+def _may_match(p, a, depth: int) -> bool:
+    """False when ``a`` cannot match ``p``: a ``CallFunction``'s target or
+    argument count differs, down to ``depth`` levels (a subset of the checks
+    Inductor's matcher makes, without its ``MatchContext``; patterns that
+    never match a layer, e.g. the fused-rope scatter on a raw graph, are
+    turned away here at every layer)."""
+    if not isinstance(p, CallFunction):
+        return True
+    if not isinstance(a, Node) or a.op != "call_function" or a.target not in p.fns_set \
+            or len(a.args) != len(p.args):
+        return False
+    if depth > 1:
+        for pa, aa in zip(p.args, a.args):
+            if isinstance(pa, CallFunction) and not _may_match(pa, aa, depth - 1):
+                return False
+    return True
 
 
 def _flatten(args, kwargs):
