@@ -3,52 +3,41 @@
 Installed as ``mla_passes.patterns`` (the top-level name ``patterns`` is taken
 on PyPI).
 
-* :mod:`.q_prep_lift` - the decode q-prep lift (``MLADecodeQPrepLiftPass``);
+* :mod:`.q_prep_lift` - the decode q-prep lift (``MLADecodeQPrepLiftPass``):
+  the attention anchor;
 * :mod:`.qk_rope_kvcache` - the QK-RoPE / KV-cache / q-prep fusion
-  (``MLAQkRopeKVCacheFusionPass``), raw and fused-rope forms;
-* :mod:`.rope` - semantic RoPE matching used by the fusion's raw form.
+  (``MLAQkRopeKVCacheFusionPass``): anchors, q scatters, the RoPE forms vLLM
+  traces (GPT-J / NeoX, native / DeepSeek-scaling);
+* :mod:`.rope` - the semantic RoPE check, the fallback for a RoPE no
+  registered pattern covers;
+* :mod:`._engine` - registering Inductor patterns whose matches feed a plan.
 
-:func:`all_patterns` lists every (pattern, replacement) pair as printable FX
-code for ``mla-passes patterns``.
+Every pattern is an Inductor pattern-matcher expression registered (once per
+process, lazily) into a ``PatternMatcherPass``; :func:`registered_patterns`
+lists them for ``mla-passes patterns``.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 
-PATTERN_MODULES = ("q_prep_lift", "qk_rope_kvcache", "rope")
-
-
-@dataclass(frozen=True)
-class PatternEntry:
-    name: str
-    module: str
-    doc: str
-    pattern_code: str
-    replacement_code: str
+PATTERN_MODULES = ("_engine", "q_prep_lift", "qk_rope_kvcache", "rope")
 
 
 def pattern_modules() -> list:
     return [importlib.import_module(f"{__name__}.{m}") for m in PATTERN_MODULES]
 
 
-def _code(fn) -> str:
-    import torch.fx
+def pattern_sets() -> list:
+    """The registered pattern sets for the ops known now (stand-ins, plus vLLM's once loaded)."""
+    from mla_passes.op_handles import op_handles
 
-    try:
-        return torch.fx.symbolic_trace(fn).code.strip()
-    except Exception as e:  # noqa: BLE001 - show why rather than fail the listing
-        return f"# not traceable: {e}"
+    from . import q_prep_lift, qk_rope_kvcache
+
+    h = op_handles()
+    return [q_prep_lift.patterns_for(h), qk_rope_kvcache.patterns_for(h)]
 
 
-def all_patterns() -> list[PatternEntry]:
-    """Every registered (pattern, replacement) pair, with FX code."""
-    import mla_passes.testing.standins  # noqa: F401  (the pairs are written with the stand-in ops)
-
-    out = []
-    for mod in pattern_modules():
-        for name, pattern, replacement in getattr(mod, "PATTERNS", ()):
-            out.append(PatternEntry(name, mod.__name__, (pattern.__doc__ or "").strip(), _code(pattern),
-                                    _code(replacement)))
-    return out
+def registered_patterns() -> list:
+    """Every registered pattern (name, module, doc, variants), per pass."""
+    return [(ps.pm_pass.pass_name, reg) for ps in pattern_sets() for reg in ps.registered.values()]

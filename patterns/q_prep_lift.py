@@ -1,29 +1,40 @@
-"""The decode q-prep lift as a (pattern, replacement) pair.
+"""Inductor pattern of the decode q-prep lift.
 
-``MLADecodeQPrepLiftPass`` implements it procedurally (why: see
-:mod:`mla_passes.passes.lift`); these functions state what it matches and
-what it emits, for ``mla-passes patterns`` and the docs. ``L``, ``R`` and
-``out_dtype`` are compile-time constants of the layer.
+``MLADecodeQPrepLiftPass`` (:mod:`mla_passes.passes.lift`) finds every MLA
+attention through the registered anchor ``mla_attention`` (the attention op
+called directly, or through ``auto_functionalized`` v1/v2, binding
+``layer_name``) and rewrites each one it can::
+
+    attention(q, kv_c, k_pe, out, ln, ..., kv_cache_dummy_dep=dep)
+    # ->
+    qp = mla_passes.mla_decode_q_prep(q, ln, L, R, out_dtype)
+    mla_passes.mla_attention_with_prepped_q(q, qp, kv_c, k_pe, out, ln, dep)
+
+The rewrite stays procedural (a replacement pattern cannot say it):
+``out_dtype`` comes from the layer state at compile time, and the mutated
+``output`` is defunctionalized into an in-place call (DESIGN §3).
 """
 
 from __future__ import annotations
 
-import torch
+import functools
 
-import mla_passes.ops  # noqa: F401
-
-
-def q_prep_lift_pattern(q, kv_c_normed, k_pe, output, layer_name, dep):
-    """attention with the decode q-prep inside (opaque)"""
-    torch.ops.mla_passes_standin.unified_mla_attention_with_output(
-        q, kv_c_normed, k_pe, output, layer_name, kv_cache_dummy_dep=dep)
-    return output
+from ._engine import Hits, PatternSet, anchor_calls, register_op_anchor
 
 
-def q_prep_lift_replacement(q, kv_c_normed, k_pe, output, layer_name, dep):
-    q_prepped = torch.ops.mla_passes.mla_decode_q_prep(q, layer_name, 512, 64, torch.bfloat16)
-    torch.ops.mla_passes.mla_attention_with_prepped_q(q, q_prepped, kv_c_normed, k_pe, output, layer_name, dep)
-    return output
+@functools.lru_cache(maxsize=None)
+def pattern_set(attention: frozenset) -> PatternSet:
+    """The lift's patterns for these attention overloads, registered once per process."""
+    ps = PatternSet("mla_decode_q_prep_lift", __name__)
+    register_op_anchor(ps, "mla_attention", "the MLA attention (direct, auto_functionalized v1 or v2)", attention)
+    return ps
 
 
-PATTERNS = [("mla_decode_q_prep_lift", q_prep_lift_pattern, q_prep_lift_replacement)]
+def patterns_for(handles) -> PatternSet:
+    return pattern_set(handles.attention)
+
+
+def attention_calls(graph, handles) -> list:
+    """Every MLA attention call the anchor matches in ``graph`` (as OpCalls, graph order)."""
+    hits: Hits = patterns_for(handles).match(graph, ("mla_attention",))
+    return anchor_calls(hits, ("mla_attention",), handles.attention)

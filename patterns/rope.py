@@ -7,9 +7,11 @@ scaling variant uses full-width cos/sin with ``repeat_interleave``/``cat`` and a
 ``rotate`` helper), with the pairing (NeoX or GPT-J), with dtype casts of the
 cos/sin cache, with how functionalization regenerated the views (one
 ``reshape`` of the projection per slice in vLLM's CPU graph), and with CSE.
-An Inductor pattern (``register_replacement``/``PatternMatcherPass``) is one
-traced op sequence per variant x dtype x view layout; it would miss the next
-variant silently. So this module matches RoPE *semantically*:
+The forms vLLM traces are registered Inductor patterns
+(:mod:`.qk_rope_kvcache`) and are matched first; a pattern is one op
+sequence, and the next variant (operands commuted, another helper, another
+cast) would be missed. For those this module is the fallback and matches
+RoPE *semantically*:
 
 1. :func:`private_cone` collects the nodes that only feed the rotated q_pe /
    k_pe (the subgraph the fusion may delete);
@@ -17,14 +19,18 @@ variant silently. So this module matches RoPE *semantically*:
    projection outputs (through view ops), ``positions`` and
    ``cos_sin_cache`` (found at the ``index``/``index_select``/``embedding``
    that gathers cos/sin rows);
-3. :func:`verify` evaluates the subgraph once on random inputs (concrete
-   shapes; symbolic token counts substituted) and compares it with the
-   reference RoPE (:func:`mla_passes.kernels.reference.rope_fp32`) in NeoX
-   and GPT-J style; the verdict is cached by a structural signature of the
-   subgraph, so a 61-layer model pays for one evaluation.
+3. :func:`verify` evaluates the subgraph on independent inputs
+   (:data:`TRIALS`: concrete shapes, symbolic token counts substituted) and
+   compares it with RoPE computed in float64, NeoX and GPT-J style. It must
+   agree on every trial and every element: bit for bit on inputs whose RoPE
+   is exact in any float dtype, and within :data:`ROUNDINGS` unit roundoffs
+   of the narrowest float dtype in the subgraph, times the magnitude of the
+   element's two terms ``|a*cos| + |b*sin|``, on random inputs and tables.
+   The verdict is cached by a structural signature of the subgraph, so a
+   61-layer model pays for one evaluation.
 
-A subgraph that computes anything else (a sign flip, swapped sin/cos, an
-extra scale) fails the comparison and is left alone.
+A subgraph that computes anything else (a sign flip, swapped sin/cos, RoPE
+times 1.02, RoPE + 0.05) fails the comparison and is left alone.
 """
 
 from __future__ import annotations
@@ -38,7 +44,6 @@ import sympy
 import torch
 from torch.fx import Node
 
-from mla_passes.kernels.reference import cos_sin_for, rope_fp32
 from mla_passes.passes import _fx
 
 logger = logging.getLogger("mla_passes.passes")
@@ -75,7 +80,7 @@ def private_cone(outputs: list[Node], allowed_users: set[Node]) -> set[Node] | N
     work = list(outputs)
     while work:
         n = work.pop()
-        for m in n._input_nodes:  # all_input_nodes without the list copy; the graph is not changed here
+        for m in n.all_input_nodes:
             if m in cone or not _pure(m):
                 continue
             for u in m.users:
@@ -95,7 +100,7 @@ def private_cone(outputs: list[Node], allowed_users: set[Node]) -> set[Node] | N
         if n in live:
             continue
         live.add(n)
-        work.extend(m for m in n._input_nodes if m in cone)
+        work.extend(m for m in n.all_input_nodes if m in cone)
     return live
 
 
@@ -131,7 +136,7 @@ def _find_gather(cone, R, max_depth: int = 4):
         found = _is_gather(n, R)
         if found:
             return found
-    frontier = {m for n in cone for m in n._input_nodes if m not in cone}
+    frontier = {m for n in cone for m in n.all_input_nodes if m not in cone}
     seen = set(frontier)
     for _ in range(max_depth):
         nxt = set()
@@ -140,7 +145,7 @@ def _find_gather(cone, R, max_depth: int = 4):
             if found:
                 return found
             if _pure(n):
-                nxt.update(m for m in n._input_nodes if m not in seen)
+                nxt.update(m for m in n.all_input_nodes if m not in seen)
         seen |= nxt
         frontier = nxt
     return None
@@ -182,11 +187,11 @@ def extract(cone: set[Node], q_root: Node, R: int, order: dict | None = None) ->
             return True
         if depth > MAX_POS_ONLY_DEPTH or not _pure(n):
             return False
-        return all(pos_only(m, depth + 1) for m in n._input_nodes)
+        return all(pos_only(m, depth + 1) for m in n.all_input_nodes)
 
     eval_set = set(cone)
     leaves: list[Node] = []
-    work = [m for n in cone for m in n._input_nodes if m not in cone]
+    work = [m for n in cone for m in n.all_input_nodes if m not in cone]
     while work:
         b = work.pop()
         if b in eval_set or b in leaves:
@@ -200,7 +205,7 @@ def extract(cone: set[Node], q_root: Node, R: int, order: dict | None = None) ->
             continue  # a size value, substituted at evaluation
         elif _fx.is_view(b) or pos_only(b):
             eval_set.add(b)
-            work.extend(b._input_nodes)
+            work.extend(b.all_input_nodes)
         else:
             leaves.append(b)
     tensor_leaves = [x for x in leaves if isinstance(_fx.val(x), torch.Tensor)]
@@ -291,12 +296,91 @@ def verify(m: RopeMatch, q_pe_region: "_fx.Region", q_rot: Node, k_rot: Node, R:
     return True
 
 
+# Independent evaluations a match must pass, every one: (seed, exact). ``exact``
+# fills the float leaves with values whose RoPE is exactly representable in
+# bf16/fp16/fp32 (halves in [-8, 8], a table of {-1, -0.5, 0, 0.5, 1}), so the
+# subgraph must reproduce the reference bit for bit; the random ones hold it to
+# the per-element rounding bound of :func:`_within_rounding`.
+TRIALS = ((1234, False), (98765, False), (4321, True))
+# Roundings a true RoPE element may carry, each at most one unit roundoff of
+# the narrowest float dtype in the subgraph: cos/sin cast to the compute dtype,
+# the two products, the add/sub, the cast of the result (products rounded into
+# the sum count once each). DESIGN §3: anything looser let RoPE x 1.02 through.
+ROUNDINGS = 5
+
+
 def _evaluate(m: RopeMatch, q_pe_region, q_rot: Node, k_rot: Node, R: int):
+    """``(is_neox, index of the k input in eval_nodes)`` when the subgraph is
+    RoPE on every trial of :data:`TRIALS`, else False."""
+    common = None
+    for seed, exact in TRIALS:
+        found = _evaluate_once(m, q_pe_region, q_rot, k_rot, R, seed, exact)
+        if not found:
+            return False
+        common = found if common is None else [c for c in common if c in found]
+        if not common:
+            logger.debug("RoPE check: the trials disagree on style / k input")
+            return False
+    return common[0]
+
+
+def _rounding_of(dtypes) -> tuple[float, float]:
+    """(unit roundoff, subnormal spacing) of the narrowest float dtype in ``dtypes``."""
+    fl = [torch.finfo(d) for d in dtypes if d.is_floating_point]
+    if not fl:
+        return 2.0 ** -24, 0.0
+    return max(f.eps / 2 for f in fl), max(f.smallest_normal * f.eps for f in fl)
+
+
+def _rope64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool):
+    """RoPE of ``x`` in float64 (exact for the trial values; within 2^-53 of
+    exact otherwise), and per element the magnitude ``|a*cos| + |b*sin|`` of
+    its two terms, which scales the rounding a low-precision subgraph may add."""
+    x = x.double()
+    cos, sin = cos.double(), sin.double()
+    if is_neox:
+        x1, x2 = x.chunk(2, dim=-1)
+    else:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    m1, m2 = (x1 * cos).abs() + (x2 * sin).abs(), (x2 * cos).abs() + (x1 * sin).abs()
+    if is_neox:
+        return torch.cat((o1, o2), dim=-1), torch.cat((m1, m2), dim=-1)
+    return torch.stack((o1, o2), dim=-1).flatten(-2), torch.stack((m1, m2), dim=-1).flatten(-2)
+
+
+def _within_rounding(got: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor, rnd: tuple, exact: bool) -> bool:
+    """Element by element: ``got`` equals ``ref`` (``exact``), or differs by at
+    most :data:`ROUNDINGS` roundings (unit roundoff ``rnd[0]``) of the terms'
+    magnitude ``mag``, plus as many subnormal steps ``rnd[1]`` (underflow)."""
+    if got.shape != ref.shape:
+        return False
+    err = (got.double() - ref).abs()
+    if exact:
+        return bool((err == 0).all())
+    u, sub = rnd
+    return bool((err <= ROUNDINGS * (u * (1 + 4 * u) * mag + sub)).all())
+
+
+def _leaf_value(leaf: Node, v: torch.Tensor, shape, stride, offset, g, *, exact: bool, is_table: bool):
+    t = torch.empty_strided(shape, stride, dtype=v.dtype)
+    n = t.untyped_storage().nbytes() // t.element_size()
+    if exact and v.is_floating_point():
+        flat = (torch.randint(-2, 3, (n,), generator=g) if is_table else torch.randint(-16, 17, (n,), generator=g))
+        flat = flat.double() / 2
+    else:
+        flat = torch.randn(n, generator=g)
+    return flat.to(v.dtype).as_strided(shape, stride, offset)
+
+
+def _evaluate_once(m: RopeMatch, q_pe_region, q_rot: Node, k_rot: Node, R: int, seed: int, exact: bool):
+    """Run the subgraph once on fresh inputs; the (is_neox, k index) pairs it
+    matches RoPE for (an empty list if none)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     syms = _token_symbols(*(_fx.val(x) for x in m.leaves + m.eval_nodes))
     env = {s: 5 for s in syms}
-    g = torch.Generator().manual_seed(1234)
+    g = torch.Generator().manual_seed(seed)
     with unset_fake_temporarily(), torch.no_grad():
         values = {}
         for leaf in m.leaves:
@@ -306,11 +390,9 @@ def _evaluate(m: RopeMatch, q_pe_region, q_rot: Node, k_rot: Node, R: int):
                 hi = _concrete(_fx.val(m.cos_sin_cache).shape[0], env)
                 values[leaf] = torch.randint(0, hi, shape, generator=g).to(v.dtype)
             else:
-                stride = [_concrete(s, env) for s in v.stride()]
-                t = torch.empty_strided(shape, stride, dtype=v.dtype)
-                flat = torch.randn(t.untyped_storage().nbytes() // t.element_size(), generator=g)
-                t = flat.to(v.dtype).as_strided(shape, stride, _concrete(v.storage_offset(), env))
-                values[leaf] = t
+                values[leaf] = _leaf_value(leaf, v, shape, [_concrete(s, env) for s in v.stride()],
+                                           _concrete(v.storage_offset(), env), g, exact=exact,
+                                           is_table=leaf is m.cos_sin_cache)
 
         def get(a):
             if isinstance(a, Node):
@@ -331,35 +413,33 @@ def _evaluate(m: RopeMatch, q_pe_region, q_rot: Node, k_rot: Node, R: int):
                 values[n] = n.target(*get(n.args), **get(n.kwargs))
         except Exception as e:  # noqa: BLE001 - anything that does not evaluate is not our RoPE
             logger.debug("RoPE check: evaluating %s failed: %s", n, e)
-            return False
+            return []
         if q_rot not in values or k_rot not in values:
-            return False
+            return []
         qr = m.q_root
         qpe = values[qr].as_strided([_concrete(s, env) for s in q_pe_region.size],
                                     [_concrete(s, env) for s in q_pe_region.stride],
                                     _concrete(q_pe_region.offset, env))
         pos = values[m.positions]
-        cos, sin = cos_sin_for(values[m.cos_sin_cache], pos)
-        got_q = values[q_rot].float()
-        got_k = values[k_rot].float()
+        cos, sin = values[m.cos_sin_cache].index_select(0, pos.long()).double().chunk(2, dim=-1)
+        got_q, got_k = values[q_rot], values[k_rot]
+        dtypes = {x.dtype for x in values.values() if isinstance(x, torch.Tensor)}
+        rnd = _rounding_of(dtypes)
         T = pos.shape[0]
+        found = []
         for is_neox in (False, True):
-            ref_q = rope_fp32(qpe, cos[:, None, :], sin[:, None, :], is_neox)
-            if got_q.shape != ref_q.shape or not _close(got_q, ref_q):
-                logger.debug("RoPE check: q is not %s RoPE (shapes %s %s)", "NeoX" if is_neox else "GPT-J",
-                             tuple(got_q.shape), tuple(ref_q.shape))
+            ref_q, mag_q = _rope64(qpe, cos[:, None, :], sin[:, None, :], is_neox)
+            if not _within_rounding(got_q, ref_q, mag_q, rnd, exact):
+                logger.debug("RoPE check: q is not %s RoPE to the rounding of %s (shapes %s %s)",
+                             "NeoX" if is_neox else "GPT-J", sorted(map(str, dtypes)), tuple(got_q.shape),
+                             tuple(ref_q.shape))
                 continue
             for j, n in enumerate(m.eval_nodes):
                 v = values.get(n)
                 if not _fx.is_view(n) or not isinstance(v, torch.Tensor) or v.numel() != T * R \
                         or v.shape[-1] != R or v.dim() not in (2, 3):
                     continue
-                ref_k = rope_fp32(v.reshape(T, R), cos, sin, is_neox)
-                if got_k.numel() == ref_k.numel() and _close(got_k.reshape(T, R), ref_k):
-                    return (is_neox, j)
-        return False
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    tol = 3e-2 * float(b.abs().max()) + 1e-3
-    return bool((a - b).abs().max() <= tol)
+                ref_k, mag_k = _rope64(v.reshape(T, R), cos, sin, is_neox)
+                if got_k.numel() == ref_k.numel() and _within_rounding(got_k.reshape(T, R), ref_k, mag_k, rnd, exact):
+                    found.append((is_neox, j))
+        return found

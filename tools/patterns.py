@@ -1,9 +1,9 @@
-"""``mla-passes patterns``: every pattern the passes register, and what
-replaces it, as readable FX code.
+"""``mla-passes patterns``: every Inductor pattern the passes register.
 
-Reads the registry :func:`mla_passes.patterns.all_patterns` (one entry per
-(pattern, replacement) pair of each pattern module). The passes match
-procedurally (RoPE semantically); the pairs state what they match and emit.
+Reads :func:`mla_passes.patterns.registered_patterns`: per pass, each named
+pattern with what it matches and its variants (each one registered with
+``torch._inductor.pattern_matcher``), printed as pattern-matcher source.
+Building the listing registers the patterns (as the passes' first call does).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import sys
 import textwrap
 
-HELP = "print every registered pattern and its replacement as FX code"
+HELP = "print every registered Inductor pattern of the passes"
 
 
 def add_arguments(parser) -> None:
@@ -21,37 +21,30 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def readable(code: str) -> str:
-    """FX code without the ``;  x = y = None`` tails (they only free memory)."""
-    from mla_passes.graph_files import _NONE_TAIL
-
-    return "\n".join(_NONE_TAIL.sub("", line) for line in code.splitlines())
-
-
 def run(args) -> int:
-    from mla_passes.patterns import all_patterns
+    from mla_passes.patterns import registered_patterns
 
-    entries = [e for e in all_patterns() if not args.names or any(n in e.name for n in args.names)]
+    entries = [(p, r) for p, r in registered_patterns() if not args.names or any(n in r.name for n in args.names)]
     if args.names and not entries:
         print(f"mla-passes patterns: no pattern matches {args.names}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps([dict(name=e.name, module=e.module, doc=e.doc, pattern=e.pattern_code,
-                               replacement=e.replacement_code) for e in entries], indent=2))
+        print(json.dumps([dict(pass_name=p, name=r.name, module=r.module, doc=r.doc, variants=r.pretty())
+                          for p, r in entries], indent=2))
         return 0
     if args.list:
-        for e in entries:
-            print(f"{e.name}  ({e.module})")
+        for p, r in entries:
+            print(f"{p}: {r.name}  ({len(r.variants)} variant{'s' if len(r.variants) != 1 else ''})")
         return 0
-    for i, e in enumerate(entries):
+    for i, (p, r) in enumerate(entries):
         if i:
             print()
-        print(f"=== {e.name}  ({e.module})")
-        if e.doc:
-            print(textwrap.indent(e.doc, "# "))
-        print("--- pattern")
-        print(readable(e.pattern_code))
-        print("--- replacement")
-        print(readable(e.replacement_code))
-    print(f"\n{len(entries)} pattern{'s' if len(entries) != 1 else ''}")
+        print(f"=== {p}: {r.name}  ({r.module})")
+        if r.doc:
+            print(textwrap.indent(r.doc, "# "))
+        for j, code in enumerate(r.pretty(), 1):
+            print(f"--- variant {j}")
+            print(code)
+    n = sum(len(r.variants) for _, r in entries)
+    print(f"\n{len(entries)} pattern{'s' if len(entries) != 1 else ''}, {n} registered variant{'s' if n != 1 else ''}")
     return 0

@@ -42,16 +42,21 @@ The fused op takes every operand the graph carries (``kv_cache_dtype`` and
 ``k_scale`` of the cache update included); the layer state is read only
 for what the graph does not carry (W_UK_T, q_scale, the cache, the slots).
 
-Procedural, not ``register_replacement``: the rewrite spans the attention,
+The pieces are found by the Inductor patterns registered in
+:mod:`mla_passes.patterns.qk_rope_kvcache` (anchors, q scatters, the RoPE
+forms vLLM traces; ``pattern_counts`` and the debug log name the patterns
+each layer matched); a RoPE none of them covers goes to the semantic check
+of :mod:`mla_passes.patterns.rope`. The plan and the rewrite stay
+procedural, not ``register_replacement``: the rewrite spans the attention,
 walks through ``slice_scatter`` (a pattern cannot express "the base of this
 slice_scatter is the tensor the fused op mutates"), needs the compile-time
-layer state for ``out_dtype`` and emits in-place calls; RoPE itself is
-matched semantically (see :mod:`mla_passes.patterns.rope`).
+layer state for ``out_dtype`` and emits in-place calls.
 """
 
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +64,7 @@ from torch.fx import Graph, Node
 
 from ..op_handles import op_handles
 from . import _fx
-from .base import MLAGraphPass
+from .base import MLAGraphPass, logger
 from .lift import check_attention, describe_layer, layer_state_for, replace_attention
 
 FUSED = torch.ops.mla_passes.mla_fused_decode_prep.default
@@ -90,6 +95,7 @@ class FusionPlan:
     root_value_nodes: list = field(default_factory=list)  # (node, base): value == mutated base
     dead: list = field(default_factory=list)            # to erase explicitly
     cone: set = field(default_factory=set)
+    patterns: tuple = ()                                # registered patterns (or "rope_semantic") used
 
 
 def _last_dim(dim, ndim) -> bool:
@@ -129,20 +135,26 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         super().__init__(gate=gate)
         self.backend = backend
         self.raw_form = raw_form
+        self.pattern_counts: Counter = Counter()  # per registered pattern, over the layers rewritten last call
+        self._hits = None
 
     def source_modules(self) -> list:
         import sys
 
-        from ..patterns import rope
+        from ..patterns import _engine, qk_rope_kvcache, rope
 
-        return super().source_modules() + [rope, _fx, sys.modules[check_attention.__module__]]
+        return super().source_modules() + [rope, qk_rope_kvcache, _engine, _fx,
+                                           sys.modules[check_attention.__module__]]
 
     def apply(self, graph: Graph) -> int:
+        from ..patterns import qk_rope_kvcache as qk_patterns
+
         handles = op_handles()
         attns: dict = {}
         updates: dict = {}
-        upd_ops = handles.kv_cache_update | handles.fused_rope
-        for c in _fx.find_op_calls(graph, handles.attention | upd_ops):
+        self.pattern_counts = Counter()
+        self._hits = qk_patterns.match(graph, handles)  # registered patterns first (DESIGN §3)
+        for c in qk_patterns.anchor_calls(self._hits, handles):
             if c.op in handles.attention:
                 attns.setdefault(c.arg("layer_name"), []).append(c)
             else:
@@ -159,10 +171,14 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                 self.refuse(where, "%d cache update(s) and %d attention call(s) use this layer_name",
                             len(ups), len(ats))
                 continue
-            plan = self.guarded(where, self._plan, ups[0], ats[0], ln, where, order, handles)
+            up, attn = ups[0], ats[0]
+            plan = self.guarded(where, self._plan, up, attn, ln, where, order, handles)
             if plan is None:
                 continue
             self._rewrite(graph, plan, mode)
+            plan.patterns += (qk_patterns.anchor_name(up), qk_patterns.anchor_name(attn))
+            self.pattern_counts.update(plan.patterns)
+            logger.debug("%s: %s matched by %s", self.name, where, ", ".join(plan.patterns))
             count += 1
         return count
 
@@ -221,6 +237,9 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
     def _src_value(self, ss: Node, region):
         """The rotated q_pe written by ``ss`` (through a ``copy`` into a slice of
         the same memory), and the copy node if any."""
+        hit = self._hits.at(ss, "q_pe_scatter") if self._hits is not None else None
+        if hit is not None and _fx.Region.of(hit["q_pe_dest"]) == region:
+            return hit["q_pe_rot"], hit.root.args[1]
         src = _ss_args(ss)[1]
         if isinstance(src, Node) and src.target is aten.copy.default:
             dest = src.args[0]
@@ -230,6 +249,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         return src, None
 
     def _plan_raw(self, up: _fx.OpCall, attn: _fx.OpCall, ln, where, order=None) -> FusionPlan | None:
+        from ..patterns import qk_rope_kvcache as qk_patterns
         from ..patterns import rope
 
         kv_c, k_rot = up.arg("kv_c_normed"), up.arg("k_pe")
@@ -253,37 +273,43 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             self.refuse(where, "q slice_scatter source is not a copy into q[..., P:]")
             return None
         # other users of the rotated q (and of q_rot) are rewired to q after the fused op
-        cone = rope.private_cone([q_rot, k_rot], {up.node, attn.node})
-        if cone is None:
-            self.refuse(where, "no RoPE subgraph")
-            return None
-        # a cone node (other than the outputs) with a user outside is a shared intermediate
-        for n in cone:
-            if n is q_rot or n is k_rot:
-                continue
-            for u in n.users:
-                if u not in cone:
-                    self.refuse(where, "RoPE intermediate %s has another user %s", n.name, u.name)
-                    return None
-        q_root = _fx.root_of(base)
-        m = rope.extract(cone, q_root, R, order)
-        if m is None:
-            self.refuse(where, "RoPE subgraph leaves are not (q, k, positions, cos_sin_cache)")
-            return None
-        if q_root not in m.leaves:
-            # the fused op rotates base[..., P:] in place: the RoPE must read it from there
-            self.refuse(where, "the RoPE does not read q_pe from the q (%s) it writes back into", q_root.name)
-            return None
-        if not rope.verify(m, q_pe_region, q_rot, k_rot, R):
-            self.refuse(where, "subgraph between q/k and the cache update does not compute RoPE")
-            return None
+        m = qk_patterns.rope_for_layer(self._hits, q_rot, k_rot, q_pe_region, R)
+        if m is not None:  # the patterns' user counts keep their intermediates private
+            cone = m.cone | {q_rot, k_rot}
+            used = m.pattern_names + (("q_pe_scatter",) if self._hits.at(ss, "q_pe_scatter") else ())
+        else:  # no registered form: the semantic check, held to the dtype's rounding
+            cone = rope.private_cone([q_rot, k_rot], {up.node, attn.node})
+            if cone is None:
+                self.refuse(where, "no RoPE subgraph")
+                return None
+            # a cone node (other than the outputs) with a user outside is a shared intermediate
+            for n in cone:
+                if n is q_rot or n is k_rot:
+                    continue
+                for u in n.users:
+                    if u not in cone:
+                        self.refuse(where, "RoPE intermediate %s has another user %s", n.name, u.name)
+                        return None
+            q_root = _fx.root_of(base)
+            m = rope.extract(cone, q_root, R, order)
+            if m is None:
+                self.refuse(where, "RoPE subgraph leaves are not (q, k, positions, cos_sin_cache)")
+                return None
+            if q_root not in m.leaves:
+                # the fused op rotates base[..., P:] in place: the RoPE must read it from there
+                self.refuse(where, "the RoPE does not read q_pe from the q (%s) it writes back into", q_root.name)
+                return None
+            if not rope.verify(m, q_pe_region, q_rot, k_rot, R):
+                self.refuse(where, "subgraph between q/k and the cache update does not compute RoPE")
+                return None
+            used = ("rope_semantic",)
         return FusionPlan(
             ln=ln, attn=attn, update=up, q_orig=base, k_in=m.k_in, kv_c=kv_c, positions=m.positions,
             cos_sin_cache=m.cos_sin_cache, is_neox=m.is_neox, kv_cache_dtype=up.arg("kv_cache_dtype"),
             k_scale=up.arg("k_scale"), out_dtype=state.q_out_dtype(_fx.val(base).dtype),
             P=P, R=R, insert_before=up.node,
             q_value_nodes=[ss], q_pe_value_nodes=[q_rot], k_value_nodes=[k_rot],
-            dead=[n for n in (copy, ss, up.node) if n is not None], cone=cone,
+            dead=[n for n in (copy, ss, up.node) if n is not None], cone=cone, patterns=used,
         )
 
     def _plan_fused_rope(self, up: _fx.OpCall, attn: _fx.OpCall, ln, where) -> FusionPlan | None:
@@ -337,6 +363,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             out_dtype=state.q_out_dtype(_fx.val(base).dtype), P=P, R=R, insert_before=up.node,
             q_value_nodes=[ss], q_pe_value_nodes=q_pe_values, k_value_nodes=k_values,
             root_value_nodes=root_values, dead=dead, cone=set(),
+            patterns=("fused_rope_q_scatter",) if self._hits.at(ss, "fused_rope_q_scatter") else (),
         )
 
     @staticmethod

@@ -27,7 +27,8 @@ The rewrite is procedural rather than an Inductor ``register_replacement``:
 ``out_dtype`` comes from a run-time registry lookup per layer, the
 attention's mutated output has to be defunctionalized (an in-place call, see
 DESIGN §3), and three call forms (direct, v1, v2) would need three patterns.
-The pattern it implements is listed in :mod:`mla_passes.patterns.q_prep_lift`.
+It finds the attentions through the registered anchor pattern of
+:mod:`mla_passes.patterns.q_prep_lift`.
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ class MLADecodeQPrepLiftPass(MLAGraphPass):
         handles = op_handles()
         count = 0
         mode = None  # the graph's fake mode, found at the first rewrite
-        for attn in _fx.find_op_calls(graph, handles.attention):
+        from ..patterns import q_prep_lift
+
+        for attn in q_prep_lift.attention_calls(graph, handles):  # the registered anchor pattern
             where = f"attention {attn.node.name} ({describe_layer(attn.arg('layer_name'))})"
             plan = self.guarded(where, self._plan, attn, where)
             if plan is None:
