@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .gating import vllm_compile_range
 from .kernels.fp8 import KV_CACHE_DTYPES, is_fp8_kv_cache
 from .layers import MLALayerState, layer_name_str
 
@@ -330,19 +331,6 @@ def _inductor_pass_base():
     return CustomGraphPass
 
 
-def _current_compile_range():
-    for mod in ("vllm.compilation.passes.inductor_pass", "vllm.compilation.inductor_pass"):
-        try:
-            get_pass_context = __import__(mod, fromlist=["get_pass_context"]).get_pass_context
-        except (ImportError, AttributeError):
-            continue
-        try:
-            return get_pass_context().compile_range
-        except Exception:  # no pass context: plain Inductor (vLLM on CPU)
-            return None
-    return None
-
-
 class ComposedPostGradPass(_inductor_pass_base()):  # type: ignore[misc]
     """Our pass manager, then the user's own post-grad pass, in vLLM's one
     ``post_grad_custom_post_pass`` slot. Each sub-pass is range-gated by its
@@ -353,7 +341,7 @@ class ComposedPostGradPass(_inductor_pass_base()):  # type: ignore[misc]
         self.passes = list(passes)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        rng = _current_compile_range()
+        rng = vllm_compile_range()  # the one lookup (mla_passes.gating)
         for p in self.passes:
             gate = getattr(p, "is_applicable_for_range", None)
             if rng is not None and gate is not None and not gate(rng):
