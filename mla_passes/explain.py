@@ -260,7 +260,7 @@ def _where_why(refusal) -> tuple[str, str]:
 
 def explain_graph(manager, graph, before: dict) -> dict:
     """The record of one call of ``manager`` on ``graph`` (after the call)."""
-    from .pass_manager import current_compile_range
+    from .gating import current_compile_range
 
     passes = list(getattr(manager, "passes", []))
     ran_by_pass = before.get("ran", {})

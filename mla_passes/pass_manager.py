@@ -116,13 +116,13 @@ class MLAPassManager(CustomGraphPass):
         """Changes whenever the rewrite can change: config, threshold, compile
         range, pass and pattern sources, the matched op set, the registered
         layers' compile-time facts; stable otherwise."""
-        from . import patterns
+        from .patterns import pattern_modules
 
         modules = {sys.modules[__name__], sys.modules[PassConfig.__module__], sys.modules[DecodeGate.__module__],
-                   _op_handles, sys.modules[patterns.__name__]}
+                   _op_handles, sys.modules[pattern_modules.__module__]}
         for p in self.passes:
             modules.update(p.source_modules())
-        modules.update(patterns.pattern_modules())
+        modules.update(pattern_modules())
         state = {
             "config": self.config.as_dict(),
             "decode_max_tokens": self.decode_max_tokens,
