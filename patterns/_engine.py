@@ -342,6 +342,8 @@ def _may_match(p, a, depth: int) -> bool:
 def _flatten(args, kwargs):
     """(structure, leaves) of a node's arguments: lists/tuples/dicts opened,
     the structure a hashable description of the nesting."""
+    if not kwargs and not any(isinstance(a, (list, tuple, dict)) for a in args):
+        return len(args), list(args)  # the common flat call (an int never equals a nested structure)
     flat: list = []
 
     def go(a):
