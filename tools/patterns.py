@@ -4,6 +4,9 @@ Reads :func:`mla_passes.patterns.registered_patterns`: per pass, each named
 pattern with what it matches and its variants (each one registered with
 ``torch._inductor.pattern_matcher``), printed as pattern-matcher source.
 Building the listing registers the patterns (as the passes' first call does).
+The anchors are patterns over the ops playing vLLM's roles; outside a vLLM
+process the listing registers them over the stand-ins of
+:mod:`mla_passes.testing.standins`, which have vLLM's schemas, and says so.
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from mla_passes.op_handles import op_handles
     from mla_passes.patterns import registered_patterns
+
+    note = None
+    if not op_handles().vllm_loaded:
+        import mla_passes.testing.standins  # noqa: F401  (registers the roles)
+
+        note = ("anchors shown over mla_passes_standin:: ops (vLLM's schemas); "
+                "in a vLLM process the same patterns are registered over vllm:: ops")
 
     entries = [(p, r) for p, r in registered_patterns() if not args.names or any(n in r.name for n in args.names)]
     if args.names and not entries:
@@ -32,6 +43,8 @@ def run(args) -> int:
         print(json.dumps([dict(pass_name=p, name=r.name, module=r.module, doc=r.doc, variants=r.pretty())
                           for p, r in entries], indent=2))
         return 0
+    if note:
+        print(f"mla-passes patterns: {note}", file=sys.stderr)
     if args.list:
         for p, r in entries:
             print(f"{p}: {r.name}  ({len(r.variants)} variant{'s' if len(r.variants) != 1 else ''})")
