@@ -281,23 +281,9 @@ class EarlyDiagonalRead(nn.Module):
 
 def _capture(module, st, T=5):
     """The post-grad-like graph of ``module`` (aot_autograd + Inductor decompositions), no pass run."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._inductor.decomposition import select_decomp_table
+    from mla_passes.testing.backend import capture_graph
 
-    graphs = []
-
-    def fw(gm, inputs):
-        graphs.append(gm.graph)
-        return gm
-
-    with torch._inductor.config.patch(enable_auto_functionalized_v2=False):
-        compiled = torch.compile(module, fullgraph=True,
-                                 backend=aot_autograd(fw_compiler=fw, decompositions=select_decomp_table()))
-        pos, h = st.make_inputs(T)
-        set_step(st, T)
-        with torch.no_grad():
-            compiled(pos, h)
-    return graphs[0]
+    return capture_graph(module, st, T, remove_noops=False)
 
 
 @pytest.mark.parametrize("sink", [False, True])

@@ -179,25 +179,6 @@ def _ancestors(n, depth=8):
 
 
 def _capture(st):
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._inductor.decomposition import select_decomp_table
-    from torch._inductor.fx_passes.post_grad import remove_noop_ops
+    from mla_passes.testing.backend import capture_graph
 
-    from mla_passes.testing.models import set_step
-
-    captured = []
-
-    def fw(gm, inputs):
-        remove_noop_ops(gm.graph)
-        captured.append(gm.graph)
-        return gm
-
-    torch._dynamo.reset()
-    with torch._inductor.config.patch(enable_auto_functionalized_v2=False):
-        f = torch.compile(st.module, fullgraph=True,
-                          backend=aot_autograd(fw_compiler=fw, decompositions=select_decomp_table()))
-        pos, h = st.make_inputs(5)
-        set_step(st, 5)
-        with torch.no_grad():
-            f(pos, h)
-    return captured[0]
+    return capture_graph(st.module, st, 5)

@@ -21,31 +21,11 @@ HELP = "time the mla-passes pass manager on synthetic DeepSeek-V3 decode graphs"
 
 
 def capture_graph(num_layers: int, *, H: int, T: int, form: str) -> torch.fx.Graph:
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._inductor.decomposition import select_decomp_table
-    from torch._inductor.fx_passes.post_grad import remove_noop_ops
-
+    from mla_passes.testing.backend import capture_graph as capture
     from mla_passes.testing.models import build_decode_stack
 
     stack = build_decode_stack(num_layers, H=H, hidden=64, form=form, num_blocks=2, block_size=16)
-    captured = []
-
-    def fw(gm, inputs):
-        remove_noop_ops(gm.graph)
-        captured.append(gm.graph)
-        return gm
-
-    torch._dynamo.reset()
-    with torch._inductor.config.patch(enable_auto_functionalized_v2=False):
-        compiled = torch.compile(stack.module, fullgraph=True,
-                                 backend=aot_autograd(fw_compiler=fw, decompositions=select_decomp_table()))
-        pos, h = stack.make_inputs(T)
-        from mla_passes.testing.models import set_step
-
-        set_step(stack, T)
-        with torch.no_grad():
-            compiled(pos, h)
-    return captured[0]
+    return capture(stack.module, stack, T)
 
 
 def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:

@@ -125,4 +125,34 @@ class TestBackend:
             return aot_autograd(fw_compiler=fw, decompositions=select_decomp_table())(gm, example_inputs)
 
 
-__all__ = ["TestBackend", "op_counts", "normalized_code", "get_hash_for_files"]
+def capture_graph(module, stack, T: int, *, remove_noops: bool = True) -> torch.fx.Graph:
+    """The post-grad-like graph of ``module`` run on ``stack``'s inputs for
+    ``T`` tokens (aot_autograd with Inductor's decompositions, v1
+    ``auto_functionalized`` as vLLM has it), with no pass run. For tests and
+    benchmarks that call the passes on a graph directly."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.fx_passes.post_grad import remove_noop_ops
+
+    from .models import set_step
+
+    captured = []
+
+    def fw(gm, inputs):
+        if remove_noops:
+            remove_noop_ops(gm.graph)
+        captured.append(gm.graph)
+        return gm
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(enable_auto_functionalized_v2=False):
+        compiled = torch.compile(module, fullgraph=True,
+                                 backend=aot_autograd(fw_compiler=fw, decompositions=select_decomp_table()))
+        pos, h = stack.make_inputs(T)
+        set_step(stack, T)
+        with torch.no_grad():
+            compiled(pos, h)
+    return captured[0]
+
+
+__all__ = ["TestBackend", "capture_graph", "op_counts", "normalized_code", "get_hash_for_files"]
