@@ -49,6 +49,14 @@ def test_fusion_takes_every_layer(result):
     assert r.total_ops[1] < r.total_ops[0] / 2
 
 
+def test_demo_runs_deepseek_rope_through_the_registered_patterns(result):
+    """The demo's default is DeepSeek's GPT-J RoPE, matched by the registered pattern (q and k per layer)."""
+    r, _ = result
+    assert r.config["rope"] == "gptj"
+    assert r.patterns == {"mla_attention": LAYERS, "mla_kv_cache_update": LAYERS, "q_pe_scatter": LAYERS,
+                          "rope_gptj_native": 2 * LAYERS}
+
+
 def test_passes_on_agree_with_passes_off(result):
     r, _ = result
     c = _checks(r)

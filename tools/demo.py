@@ -66,6 +66,7 @@ class Check:
 class DemoResult:
     config: dict
     matched: dict[str, int]
+    patterns: dict[str, int]                  # registered pattern -> its matches in the rewritten layers
     op_table: list[tuple[str, int, int]]      # (target, before, after), changed targets
     total_ops: tuple[int, int]
     checks: list[Check]
@@ -225,9 +226,13 @@ class _PassesThenLint:
         self.manager = manager
         self._lint = lint_graph
         self.findings: list = []
+        self.pattern_counts: dict = {}  # registered pattern -> layers it matched, over every graph
 
     def __call__(self, graph):
         self.manager(graph)
+        for p in self.manager.passes:
+            for name, n in getattr(p, "pattern_counts", {}).items():
+                self.pattern_counts[name] = self.pattern_counts.get(name, 0) + n
         self.findings.extend(self._lint(graph))
 
     @property
@@ -283,7 +288,7 @@ def run_demo(*, layers: int, heads: int, tokens: int, seed: int = 0, out: str | 
 
     t0 = time.time()
     cfg = dict(layers=layers, heads=heads, tokens=tokens, P=128, L=512, R=64, V=128, hidden=256,
-               dtype="bfloat16", kv_cache_dtype="fp8", q="fp8", form="raw", seed=seed)
+               dtype="bfloat16", kv_cache_dtype="fp8", q="fp8", form="raw", rope="gptj", seed=seed)
     stack = build_decode_stack(num_layers=layers, H=heads, P=128, L=512, R=64, V=128, hidden=256,
                                kv_cache_dtype="fp8", q_fp8=True, form="raw", seed=seed,
                                prefix=f"demo{seed}.layers")
@@ -325,7 +330,7 @@ def run_demo(*, layers: int, heads: int, tokens: int, seed: int = 0, out: str | 
     rows = [(t, before.get(t, 0), after.get(t, 0)) for t in sorted(set(before) | set(after))
             if before.get(t, 0) != after.get(t, 0)]
     return DemoResult(
-        config=cfg, matched=matched, op_table=rows,
+        config=cfg, matched=matched, patterns=dict(sorted(on["manager"].pattern_counts.items())), op_table=rows,
         total_ops=(sum(before.values()), sum(after.values())),
         checks=checks, lint_findings=[str(f) for f in on["manager"].findings], dumps=dumps,
         seconds=round(time.time() - t0, 1),
@@ -336,12 +341,15 @@ def format_result(r: DemoResult) -> str:
     c = r.config
     out = [
         f"MLA decode stack: {c['layers']} layers, H={c['heads']}, qk_nope={c['P']} kv_lora={c['L']} "
-        f"rope={c['R']} v={c['V']} (DeepSeek-V3 head dims), {c['dtype']}, fp8 KV cache (uint8), fp8 q; "
-        f"T={c['tokens']} decode tokens",
+        f"rope={c['R']} v={c['V']} (DeepSeek-V3 head dims), GPT-J (interleaved) RoPE as DeepSeek uses, "
+        f"{c['dtype']}, fp8 KV cache (uint8), fp8 q; T={c['tokens']} decode tokens",
         "",
         "pass matches:",
     ]
     out += [f"  {k:<40} {v}" for k, v in sorted(r.matched.items())] or ["  (none)"]
+    out += ["", "registered patterns the fusion matched (matches; RoPE counts q and k of each layer;",
+            "`mla-passes patterns NAME` prints one):"]
+    out += [f"  {k:<40} {v}" for k, v in r.patterns.items()] or ["  (none)"]
     w = max([len("total"), *(len(t) for t, _, _ in r.op_table)])
     out += ["", f"op counts, post-grad graph before -> after the passes (changed targets):",
             f"  {'target':<{w}}  {'before':>6}  {'after':>6}"]
