@@ -25,6 +25,7 @@ import inspect
 import json
 import logging
 import sys
+import time
 
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph
@@ -75,6 +76,7 @@ class MLAPassManager(CustomGraphPass):
             if config.lift_q_prep:
                 self.passes.append(MLADecodeQPrepLiftPass(gate=self.gate))
         self.matched_counts: dict[str, int] = {p.name: 0 for p in self.passes}
+        self.pass_ms: dict[str, float] = {}  # wall time of each pass in the last call (as vLLM's time_and_log)
         self.last_decision: str = "not called"
 
     # --- gating (rules in mla_passes.gating) ---------------------------------------
@@ -95,6 +97,7 @@ class MLAPassManager(CustomGraphPass):
     @_explain.recorded  # writes what was decided where dumps go (mla-passes report)
     def __call__(self, graph: Graph) -> None:
         self.matched_counts = {p.name: 0 for p in self.passes}
+        self.pass_ms = {}
         ok, why = self._decide(graph)
         self.last_decision = why
         if not ok:
@@ -107,7 +110,11 @@ class MLAPassManager(CustomGraphPass):
         for p in self.passes:
             if gm is not None:
                 logger.debug("%s", lazy_format_graph_code(f"mla_passes_before_{p.name}", gm))
+            t0 = time.perf_counter()
             self.matched_counts[p.name] = p(graph)
+            self.pass_ms[p.name] = (time.perf_counter() - t0) * 1e3
+            logger.debug("%s: %d layer(s) rewritten in %.1f ms", p.name, self.matched_counts[p.name],
+                         self.pass_ms[p.name])
             if gm is not None:
                 logger.debug("%s", lazy_format_graph_code(f"mla_passes_after_{p.name}", gm))
         logger.debug("mla-passes: matched %s", self.matched_counts)

@@ -26,6 +26,18 @@ def test_match_count_equals_layers(num_layers):
     assert b.count_after("aten.slice_scatter") == 0 and b.count_after("aten.copy") == 0
 
 
+def test_each_pass_is_timed_and_logged(caplog):
+    """The manager times each pass per call (pass_ms) and logs it at debug level, as vLLM's passes do."""
+    import logging
+
+    pm = make_pm()
+    with caplog.at_level(logging.DEBUG, logger="mla_passes"):
+        run_case(pm, num_layers=2)
+    assert set(pm.pass_ms) == {"mla_qk_rope_kvcache_fusion", "mla_decode_q_prep_lift"}
+    assert all(ms >= 0 for ms in pm.pass_ms.values())
+    assert "mla_qk_rope_kvcache_fusion: 2 layer(s) rewritten in" in caplog.text
+
+
 # the fused-rope form has no aten RoPE, so only the raw form varies the RoPE variant
 @pytest.mark.parametrize("form,rope", [("raw", "native"), ("raw", "deepseek"), ("fused_rope", "native")])
 @pytest.mark.parametrize("is_neox", [False, True])
