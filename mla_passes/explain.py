@@ -296,6 +296,9 @@ def explain_graph(manager, graph, before: dict) -> dict:
         "kind": "graph",
         "decision": decision,
         "matched_counts": dict(getattr(manager, "matched_counts", {}) or {}),
+        "pass_ms": {k: round(v, 3) for k, v in (getattr(manager, "pass_ms", {}) or {}).items()},
+        "pattern_counts": {k: v for p in passes if ran_by_pass.get(p.name)
+                           for k, v in sorted(getattr(p, "pattern_counts", {}).items())},
         "ops_before": before["ops"],
         "layers": layers,
         "other_refusals": other,

@@ -57,6 +57,11 @@ def test_fused_layers_listed_with_gating(tmp_path, capsys):
     data = json.loads(js)
     assert data["summary"]["totals"] == {"fused": 2}
     assert data["graphs"][0]["matched_counts"]["mla_qk_rope_kvcache_fusion"] == 2
+    # which registered patterns took the layers (GPT-J RoPE: q and k per layer), and the time per pass
+    assert data["graphs"][0]["pattern_counts"]["rope_gptj_native"] == 4
+    assert set(data["graphs"][0]["pass_ms"]) == {"mla_qk_rope_kvcache_fusion", "mla_decode_q_prep_lift"}
+    assert "registered patterns matched: " in out and "rope_gptj_native 4" in out
+    assert re.search(r"pass time: mla_qk_rope_kvcache_fusion \d+\.\d ms", out)
 
 
 def test_lifted_layer_carries_the_fusion_refusal(tmp_path, capsys):

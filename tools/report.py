@@ -149,6 +149,11 @@ def format_report(folder: str, records: list[dict], summary: dict) -> str:
         if d.get("ran"):
             matched = ", ".join(f"{k}={v}" for k, v in g.get("matched_counts", {}).items()) or "none"
             out.append(f"  matched: {matched}\n")
+            if g.get("pattern_counts"):
+                pats = ", ".join(f"{k} {v}" for k, v in g["pattern_counts"].items())
+                out.append(f"  registered patterns matched: {pats}\n")
+            if g.get("pass_ms"):
+                out.append("  pass time: " + ", ".join(f"{k} {v:.1f} ms" for k, v in g["pass_ms"].items()) + "\n")
         for lay in g.get("layers", []):
             out.append(f"  layer {lay['layer']}: {lay['outcome']}\n")
             for r in lay.get("reasons", []):
