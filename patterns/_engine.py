@@ -249,12 +249,10 @@ class _Shape:
                     nodes.append(a)
         if len(nodes) != len(inside):
             return None
-        bound = {}
+        bound: dict = {}  # node -> the names bound to it (one node may carry several)
         for k, v in m.kwargs.items():
             if isinstance(v, Node):
-                if v in bound:
-                    return None  # one node under two names: left to the matcher
-                bound[v] = k
+                bound[v] = bound.get(v, ()) + (k,)
 
         def item(a):
             if isinstance(a, Node):
@@ -268,7 +266,7 @@ class _Shape:
             struct, flat = _flatten(n.args, n.kwargs)
             steps.append((n.target, struct, tuple(item(a) for a in flat), None if n is root else len(n.users)))
         return _Shape(steps, {k: v for k, v in m.kwargs.items() if not isinstance(v, Node)},
-                      frozenset(bound.values()))
+                      frozenset(k for names in bound.values() for k in names))
 
     @staticmethod
     def replay(shapes, root: Node, pattern) -> Match | None:
@@ -314,8 +312,9 @@ class _Shape:
                     elif cur is not a:
                         return None
                 elif kind == "K":
-                    if kwargs.setdefault(t, a) is not a:
-                        return None
+                    for name in t:
+                        if kwargs.setdefault(name, a) is not a:
+                            return None
         if len(kwargs) != len(self.const_kwargs) + len(self.node_names):
             return None
         return nodes, kwargs

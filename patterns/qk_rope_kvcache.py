@@ -189,7 +189,7 @@ def _rope_check(name):
     def check(m) -> bool:
         x = m.kwargs["x"]
         s = _shape(x)
-        if s is None or len(s) < 2 or not isinstance(s[-1], int) or s[-1] % 2:
+        if s is None or len(s) < 2 or not isinstance(s[-1], int) or s[-1] % 2 or not _same_x(m.kwargs):
             return False
         R, nd = s[-1], len(s)
         k = m.kwargs
@@ -233,10 +233,25 @@ def _mul(a, b):
     return CallFunction(aten.mul.Tensor, a, b)
 
 
+# Each read of x in a RoPE pattern binds its own name: vLLM's traced graph
+# (before Inductor's CSE) reads x through separate but identical view chains
+# (``q.view(-1, H, P + R)[..., P:]`` once per use), which one repeated
+# KeywordArg would turn away. The guard then requires every x_* to cover the
+# same memory as x (:func:`_same_x`).
+X_READS = ("x_b", "x_c")
+
+
+def _same_x(k) -> bool:
+    """Every extra read of x covers the memory x covers (same root, sizes, strides, offset)."""
+    rx = _fx.Region.of(k["x"])
+    return rx is not None and all(_fx.Region.of(k[n]) == rx for n in X_READS if n in k)
+
+
 def _rope_patterns(name):
     """Variants of RoPE form ``name`` (the rotation, then an optional cast)."""
     is_neox, full = ROPE_FORMS[name]
-    x, cos, sin = KeywordArg("x"), KeywordArg("cos"), KeywordArg("sin")
+    x, x_b, x_c = KeywordArg("x"), KeywordArg("x_b"), KeywordArg("x_c")
+    cos, sin = KeywordArg("cos"), KeywordArg("sin")
     if not full:
         if is_neox:
             sp = CallFunction(aten.split.Tensor, x, KeywordArg("half"), KeywordArg("split_dim"), _users=2)
@@ -244,7 +259,7 @@ def _rope_patterns(name):
             x2 = CallFunction(operator.getitem, sp, 1, _users=2)
         else:
             x1 = CallFunction(aten.slice.Tensor, x, KeywordArg("x1_dim"), 0, KeywordArg("x1_end"), 2, _users=2)
-            x2 = CallFunction(aten.slice.Tensor, x, KeywordArg("x2_dim"), 1, KeywordArg("x2_end"), 2, _users=2)
+            x2 = CallFunction(aten.slice.Tensor, x_b, KeywordArg("x2_dim"), 1, KeywordArg("x2_end"), 2, _users=2)
         o1 = CallFunction(aten.sub.Tensor, _mul(x1, cos), _mul(x2, sin))
         o2 = CallFunction(aten.add.Tensor, _mul(x2, cos), _mul(x1, sin))
         if is_neox:
@@ -257,16 +272,16 @@ def _rope_patterns(name):
     else:
         if is_neox:
             x1 = CallFunction(aten.slice.Tensor, x, KeywordArg("x1_dim"), 0, KeywordArg("half1"))
-            x2 = CallFunction(aten.slice.Tensor, x, KeywordArg("x2_dim"), KeywordArg("half2"), KeywordArg("x2_end"))
+            x2 = CallFunction(aten.slice.Tensor, x_b, KeywordArg("x2_dim"), KeywordArg("half2"), KeywordArg("x2_end"))
             rotated = CallFunction(aten.cat.default, [CallFunction(aten.neg.default, x2), x1], KeywordArg("cat_dim"))
         else:
             x1 = CallFunction(aten.slice.Tensor, x, KeywordArg("x1_dim"), 0, KeywordArg("x1_end"), 2)
-            x2 = CallFunction(aten.slice.Tensor, x, KeywordArg("x2_dim"), 1, KeywordArg("x2_end"), 2)
+            x2 = CallFunction(aten.slice.Tensor, x_b, KeywordArg("x2_dim"), 1, KeywordArg("x2_end"), 2)
             st = CallFunction(aten.cat.default, [
                 CallFunction(aten.unsqueeze.default, CallFunction(aten.neg.default, x2), KeywordArg("s1")),
                 CallFunction(aten.unsqueeze.default, x1, KeywordArg("s2"))], KeywordArg("cat_dim"))
             rotated = CallFunction(VIEWS, st, Ignored())
-        rot = CallFunction(aten.add.Tensor, _mul(x, cos), _mul(rotated, sin))
+        rot = CallFunction(aten.add.Tensor, _mul(x_c, cos), _mul(rotated, sin))
     return [rot, CallFunction(prims.convert_element_type.default, rot, KeywordArg("out_dtype"))]
 
 

@@ -26,6 +26,11 @@ RAW_CASES = [
     ("native", True, "rope_neox_native"),
     ("deepseek", False, "rope_gptj_deepseek"),
     ("deepseek", True, "rope_neox_deepseek"),
+    # each read of x through its own view node, as vLLM's traced graph has it (the vLLM-CPU run fell
+    # back to the semantic check because the patterns bound x once)
+    ("native_views", False, "rope_gptj_native"),
+    ("deepseek_views", False, "rope_gptj_deepseek"),
+    ("deepseek_views", True, "rope_neox_deepseek"),
 ]
 
 
@@ -79,6 +84,28 @@ def test_unregistered_rope_falls_back_to_semantic_check(monkeypatch):
     counts = _fusion(pm).pattern_counts
     assert counts["rope_semantic"] == 2
     assert not any(counts[n] for n in qk_rope_kvcache.ROPE_FORMS)
+
+
+def _rope_x2_elsewhere(positions, q_pe, k_pe, cos_sin_cache, is_neox):
+    """GPT-J-shaped, but x2 is read from a rolled copy of x, not from x: not RoPE."""
+    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+
+    def rot(x):
+        c, s = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+        x1, x2 = x[..., ::2], x.roll(1, dims=0)[..., 1::2]
+        return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+
+    return rot(q_pe), rot(k_pe)
+
+
+def test_x_read_from_other_memory_is_not_rope(monkeypatch):
+    """The pattern binds each read of x separately; one read from other memory fails the guard and the
+    semantic check, so the layer is not fused (the lift takes it) and the numbers still equal eager."""
+    monkeypatch.setitem(models.ROPES, "x2_elsewhere", _rope_x2_elsewhere)
+    pm = make_pm()
+    run_case(pm, num_layers=2, T=4, rope="x2_elsewhere")
+    assert pm.matched_counts == {FUSION: 0, "mla_decode_q_prep_lift": 2}
+    assert not any(_fusion(pm).pattern_counts[n] for n in qk_rope_kvcache.ROPE_FORMS)
 
 
 def test_debug_log_names_the_pattern_of_each_layer(caplog):

@@ -80,6 +80,11 @@ def test_report_on_the_dump_lists_layers_fused(runs):
     assert "vLLM config" in out and "flag on, mode DYNAMO_TRACE_ONCE" in out
     assert "gating: passes ran: no compile range; policy 'apply'" in out
     assert "threshold 4, policy apply" in out  # max_num_seqs=4 in the script
+    # vLLM's own traced RoPE (GPT-J, DeepSeek-V2) is taken by the registered patterns, not the semantic
+    # fallback (it was: vLLM reads q_pe through a separate view chain per use, which one KeywordArg refused)
+    assert (f"registered patterns matched: mla_attention {NUM_MLA_LAYERS}, mla_kv_cache_update {NUM_MLA_LAYERS}, "
+            f"q_pe_scatter {NUM_MLA_LAYERS}, rope_gptj_native {2 * NUM_MLA_LAYERS}") in out
+    assert "rope_semantic" not in out
 
 
 def test_diff_of_the_dumped_fusion_graphs(runs):

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -44,20 +45,27 @@ from .cases import make_cos_sin_cache
 DSV3 = dict(H=128, P=128, L=512, R=64, V=128, hidden=7168, q_lora=1536)
 
 
-def _rope_native(positions, q_pe, k_pe, cos_sin_cache, is_neox):
-    """vLLM-native style: index_select + chunk; x1/x2 by halves or by step-2 slices."""
+def _rope_native(positions, q_pe, k_pe, cos_sin_cache, is_neox, *, view_per_read=False):
+    """vLLM-native style: index_select + chunk; x1/x2 by halves or by step-2
+    slices. ``view_per_read``: each read of x goes through its own view of
+    the input, as in the graph vLLM traces (no CSE yet): separate but
+    identical view nodes."""
     T = positions.shape[0]
     cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
 
-    def rot(x):
-        shape = x.shape
-        x = x.view(T, -1, shape[-1])
+    def rot(x_in):
+        shape = x_in.shape
+
+        def xv():
+            return x_in.view(T, -1, shape[-1])
+
+        x = xv()
         c = cos.unsqueeze(-2).to(x.dtype)
         s = sin.unsqueeze(-2).to(x.dtype)
         if is_neox:
             x1, x2 = torch.chunk(x, 2, dim=-1)
         else:
-            x1, x2 = x[..., ::2], x[..., 1::2]
+            x1, x2 = x[..., ::2], (xv() if view_per_read else x)[..., 1::2]
         o1 = x1 * c - x2 * s
         o2 = x2 * c + x1 * s
         if is_neox:
@@ -69,8 +77,9 @@ def _rope_native(positions, q_pe, k_pe, cos_sin_cache, is_neox):
     return rot(q_pe), rot(k_pe)
 
 
-def _rope_deepseek(positions, q_pe, k_pe, cos_sin_cache, is_neox):
-    """DeepSeek-scaling style: cos_sin_cache[positions], full-width cos/sin, rotate_fn."""
+def _rope_deepseek(positions, q_pe, k_pe, cos_sin_cache, is_neox, *, view_per_read=False):
+    """DeepSeek-scaling style: cos_sin_cache[positions], full-width cos/sin,
+    rotate_fn. ``view_per_read``: as in :func:`_rope_native`."""
     cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
     if is_neox:
         cos = torch.cat((cos, cos), dim=-1).unsqueeze(-2)
@@ -79,19 +88,28 @@ def _rope_deepseek(positions, q_pe, k_pe, cos_sin_cache, is_neox):
         cos = cos.repeat_interleave(2, dim=-1).unsqueeze(-2)
         sin = sin.repeat_interleave(2, dim=-1).unsqueeze(-2)
 
+    def fresh(x):  # a separate view node over the same memory (a same-shape view would be dropped as a no-op)
+        return x.unsqueeze(0).squeeze(0) if view_per_read else x
+
     def rotate(x):
         if is_neox:
-            x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+            x1, x2 = x[..., : x.shape[-1] // 2], fresh(x)[..., x.shape[-1] // 2:]
             return torch.cat((-x2, x1), dim=-1)
-        x1, x2 = x[..., ::2], x[..., 1::2]
+        x1, x2 = x[..., ::2], fresh(x)[..., 1::2]
         return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
-    q = (q_pe * cos + rotate(q_pe) * sin).to(q_pe.dtype)
-    k = (k_pe * cos + rotate(k_pe) * sin).to(k_pe.dtype)
+    q = (fresh(q_pe) * cos + rotate(q_pe) * sin).to(q_pe.dtype)
+    k = (fresh(k_pe) * cos + rotate(k_pe) * sin).to(k_pe.dtype)
     return q, k
 
 
-ROPES = {"native": _rope_native, "deepseek": _rope_deepseek}
+ROPES = {
+    "native": _rope_native,
+    "deepseek": _rope_deepseek,
+    # the same math, each read of the rotated input through its own view (vLLM's traced graph)
+    "native_views": functools.partial(_rope_native, view_per_read=True),
+    "deepseek_views": functools.partial(_rope_deepseek, view_per_read=True),
+}
 
 
 class MLADecodeLayer(nn.Module):
