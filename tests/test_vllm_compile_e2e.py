@@ -85,6 +85,9 @@ def test_fused_in_decode_range_only(runs):
     managers = records(runs["compile_on"], "manager")
     assert [m["compile_range"] for m in managers] == [DECODE_RANGE], managers
     assert managers[0]["matched_counts"]["mla_qk_rope_kvcache_fusion"] == NUM_MLA_LAYERS
+    # vLLM's traced GPT-J RoPE is taken by the registered pattern (q and k per layer), not the fallback
+    pats = managers[0]["pattern_counts"]
+    assert pats.get("rope_gptj_native") == 2 * NUM_MLA_LAYERS and not pats.get("rope_semantic"), pats
 
 
 def test_flag_on_tokens_identical(runs):

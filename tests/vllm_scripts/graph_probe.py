@@ -130,6 +130,7 @@ def instrument_mla_passes() -> None:
         orig_call(self, graph)
         _record({"tag": "manager", "pid": os.getpid(), "compile_range": _compile_range(),
                  "matched_counts": dict(self.matched_counts),
+                 "pattern_counts": {k: v for p in self.passes for k, v in getattr(p, "pattern_counts", {}).items()},
                  "decision": self.last_decision, "op_counts_after": op_counts(graph)})
 
     pass_manager.MLAPassManager.__call__ = __call__
