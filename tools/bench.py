@@ -268,14 +268,19 @@ def _check_variant(name, fn, T, H, args, device, is_neox) -> dict:
 
     ly = Layer(T, H, args, seed=T + H, device=device, is_neox=is_neox, case="fp8")
     ref = ly.case.clone()
+    fp8 = platform_fp8_dtype(device)
+    bf16_absorb_ref = _bf16_absorb_q_reference(ref, fp8) if name in BMM_FED else None
     fused_decode_prep_reference(*ref.kernel_args(), ly.dims)
     fn(ly)
-    fp8 = platform_fp8_dtype(device)
     valid = ref.slot_mapping >= 0
     # FlashInfer's kernel skips a padding token (batch index -1) whole: its q row is compared nowhere
     q_rows = valid if name == "flashinfer" else torch.ones_like(valid)
-    r = ref.q_out[q_rows].double()
-    q_steps = ((ly.case.q_out[q_rows].double() - r).abs() / fp8_step(r, fp8)).max().item() if r.numel() else 0.0
+
+    def q_steps_vs(expected):
+        r = expected[q_rows].double()
+        return ((ly.case.q_out[q_rows].double() - r).abs() / fp8_step(r, fp8)).max().item() if r.numel() else 0.0
+
+    q_steps = q_steps_vs(ref.q_out)
     rc = ref.kv_cache.view(fp8).view(-1, L + R).double()
     gc = ly.case.kv_cache.view(fp8).view(-1, L + R).double()
     c_steps = ((gc - rc).abs() / fp8_step(rc, fp8)).max().item()
@@ -286,9 +291,26 @@ def _check_variant(name, fn, T, H, args, device, is_neox) -> dict:
     qpe_err = (ly.case.q[..., P:].double() - ref.q[..., P:].double()).abs().max().item()
     return dict(variant=name, rope="neox" if is_neox else "gptj", T=T, H=H, dtype=args.dtype,
                 q_out_max_fp8_steps=q_steps, q_out_rows_compared=int(q_rows.sum()),
+                q_out_max_fp8_steps_vs_bf16_absorb=None if bf16_absorb_ref is None else q_steps_vs(bf16_absorb_ref),
                 cache_rows_written=int(valid.sum()),
                 cache_max_fp8_steps=c_steps, other_cache_rows_untouched=cache_guard,
                 q_pe_inplace_max_abs_err=None if name in ("aiter", "flashinfer") else qpe_err)
+
+
+# Peers whose kernel is fed by a torch bmm with a bf16 output: the absorb is rounded to bf16 before
+# their quant (the reference absorbs in fp32), so they are also checked against quant(bf16 absorb).
+BMM_FED = ("aiter", "flashinfer")
+
+
+def _bf16_absorb_q_reference(case, fp8):
+    """The reference q_out with the absorb rounded as a bf16 torch.bmm rounds it (inputs unrotated)."""
+    from mla_passes.kernels.fp8 import quantize_fp8
+    from mla_passes.kernels.reference import cos_sin_for, rope_fp32
+
+    ql = torch.bmm(case.q[..., :P].transpose(0, 1), case.w_uk_t).transpose(0, 1)
+    cos, sin = cos_sin_for(case.cos_sin_cache, case.positions)
+    q_pe = rope_fp32(case.q[..., P:], cos[:, None, :], sin[:, None, :], case.is_neox)
+    return quantize_fp8(torch.cat((ql.float(), q_pe), dim=-1), case.q_scale, fp8)
 
 
 # ------------------------------------------------------------------- timing
@@ -506,8 +528,14 @@ def run(args) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(check=rows), f, indent=1)
-        bad = [r for r in rows if r["q_out_max_fp8_steps"] > 1.0 or r["cache_max_fp8_steps"] > 1.0
+        # a bmm-fed peer is held to one step of quant(its bf16 absorb); the fp32-absorb steps are reported too
+        q_key = lambda r: r["q_out_max_fp8_steps_vs_bf16_absorb"] if r["variant"] in BMM_FED \
+            else r["q_out_max_fp8_steps"]  # noqa: E731
+        bad = [r for r in rows if q_key(r) > 1.0 or r["cache_max_fp8_steps"] > 1.0
                or not r["other_cache_rows_untouched"]]
+        if bad:
+            print(f"[bench] {len(bad)}/{len(rows)} checks off: " + "; ".join(
+                f"{r['variant']} {r['rope']} H={r['H']} T={r['T']}" for r in bad), file=sys.stderr)
         return 1 if bad else 0
 
     import triton
