@@ -528,10 +528,10 @@ def run(args) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(check=rows), f, indent=1)
-        # a bmm-fed peer is held to one step of quant(its bf16 absorb); the fp32-absorb steps are reported too
-        q_key = lambda r: r["q_out_max_fp8_steps_vs_bf16_absorb"] if r["variant"] in BMM_FED \
-            else r["q_out_max_fp8_steps"]  # noqa: E731
-        bad = [r for r in rows if q_key(r) > 1.0 or r["cache_max_fp8_steps"] > 1.0
+        def q_steps(r):  # a bmm-fed peer: one step of quant(its bf16 absorb); fp32-absorb steps reported too
+            return r["q_out_max_fp8_steps_vs_bf16_absorb" if r["variant"] in BMM_FED else "q_out_max_fp8_steps"]
+
+        bad = [r for r in rows if q_steps(r) > 1.0 or r["cache_max_fp8_steps"] > 1.0
                or not r["other_cache_rows_untouched"]]
         if bad:
             print(f"[bench] {len(bad)}/{len(rows)} checks off: " + "; ".join(
