@@ -13,6 +13,12 @@ captured in a CUDA graph and timed by replay:
   the absorb bmm, cat and quant;
 * ``aiter``   - AITER's own Triton kernel ``fused_qk_rope_cat_and_cache_mla``
   (loaded through :mod:`tools.aiter_stub`) + torch bmm + a compiled quant;
+* ``flashinfer`` - FlashInfer's CUDA kernel behind
+  ``flashinfer.rope.rope_quantize_fp8_append_paged_kv_cache`` (RoPE, fp8
+  quant of q and of the cache row, paged MLA append; built and loaded by
+  :mod:`tools.flashinfer_stub`) + torch bmm: two launches. fp8 case only (its
+  kernel writes fp8 q into an fp8 cache); it skips padding tokens (slot -1)
+  entirely, so it is checked on the other q rows;
 * the floor: the bytes that must move over the measured copy bandwidth, and
   one tiny kernel in a graph.
 
@@ -53,14 +59,16 @@ ROPES = {"gptj": False, "neox": True}  # name -> is_neox
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, nargs="+", default=list(DEFAULT_HEADS))
     parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS))
-    parser.add_argument("--variants", default="fused,compile,aiter",
-                        help="comma-separated subset of fused,compile,aiter (diagnosis: fused_absorb, "
+    parser.add_argument("--variants", default="fused,compile,aiter,flashinfer",
+                        help="comma-separated subset of fused,compile,aiter,flashinfer (diagnosis: fused_absorb, "
                              "fused_cache, fused_rope, fused_empty = the kernel with only that part on)")
     parser.add_argument("--layers", type=int, default=8, help="independent layers per graph (default 8)")
     parser.add_argument("--reps", type=int, default=25, help="timed batches per variant; the median is reported")
     parser.add_argument("--inner", type=int, default=10, help="graph replays per timed batch")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--pad-every", type=int, default=3,
+                        help="every N-th token is a padding token, slot -1 (default 3; 0: none)")
     parser.add_argument("--rope", default="gptj",
                         help="comma-separated rotary conventions: gptj (DeepSeek's, the default), neox")
     parser.add_argument("--cases", default="fp8,bf16",
@@ -138,6 +146,7 @@ class Layer:
         kvd, q_fp8 = CASES[case]
         self.case = make_case(T, H, P=P, L=L, R=R, block_size=args.block_size, dtype=dtype,
                               kv_cache_dtype=kvd, q_fp8_dtype=fp8 if q_fp8 else None, is_neox=is_neox,
+                              pad_every=getattr(args, "pad_every", 3),
                               num_blocks=max(4, 4 * T // args.block_size + 2), device=device, seed=seed)
         self.dims = check_fused_decode_prep_args(*self.case.kernel_args())
         c = self.case
@@ -188,7 +197,58 @@ def _variants(names, is_neox, device, case="fp8"):
                     quant(ly.q_tmp, c.q_scale, c.q_out)
 
             out["aiter"] = aiter_path
+    if "flashinfer" in names:
+        fi = _flashinfer_variant(kvd, q_fp8, device)
+        if fi is not None:
+            out["flashinfer"] = fi
     return out
+
+
+PEERS = ("aiter", "flashinfer")
+
+
+def _flashinfer_variant(kvd, q_fp8, device):
+    """FlashInfer's fused RoPE + fp8 quant + paged append, after the absorb bmm; None (said why) if absent."""
+    if torch.device(device).type != "cuda":
+        print("[bench] FlashInfer column: CUDA only", file=sys.stderr)
+        return None
+    if not (kvd == "fp8" and q_fp8):
+        print("[bench] FlashInfer column: fp8 case only (its kernel quantizes q and the cache row to fp8)",
+              file=sys.stderr)
+        return None
+    try:
+        try:
+            from tools import flashinfer_stub
+        except ImportError:
+            from mla_passes.tools import flashinfer_stub
+        fi_fn = flashinfer_stub.load()
+    except Exception as e:  # noqa: BLE001 - reported, the rest still runs
+        print(f"[bench] FlashInfer column absent: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+    def setup(ly):
+        # What flashinfer.rope.rope_quantize_fp8_append_paged_kv_cache builds for MLA, made once per
+        # layer so the graph holds only the bmm and FlashInfer's kernel.
+        c = ly.case
+        fp8 = c.q_out.dtype
+        cache = c.kv_cache.view(fp8)
+        ql = torch.empty(c.q.shape[1], c.q.shape[0], L, dtype=c.q.dtype, device=c.q.device)  # [H, T, L]
+        call = flashinfer_stub.MlaCall(
+            q_rope=c.q[..., P:], k_rope=c.k_pe, q_nope=ql.transpose(0, 1), k_nope=c.kv_c,
+            q_rope_out=c.q_out[..., L:], q_nope_out=c.q_out[..., :L], cos_sin_cache=c.cos_sin_cache.float(),
+            pos_ids=c.positions, ckv_cache=cache[..., :L], kpe_cache=cache[..., L:],
+            slot_mapping=c.slot_mapping, block_size=cache.shape[1],
+            quant_scale_q=1.0 / c.q_scale.item(), quant_scale_kv=1.0 / c.k_scale.item(), is_neox=c.is_neox)
+        ly.flashinfer = (ql, call)
+        return ly.flashinfer
+
+    def flashinfer_path(ly):
+        ql, call = getattr(ly, "flashinfer", None) or setup(ly)
+        c = ly.case
+        torch.bmm(c.q[..., :P].transpose(0, 1), c.w_uk_t, out=ql)
+        call(fi_fn)
+
+    return flashinfer_path
 
 
 def _heuristic(ly) -> dict:
@@ -208,24 +268,49 @@ def _check_variant(name, fn, T, H, args, device, is_neox) -> dict:
 
     ly = Layer(T, H, args, seed=T + H, device=device, is_neox=is_neox, case="fp8")
     ref = ly.case.clone()
+    fp8 = platform_fp8_dtype(device)
+    bf16_absorb_ref = _bf16_absorb_q_reference(ref, fp8) if name in BMM_FED else None
     fused_decode_prep_reference(*ref.kernel_args(), ly.dims)
     fn(ly)
-    fp8 = platform_fp8_dtype(device)
-    r = ref.q_out.double()
-    q_steps = ((ly.case.q_out.double() - r).abs() / fp8_step(r, fp8)).max().item()
     valid = ref.slot_mapping >= 0
+    # FlashInfer's kernel skips a padding token (batch index -1) whole: its q row is compared nowhere
+    q_rows = valid if name == "flashinfer" else torch.ones_like(valid)
+
+    def q_steps_vs(expected):
+        r = expected[q_rows].double()
+        return ((ly.case.q_out[q_rows].double() - r).abs() / fp8_step(r, fp8)).max().item() if r.numel() else 0.0
+
+    q_steps = q_steps_vs(ref.q_out)
     rc = ref.kv_cache.view(fp8).view(-1, L + R).double()
     gc = ly.case.kv_cache.view(fp8).view(-1, L + R).double()
     c_steps = ((gc - rc).abs() / fp8_step(rc, fp8)).max().item()
     untouched = torch.ones(rc.shape[0], dtype=torch.bool, device=rc.device)
     untouched[ref.slot_mapping[valid].long()] = False
     cache_guard = torch.equal(gc[untouched].nan_to_num(), rc[untouched].nan_to_num())
-    # AITER's Triton kernel leaves q_pe unrotated (it writes rotated copies): not compared
+    # AITER's Triton kernel and FlashInfer's leave q_pe unrotated (they write rotated copies): not compared
     qpe_err = (ly.case.q[..., P:].double() - ref.q[..., P:].double()).abs().max().item()
     return dict(variant=name, rope="neox" if is_neox else "gptj", T=T, H=H, dtype=args.dtype,
-                q_out_max_fp8_steps=q_steps,
+                q_out_max_fp8_steps=q_steps, q_out_rows_compared=int(q_rows.sum()),
+                q_out_max_fp8_steps_vs_bf16_absorb=None if bf16_absorb_ref is None else q_steps_vs(bf16_absorb_ref),
+                cache_rows_written=int(valid.sum()),
                 cache_max_fp8_steps=c_steps, other_cache_rows_untouched=cache_guard,
-                q_pe_inplace_max_abs_err=None if name == "aiter" else qpe_err)
+                q_pe_inplace_max_abs_err=None if name in ("aiter", "flashinfer") else qpe_err)
+
+
+# Peers whose kernel is fed by a torch bmm with a bf16 output: the absorb is rounded to bf16 before
+# their quant (the reference absorbs in fp32), so they are also checked against quant(bf16 absorb).
+BMM_FED = ("aiter", "flashinfer")
+
+
+def _bf16_absorb_q_reference(case, fp8):
+    """The reference q_out with the absorb rounded as a bf16 torch.bmm rounds it (inputs unrotated)."""
+    from mla_passes.kernels.fp8 import quantize_fp8
+    from mla_passes.kernels.reference import cos_sin_for, rope_fp32
+
+    ql = torch.bmm(case.q[..., :P].transpose(0, 1), case.w_uk_t).transpose(0, 1)
+    cos, sin = cos_sin_for(case.cos_sin_cache, case.positions)
+    q_pe = rope_fp32(case.q[..., P:], cos[:, None, :], sin[:, None, :], case.is_neox)
+    return quantize_fp8(torch.cat((ql.float(), q_pe), dim=-1), case.q_scale, fp8)
 
 
 # ------------------------------------------------------------------- timing
@@ -380,7 +465,7 @@ def write_plot(path, tables, meta) -> None:
     fig, axes = plt.subplots(len(names), len(heads), figsize=(4.2 * len(heads), 3.4 * len(names)),
                              squeeze=False)
     styles = dict(fused=("C0", "o", "-"), compile=("C1", "s", "--"), aiter=("C2", "^", "--"),
-                  bound=("k", None, ":"))
+                  flashinfer=("C3", "v", "--"), bound=("k", None, ":"))
     for i, name in enumerate(names):
         for j, H in enumerate(heads):
             ax = axes[i][j]
@@ -390,6 +475,7 @@ def write_plot(path, tables, meta) -> None:
                 if pts:
                     label = {"bound": "bound (bytes / copy BW, or one launch)",
                              "compile": "torch.compile chain", "aiter": "AITER Triton + bmm",
+                             "flashinfer": "FlashInfer CUDA + bmm",
                              "fused": "fused (mla-passes)"}[key]
                     ax.plot(*zip(*pts), color=color, marker=marker, ls=ls, label=label)
             ax.set_xscale("log", base=2)
@@ -442,8 +528,14 @@ def run(args) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(check=rows), f, indent=1)
-        bad = [r for r in rows if r["q_out_max_fp8_steps"] > 1.0 or r["cache_max_fp8_steps"] > 1.0
+        def q_steps(r):  # a bmm-fed peer: one step of quant(its bf16 absorb); fp32-absorb steps reported too
+            return r["q_out_max_fp8_steps_vs_bf16_absorb" if r["variant"] in BMM_FED else "q_out_max_fp8_steps"]
+
+        bad = [r for r in rows if q_steps(r) > 1.0 or r["cache_max_fp8_steps"] > 1.0
                or not r["other_cache_rows_untouched"]]
+        if bad:
+            print(f"[bench] {len(bad)}/{len(rows)} checks off: " + "; ".join(
+                f"{r['variant']} {r['rope']} H={r['H']} T={r['T']}" for r in bad), file=sys.stderr)
         return 1 if bad else 0
 
     import triton
@@ -520,7 +612,7 @@ def run(args) -> int:
                     print(f"[bench] {rope} {case} H={H} T={T} done in {time.time() - t0:.1f}s",
                           file=sys.stderr, flush=True)
             tables[title] = rows
-            peers = [n for n in ("aiter",) if n in variants]
+            peers = [n for n in PEERS if n in variants]
             summaries[title] = print_table(rows, peers, title)
             extra = [n for n in variants if n.startswith("fused_")]
             if extra:

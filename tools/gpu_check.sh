@@ -9,7 +9,9 @@
 #   tools/gpu_check.sh all     - all of the above (longer than one device call)
 # Logs, JSON and PNGs go under $OUT (the device tool's result folder) or ./gpu_out.
 # Needs: torch with CUDA, triton, pytest (matplotlib for the PNG); AITER's Triton sources under
-# .whl/aiter_py (python -m tools.aiter_stub AMD_AITER_WHEEL) for the AITER column.
+# .whl/aiter_py (python -m tools.aiter_stub AMD_AITER_WHEEL) for the AITER column; for the FlashInfer
+# column (fp8 case), .whl/flashinfer_rope/flashinfer_rope_sm90a.so (python -m tools.flashinfer_stub
+# FLASHINFER_WHEEL, built where nvcc is) and an apache_tvm_ffi cp312 wheel in .whl/ (installed below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -18,6 +20,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
 rc=0
 nvidia-smi -L || true
+if ! python3 -c "import tvm_ffi" 2>/dev/null && ls .whl/apache_tvm_ffi-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/tvm_ffi_site \
+    .whl/apache_tvm_ffi-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/tvm_ffi_site
+fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 for what in "$@"; do
