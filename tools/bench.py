@@ -299,7 +299,11 @@ def _check_variant(name, fn, T, H, args, device, is_neox) -> dict:
 
 # Peers whose kernel is fed by a torch bmm with a bf16 output: the absorb is rounded to bf16 before
 # their quant (the reference absorbs in fp32), so they are also checked against quant(bf16 absorb).
-BMM_FED = ("aiter", "flashinfer")
+BMM_FED = ("compile", "aiter", "flashinfer")
+# The exit status holds our fused kernel to one fp8 step of the fp32 reference. A peer is timed, not
+# shipped: its q may be two steps off quant(bf16 absorb) (its own RoPE and quant order; AITER is, at
+# some shapes) and is reported, not failed. Every variant's cache rows must hold and no other row move.
+PEER_Q_STEPS = 2.0
 
 
 def _bf16_absorb_q_reference(case, fp8):
@@ -531,7 +535,15 @@ def run(args) -> int:
         def q_steps(r):  # a bmm-fed peer: one step of quant(its bf16 absorb); fp32-absorb steps reported too
             return r["q_out_max_fp8_steps_vs_bf16_absorb" if r["variant"] in BMM_FED else "q_out_max_fp8_steps"]
 
-        bad = [r for r in rows if q_steps(r) > 1.0 or r["cache_max_fp8_steps"] > 1.0
+        def q_limit(r):
+            return PEER_Q_STEPS if r["variant"] in BMM_FED else 1.0
+
+        noted = [r for r in rows if 1.0 < q_steps(r) <= q_limit(r)]
+        if noted:
+            print(f"[bench] {len(noted)}/{len(rows)} peer q within {PEER_Q_STEPS:g} fp8 steps, not 1 (reported, "
+                  "not failed): " + "; ".join(f"{r['variant']} {r['rope']} H={r['H']} T={r['T']}" for r in noted),
+                  file=sys.stderr)
+        bad = [r for r in rows if q_steps(r) > q_limit(r) or r["cache_max_fp8_steps"] > 1.0
                or not r["other_cache_rows_untouched"]]
         if bad:
             print(f"[bench] {len(bad)}/{len(rows)} checks off: " + "; ".join(
