@@ -243,8 +243,12 @@ X_READS = ("x_b", "x_c")
 
 def _same_x(k) -> bool:
     """Every extra read of x covers the memory x covers (same root, sizes, strides, offset)."""
-    rx = _fx.Region.of(k["x"])
-    return rx is not None and all(_fx.Region.of(k[n]) == rx for n in X_READS if n in k)
+    x = k["x"]
+    others = [k[n] for n in X_READS if n in k and k[n] is not x]
+    if not others:  # every read is the same node (a CSE'd graph): nothing to compare
+        return isinstance(_fx.val(x), torch.Tensor)
+    rx = _fx.Region.of(x)
+    return rx is not None and all(_fx.Region.of(o) == rx for o in others)
 
 
 def _rope_patterns(name):
