@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 VENV=${VLLM033_VENV:-/tmp/mla-passes-vllm033}
-PY=${PYTHON:-python3.11}
+PY=${PYTHON:-python3}
 VLLM_VERSION=0.33.0
 TORCH_VERSION=${TORCH_VERSION:-2.14.1}
 
