@@ -152,7 +152,8 @@ def test_rope_guard_refuses_cos_sin_of_two_gathers():
     assert qk_rope_kvcache.rope_source(qk_rope_kvcache._HitView(hit.name, swapped)) is None
 
 
-@pytest.mark.parametrize("rope,is_neox", [("native", False), ("deepseek", True)])
+@pytest.mark.parametrize("rope,is_neox", [("native", False), ("deepseek", True), ("native_views", False),
+                                         ("deepseek_views", False)])
 def test_replayed_matches_equal_the_matcher(rope, is_neox):
     """A match replayed from an earlier layer's shape binds exactly what Inductor's matcher binds at that node."""
     from torch._inductor.pattern_matcher import is_match
