@@ -23,7 +23,9 @@ TORCH_VERSION=${TORCH_VERSION:-2.14.1}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
-PIP="$VENV/bin/python -m pip"
+# pip, minus the noise of this machine's unused local index entries; keeps pip's exit code (pipefail).
+PIP=pipq
+pipq() { "$VENV/bin/python" -m pip "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   $PIP install -q "torch==$TORCH_VERSION"
