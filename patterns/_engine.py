@@ -217,8 +217,8 @@ def anchor_calls(hits: Hits, names, ops) -> list:
 class _Shape:
     """The shape of one match, to recognise the same subgraph at the next layer.
 
-    Inductor's matcher costs ~0.15 ms per RoPE match (a ``MatchContext``, a
-    ``Match`` and a pytree flatten per pattern node); a 61-layer model repeats
+    Inductor's matcher builds a ``MatchContext``, a ``Match`` and a pytree
+    flatten per pattern node for every RoPE match; a 61-layer model repeats
     one subgraph 122 times. A match is recorded as its nodes' targets,
     literal arguments (all of them, including those the pattern ignores or
     binds: stricter than the pattern), references between matched nodes,

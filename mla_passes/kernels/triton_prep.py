@@ -27,9 +27,9 @@ A 1-D grid of two program roles (one branch on the program id):
 
 The small jobs no longer wait behind an absorb chain in the same program (the
 previous design spread them over the absorb programs by masks), and an absorb
-program's W loads depend on nothing. Measured on an H200 (``mla-passes
-bench``, 8 layers per graph): 2.3-7 us at H=16 and 7-28 us at H=128 for
-T = 1..256, against 6.3-14 and 15.5-74 us for the previous design.
+program's W loads depend on nothing. On an H200 (``mla-passes bench``, 8
+layers per graph, GPT-J, fp8): 2.3-5.7 us at H=16 and 6.9-26.5 us at H=128
+for T = 1..256 (the README's table).
 
 Every memory location is read and written by exactly one program, so there is
 no ordering inside the launch to get wrong. The wrapper allocates nothing and
@@ -416,18 +416,16 @@ def launch_config(T: int, H: int, L: int, device: torch.device, P: int = 128) ->
     programs: ``SIDE_T`` tokens x ``SIDE_H`` heads of q RoPE, plus a slice of
     those tokens' cache rows.
 
-    From H200 sweeps (``tools/kernel_sweep.py`` and ``mla-passes bench
-    --sweep``, DeepSeek-V3 dims, bf16, fp8 cache and q, 8 layers per CUDA
-    graph): one token -> GEMV over 64-column tiles (a GEMV over 2-4 tokens was
-    2x slower than a 16-row tl.dot at 128 heads); otherwise one token block
-    covering the batch up to 64 tokens, then 128-token blocks, 64-column tiles
-    (128 for 64-token blocks of many heads), 8 warps; from 256 tokens of many
-    heads 4 warps and, from 512, 64 x 128 blocks (46 against 58 us at 128
-    heads). Side programs of 16 heads: 1 token each for small batches, 2 from
-    64 tokens (128 for few heads; 1 token at 256 tokens x 16 heads was 6.3-7.0
-    us, 2 were 5.7), 4 tokens x 32 heads from 256 tokens of many heads (27 vs
-    29 us at T=256, 46 vs 54 at T=512, H=128). Both conventions were swept;
-    the chosen configs are within ~0.3 us of the best for GPT-J and NeoX alike.
+    From H200 sweeps of both RoPE conventions (``tools/kernel_sweep.py`` and
+    ``mla-passes bench --sweep``, DeepSeek-V3 dims, bf16, fp8 cache and q, 8
+    layers per CUDA graph): one token -> GEMV over 64-column tiles (a GEMV
+    over 2-4 tokens lost to a 16-row tl.dot at 128 heads); otherwise one
+    token block covering the batch up to 64 tokens, then 128-token blocks,
+    64-column tiles (128 for 64-token blocks of many heads), 8 warps; from
+    256 tokens of many heads 4 warps and, from 512, 64 x 128 blocks. Side
+    programs of 16 heads: 1 token each for small batches, 2 from 64 tokens
+    (128 for few heads), 4 tokens x 32 heads from 256 tokens of many heads.
+    Rerun ``mla-passes bench --sweep`` to see the timings behind a choice.
     """
     l_pad, p_pad = _next_pow2(L), max(16, _next_pow2(P))
     many = H >= 64 and T >= 256

@@ -313,7 +313,7 @@ def graph_fake_mode(graph: Graph):
 
 def _fake_impls() -> dict:
     """Our ops' Python fake impls, called directly: going through the
-    dispatcher in fake mode costs ~1 ms per node (cache keys over opaque args)."""
+    dispatcher in fake mode costs far more per node (cache keys over opaque args)."""
     from .. import ops
 
     return {
@@ -342,7 +342,7 @@ def _fresh_outs() -> dict:
 def fresh_fake(mode, like: torch.Tensor, shape, dtype) -> torch.Tensor:
     """What ``like.new_empty(shape, dtype=dtype)`` gives under fake ``mode``
     (a new contiguous FakeTensor with its own storage on ``like``'s device):
-    a meta tensor wrapped by the ``FakeTensor`` constructor, ~5x cheaper than
+    a meta tensor wrapped by the ``FakeTensor`` constructor, cheaper than
     dispatching ``torch.empty`` through the mode (cache key and cache entry)."""
     with unset_fake_temporarily():
         meta = torch.empty(shape, dtype=dtype, layout=like.layout, device="meta")
