@@ -164,13 +164,24 @@ def test_fused_rope_q_pe_reader_fused():
 
 # --- item 6: graphs that raised KeyError inside the passes ------------------------------
 
-class SharedProjectionScaledQ(nn.Module):
-    """q and k from one projection; the rotated q_pe is scattered into ``q * 2``."""
+class _OneLayer(nn.Module):
+    """Layer 0 of ``stack`` and its cos/sin table, for hand-written layer variants."""
 
     def __init__(self, stack):
         super().__init__()
         self.layer = stack.module.layers[0]
         self.cos_sin_cache = stack.module.cos_sin_cache
+
+    def attend(self, hidden, q, kv_c, k_rot, ln, dep):
+        """The layer's attention (same ``ln`` object as the cache update) and output projection."""
+        ly = self.layer
+        out = torch.empty((hidden.shape[0], ly.H * ly.V), dtype=q.dtype)
+        standins.attention_with_output(q, kv_c, k_rot, out, ln, kv_cache_dummy_dep=dep)
+        return hidden + out @ ly.w_o
+
+
+class SharedProjectionScaledQ(_OneLayer):
+    """q and k from one projection; the rotated q_pe is scattered into ``q * 2``."""
 
     def forward(self, positions, hidden):
         ly = self.layer
@@ -184,9 +195,7 @@ class SharedProjectionScaledQ(nn.Module):
         q2 = q * 2
         q2[..., P:] = q_rot
         dep = standins.kv_cache_update(kv_c, k_rot, ln, ly.kv_cache_dtype, ly.k_scale)
-        out = torch.empty((hidden.shape[0], H * ly.V), dtype=q.dtype)
-        standins.attention_with_output(q2, kv_c, k_rot, out, ln, kv_cache_dummy_dep=dep)
-        return hidden + out @ ly.w_o, []
+        return self.attend(hidden, q2, kv_c, k_rot, ln, dep), []
 
 
 class ChainedK(nn.Module):
@@ -256,13 +265,8 @@ def test_unexpected_error_becomes_refusal(monkeypatch, caplog):
 
 # --- aliasing: views the old hand list of view ops missed ----------------------------------
 
-class EarlyDiagonalRead(nn.Module):
+class EarlyDiagonalRead(_OneLayer):
     """Reads q's rotary columns through ``diagonal`` (a view op) before the RoPE."""
-
-    def __init__(self, stack):
-        super().__init__()
-        self.layer = stack.module.layers[0]
-        self.cos_sin_cache = stack.module.cos_sin_cache
 
     def forward(self, positions, hidden):
         ly = self.layer
@@ -274,9 +278,7 @@ class EarlyDiagonalRead(nn.Module):
         kv_c = _rms(kv_c)
         q[..., P:], k_rot = _rope_native(positions, q[..., P:], k_pe.unsqueeze(1), self.cos_sin_cache, ly.is_neox)
         dep = standins.kv_cache_update(kv_c, k_rot, ln, ly.kv_cache_dtype, ly.k_scale)
-        out = torch.empty((hidden.shape[0], H * ly.V), dtype=q.dtype)
-        standins.attention_with_output(q, kv_c, k_rot, out, ln, kv_cache_dummy_dep=dep)
-        return hidden + out @ ly.w_o, unrotated
+        return self.attend(hidden, q, kv_c, k_rot, ln, dep), unrotated
 
 
 def _capture(module, st, T=5):
