@@ -54,17 +54,14 @@ diag|all)
     --variants fused,fused_rope,fused_absorb,fused_cache --json "$OUT/diag.json" 2>&1 \
     | grep -v '^\[row\]' | tee "$OUT/diag.log" || rc=1
   ;;&
-bench-fp8|all)
-  echo "== bench: fp8 cache + fp8 q"
-  timeout ${BENCH_TIMEOUT:-560} python3 -m tools.bench --rope gptj,neox --cases fp8 ${BENCH_ARGS-} \
-    --json "$OUT/bench_fp8.json" --plot "$OUT/bench_fp8.png" >"$OUT/bench_fp8.log" 2>&1 || rc=1
-  grep -v '^\[' "$OUT/bench_fp8.log"
-  ;;&
-bench-bf16|all)
-  echo "== bench: bf16 model, kv_cache_dtype=auto"
-  timeout ${BENCH_TIMEOUT:-560} python3 -m tools.bench --rope gptj,neox --cases bf16 ${BENCH_ARGS-} \
-    --json "$OUT/bench_bf16.json" --plot "$OUT/bench_bf16.png" >"$OUT/bench_bf16.log" 2>&1 || rc=1
-  grep -v '^\[' "$OUT/bench_bf16.log"
+bench-fp8|bench-bf16|all)
+  cases=${what#bench-}; [ "$what" = all ] && cases="fp8 bf16"
+  for c in $cases; do
+    echo "== bench: $c case (fp8: fp8 cache + fp8 q; bf16: bf16 model, kv_cache_dtype=auto)"
+    timeout ${BENCH_TIMEOUT:-560} python3 -m tools.bench --rope gptj,neox --cases "$c" ${BENCH_ARGS-} \
+      --json "$OUT/bench_$c.json" --plot "$OUT/bench_$c.png" >"$OUT/bench_$c.log" 2>&1 || rc=1
+    grep -v '^\[' "$OUT/bench_$c.log"
+  done
   ;;
 esac
 done
