@@ -258,6 +258,16 @@ def _where_why(refusal) -> tuple[str, str]:
     return where, why
 
 
+def _attention_backend(name: str) -> str | None:
+    """The attention backend the layer's resolver names (None where unknown)."""
+    from .layers import resolve_layer
+
+    try:
+        return resolve_layer(name).attention_backend
+    except Exception:
+        return None
+
+
 def explain_graph(manager, graph, before: dict) -> dict:
     """The record of one call of ``manager`` on ``graph`` (after the call)."""
     from .gating import current_compile_range
@@ -290,7 +300,8 @@ def explain_graph(manager, graph, before: dict) -> dict:
             if _refusal_layer(where, [name]) is not None:
                 reasons.append(f"{pname}: {why}")
                 claimed.add(i)
-        layers.append({"layer": name, "outcome": what, "reasons": reasons})
+        layers.append({"layer": name, "outcome": what, "reasons": reasons,
+                       "attention_backend": _attention_backend(name)})
     other = [f"{p}: {w}: {y}" for i, (p, w, y) in enumerate(refusals) if i not in claimed]
     return {
         "kind": "graph",
@@ -307,6 +318,10 @@ def explain_graph(manager, graph, before: dict) -> dict:
 
 # --- vLLM ----------------------------------------------------------------------------
 
+def _name_or_none(value) -> str | None:
+    return None if value is None else str(getattr(value, "name", value))
+
+
 def vllm_config_facts(vllm_config) -> dict:
     """What decides whether our passes can see a whole MLA layer in vLLM."""
     cc = vllm_config.compilation_config
@@ -322,6 +337,13 @@ def vllm_config_facts(vllm_config) -> dict:
         "threshold_override": getattr(pc, "aiter_qk_rope_kvcache_fusion_max_token_num", None),
         "compile_ranges_endpoints": list(getattr(cc, "compile_ranges_endpoints", None) or []),
         "debug_dump_path": None if cc.debug_dump_path is None else str(cc.debug_dump_path),
+        # vLLM derives these from the machine (on CPU: the MLA backend, and with it
+        # block size, chunked prefill and the token budget that ends the top range)
+        "attention_backend_asked": _name_or_none(getattr(getattr(vllm_config, "attention_config", None),
+                                                         "backend", None)),
+        "block_size": getattr(getattr(vllm_config, "cache_config", None), "block_size", None),
+        "max_num_batched_tokens": getattr(sched, "max_num_batched_tokens", None),
+        "enable_chunked_prefill": getattr(sched, "enable_chunked_prefill", None),
         "enforce_eager": bool(getattr(vllm_config.model_config, "enforce_eager", False))
         if getattr(vllm_config, "model_config", None) is not None else None,
     }

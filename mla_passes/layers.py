@@ -26,7 +26,8 @@ class MLALayerState:
     the prepped q has the model dtype). ``num_decode_tokens`` None means every
     row is a decode row. ``attention_with_prepped_q`` runs the layer's
     attention with an already prepped q for the decode rows (see
-    :mod:`mla_passes.ops`).
+    :mod:`mla_passes.ops`). ``attention_backend`` names the backend that runs
+    the layer's attention, for records and reports only.
     """
 
     w_uk_t: torch.Tensor
@@ -38,6 +39,9 @@ class MLALayerState:
     q_fp8_dtype: torch.dtype | None = None
     num_decode_tokens: int | None = None
     attention_with_prepped_q: Callable[..., None] | None = None
+    # The attention backend that runs the layer, where the resolver knows it
+    # (vLLM: ``layer.attn_backend.get_name()``, e.g. AMX_MLA or CPU_MLA on CPU).
+    attention_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.k_scale is None:

@@ -159,6 +159,15 @@ def _as_cache_bits(kv_cache: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
     return kv_cache
 
 
+def _backend_name(layer) -> str | None:
+    """The name of the attention backend vLLM chose for ``layer`` (on CPU it
+    depends on the machine: AMX_MLA with AMX tiles, else CPU_MLA)."""
+    try:
+        return str(layer.attn_backend.get_name())
+    except Exception:
+        return None
+
+
 def _max_step_tokens() -> int:
     try:
         from vllm.config import get_current_vllm_config
@@ -212,6 +221,7 @@ class VllmLayerResolver:
             q_fp8_dtype=_fp8_dtype() if q_scale is not None else None,
             num_decode_tokens=getattr(attn_metadata, "num_decode_tokens", None),
             attention_with_prepped_q=adapter,
+            attention_backend=_backend_name(layer),
         )
 
     @staticmethod

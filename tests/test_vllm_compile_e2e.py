@@ -4,17 +4,29 @@
 ``VllmBackend`` -> FX split / Inductor graph partition -> ``PiecewiseBackend``
 (one Inductor compile per compile range) -> vLLM's ``PostGradPassManager``,
 which runs our pass as its ``post_grad_custom_post_pass``. The tiny
-DeepSeek-V2 (``tests/vllm_tiny_model.py``), ``max_num_seqs=4`` (decode
-threshold 4, so ranges (1, 4) and (5, 2048)), greedy, a user post-grad pass
-(the graph probe) in every run. Three processes, one at a time:
+DeepSeek-V2 (``tests/vllm_tiny_model.py``), ``max_num_seqs=4``, greedy, a
+user post-grad pass (the graph probe) in every run.
+
+vLLM derives the compile ranges from the machine: on CPU the MLA backend it
+picks (``AMX_MLA`` where the CPU has AMX tiles, else the reference
+``CPU_MLA``) sets block size, chunked prefill and ``max_num_batched_tokens``,
+which ends the top range. So no number here is one machine's: the ranges are
+read from each run's own config (decode range ``(1, threshold)``, the range
+above ``(threshold + 1, max_num_batched_tokens)``).
+
+Processes, one at a time, with the backend vLLM picks for this machine:
 
 * ``compile_on``: flag on, partition left to the plugin;
 * ``compile_off``: flag off (vLLM's own split at both MLA ops);
-* ``compile_nopart``: flag on, ``use_inductor_graph_partition=False``.
+* ``compile_nopart``: flag on, ``use_inductor_graph_partition=False``;
+
+and, on a CPU with AMX (where the default is ``AMX_MLA``), ``compile_on`` /
+``compile_off`` again with ``attention_config.backend=CPU_MLA``, so both CPU
+MLA paths are covered where the machine allows.
 
 CPU has no CUDA graphs (``cudagraph_mode`` NONE): what this proves is the
 graph side (partition, ranges, the rewrite, the numbers), not capture.
-Three vLLM processes (about 2-3 minutes each on a shared 2-core box).
+Each vLLM process takes about 2-3 minutes on a shared 2-core box.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from pathlib import Path
 import pytest
 
 vllm = pytest.importorskip("vllm", reason="needs vLLM")
+import torch  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -35,18 +48,58 @@ from vllm_harness import count, records, run  # noqa: E402
 from vllm_tiny_model import NUM_MLA_LAYERS, build_tiny_deepseek_v2  # noqa: E402
 
 OURS = "mla_passes::mla_attention_with_prepped_q"
-DECODE_RANGE, ABOVE_RANGE = "(1, 4)", "(5, 2048)"
+CPU_HAS_AMX = bool(torch.cpu._is_amx_tile_supported())
+NO_AMX = "this CPU has no AMX tiles (no amx_tile in /proc/cpuinfo): vLLM runs its AMX_MLA backend only with them"
+
+
+def _ranges(run_result: dict) -> tuple[str, str]:
+    """(decode range, range above it) as the probe names them, from the run's own config."""
+    threshold = run_result["max_num_seqs"]  # the decode threshold: max_num_seqs, no speculative tokens
+    top = run_result["max_num_batched_tokens"]
+    assert run_result["compile_ranges_endpoints"] == [threshold, top], run_result["compile_ranges_endpoints"]
+    assert top > threshold, "no range above the decode threshold in this config"
+    return f"(1, {threshold})", f"({threshold + 1}, {top})"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, dict]:
+def work(tmp_path_factory) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("vllm_compile_e2e")
-    model_dir = build_tiny_deepseek_v2(work / "tiny_deepseek_v2")
+    return work, build_tiny_deepseek_v2(work / "tiny_deepseek_v2")
+
+
+@pytest.fixture(scope="module")
+def runs(work) -> dict[str, dict]:
+    """The three runs with the attention backend vLLM picks for this machine."""
+    work_dir, model_dir = work
     t0 = time.time()
-    results = {mode: run(model_dir, work, mode, vllm_compile=True)
+    results = {mode: run(model_dir, work_dir, mode, vllm_compile=True)
                for mode in ("compile_on", "compile_off", "compile_nopart")}
     results["_seconds"] = time.time() - t0
     return results
+
+
+@pytest.fixture(scope="module")
+def forced_reference_runs(work) -> dict[str, dict]:
+    """Flag on and off with vLLM's reference CPU MLA backend asked for by name."""
+    work_dir, model_dir = work
+    sub = work_dir / "cpu_mla"
+    sub.mkdir(exist_ok=True)
+    env = {"MLA_TEST_ATTENTION_BACKEND": "CPU_MLA"}
+    return {mode: run(model_dir, sub, mode, vllm_compile=True, env=env) for mode in ("compile_on", "compile_off")}
+
+
+@pytest.fixture(params=["AMX_MLA", "CPU_MLA"])
+def backend_runs(request) -> tuple[str, dict[str, dict]]:
+    """(backend, its flag-on/off runs): AMX_MLA is the machine default where the CPU
+    has AMX; CPU_MLA is the default elsewhere and is forced by name on an AMX CPU."""
+    backend = request.param
+    if backend == "AMX_MLA":
+        if not CPU_HAS_AMX:
+            pytest.skip(NO_AMX)
+        return backend, request.getfixturevalue("runs")
+    if CPU_HAS_AMX:
+        return backend, request.getfixturevalue("forced_reference_runs")
+    return backend, request.getfixturevalue("runs")
 
 
 def _user_graphs(run_result: dict) -> dict[str, dict]:
@@ -54,12 +107,23 @@ def _user_graphs(run_result: dict) -> dict[str, dict]:
     return {r["compile_range"]: r["op_counts"] for r in records(run_result, "user")}
 
 
+def test_machine_default_backend(runs):
+    """vLLM picked AMX_MLA exactly when this CPU has AMX tiles; the harness recorded what it derived."""
+    on = runs["compile_on"]
+    assert on["cpu_has_amx"] == CPU_HAS_AMX and on["attention_backend_asked"] is None
+    backends = {c["backend"] for c in records(on, "attention")}
+    assert backends == {"AMX_MLA" if CPU_HAS_AMX else "CPU_MLA"}, backends
+
+
 def test_vllm_compile_kept(runs):
     """The harness really ran VLLM_COMPILE with compile ranges split at the decode threshold."""
     for mode in ("compile_on", "compile_off", "compile_nopart"):
         assert runs[mode]["compilation_mode"] == 3, mode
-    assert runs["compile_on"]["compile_ranges_endpoints"] == [4, 2048]
-    assert set(_user_graphs(runs["compile_on"])) == {DECODE_RANGE, ABOVE_RANGE}
+    on = runs["compile_on"]
+    assert on["max_num_seqs"] == 4  # what run_llm.py asks for; the threshold follows from it
+    assert set(_user_graphs(on)) == set(_ranges(on))
+    for mode in ("compile_off", "compile_nopart"):  # the flag does not move the ranges
+        assert runs[mode]["compile_ranges_endpoints"] == on["compile_ranges_endpoints"], mode
 
 
 def test_flag_on_partition_config(runs):
@@ -71,36 +135,47 @@ def test_flag_on_partition_config(runs):
     assert "Inductor graph partition on" in on["log"]
 
 
-def test_fused_in_decode_range_only(runs):
-    """Decode-range graph: one fused prep + one prepped-q attention per layer, no vLLM MLA op;
-    the range above the threshold keeps vLLM's ops, none of ours, and our manager never ran there."""
-    graphs = _user_graphs(runs["compile_on"])
-    dec, above = graphs[DECODE_RANGE], graphs[ABOVE_RANGE]
-    assert count(dec, "mla_fused_decode_prep") == NUM_MLA_LAYERS, dec
-    assert count(dec, "mla_attention_with_prepped_q") == NUM_MLA_LAYERS, dec
+def test_fused_in_decode_range_only(backend_runs):
+    """Per CPU MLA backend, decode-range graph: one fused prep + one prepped-q attention per layer, no
+    vLLM MLA op; the range above the threshold keeps vLLM's ops, none of ours, and our manager never ran there."""
+    backend, rs = backend_runs
+    on = rs["compile_on"]
+    decode_range, above_range = _ranges(on)
+    graphs = _user_graphs(on)
+    assert set(graphs) == {decode_range, above_range}, (backend, sorted(graphs))
+    dec, above = graphs[decode_range], graphs[above_range]
+    assert count(dec, "mla_fused_decode_prep") == NUM_MLA_LAYERS, (backend, dec)
+    assert count(dec, "mla_attention_with_prepped_q") == NUM_MLA_LAYERS, (backend, dec)
     assert count(dec, "unified_mla_attention_with_output") == 0 and count(dec, "unified_mla_kv_cache_update") == 0
-    assert count(above, "mla_passes") == 0, above
-    assert count(above, "unified_mla_attention_with_output") == NUM_MLA_LAYERS, above
-    assert count(above, "unified_mla_kv_cache_update") == NUM_MLA_LAYERS, above
-    managers = records(runs["compile_on"], "manager")
-    assert [m["compile_range"] for m in managers] == [DECODE_RANGE], managers
+    assert count(above, "mla_passes") == 0, (backend, above)
+    assert count(above, "unified_mla_attention_with_output") == NUM_MLA_LAYERS, (backend, above)
+    assert count(above, "unified_mla_kv_cache_update") == NUM_MLA_LAYERS, (backend, above)
+    managers = records(on, "manager")
+    assert [m["compile_range"] for m in managers] == [decode_range], (backend, managers)
     assert managers[0]["matched_counts"]["mla_qk_rope_kvcache_fusion"] == NUM_MLA_LAYERS
     # vLLM's traced GPT-J RoPE is taken by the registered pattern (q and k per layer), not the fallback
     pats = managers[0]["pattern_counts"]
-    assert pats.get("rope_gptj_native") == 2 * NUM_MLA_LAYERS and not pats.get("rope_semantic"), pats
+    assert pats.get("rope_gptj_native") == 2 * NUM_MLA_LAYERS and not pats.get("rope_semantic"), (backend, pats)
 
 
-def test_flag_on_tokens_identical(runs):
-    """Flag on gives exactly flag off's greedy tokens through the VLLM_COMPILE pipeline."""
-    on, off = runs["compile_on"]["tokens"], runs["compile_off"]["tokens"]
-    assert len(on) == 3 and all(len(t) == 16 for t in on)
-    assert on == off
+def test_prepped_attention_ran_on_the_backend(backend_runs):
+    """The prepped-q attention ran at run time, on pure-decode steps, in every layer, on the named backend."""
+    backend, rs = backend_runs
+    calls = records(rs["compile_on"], "attention")
+    assert calls, backend
+    assert {c["backend"] for c in calls} == {backend}
+    assert {c["layer"] for c in calls} == {f"model.layers.{i}.self_attn.attn" for i in range(NUM_MLA_LAYERS)}
+    assert all(c["num_decode_tokens"] == c["num_actual_tokens"] for c in calls)
 
 
-def test_prepped_attention_ran_decode_steps(runs):
-    """The prepped-q attention ran at run time on pure-decode steps (the decode-range graph)."""
-    calls = records(runs["compile_on"], "attention")
-    assert calls and all(c["num_decode_tokens"] == c["num_actual_tokens"] for c in calls)
+def test_flag_on_tokens_identical(backend_runs):
+    """Per CPU MLA backend, flag on gives exactly flag off's greedy tokens through VLLM_COMPILE."""
+    backend, rs = backend_runs
+    on, off = rs["compile_on"]["tokens"], rs["compile_off"]["tokens"]
+    assert len(on) == 3 and all(len(t) == 16 for t in on), backend
+    assert on == off, backend
+    asked = rs["compile_on"]["attention_backend_asked"]
+    assert asked in (None, backend) and rs["compile_off"]["attention_backend_asked"] == asked
 
 
 def test_flag_off_split_hides_layers(runs):
@@ -130,13 +205,14 @@ def test_user_post_grad_pass_runs(runs):
     on = runs["compile_on"]
     assert on["post_pass_type"] == "ComposedPostGradPass"
     assert on["post_pass_members"] == ["MLAPassManager", "GraphProbePass"]
-    assert set(_user_graphs(on)) == {DECODE_RANGE, ABOVE_RANGE}
+    assert set(_user_graphs(on)) == set(_ranges(on))
 
 
 def test_decode_graph_capturable(runs):
     """The rewritten decode-range graph holds nothing that breaks CUDA-graph capture
     (mla_passes.lint: no host sync, no data-dependent shape, every custom op's
     fake shape re-derived from its inputs equals the recorded one)."""
+    decode_range, _ = _ranges(runs["compile_on"])
     graphs = {r["compile_range"]: r for r in records(runs["compile_on"], "user")}
-    assert count(graphs[DECODE_RANGE]["op_counts"], "mla_passes") == 2 * NUM_MLA_LAYERS
-    assert graphs[DECODE_RANGE]["cudagraph_lint"] == []
+    assert count(graphs[decode_range]["op_counts"], "mla_passes") == 2 * NUM_MLA_LAYERS
+    assert graphs[decode_range]["cudagraph_lint"] == []

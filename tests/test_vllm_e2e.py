@@ -124,6 +124,22 @@ def test_prepped_q_attention_saw_mixed_steps(runs):
     assert mixed and decode_only
 
 
+def test_attention_backend_named(runs):
+    """The prepped-q attention ran on the CPU MLA backend vLLM picks for this machine (AMX_MLA
+    exactly when the CPU has AMX tiles, else CPU_MLA), in every layer; the run recorded what
+    vLLM derived with it (block size, chunked prefill, token budget), and the ranges follow."""
+    import torch
+
+    on = runs["on"]
+    expected = "AMX_MLA" if torch.cpu._is_amx_tile_supported() else "CPU_MLA"
+    calls = _records(on, "attention")
+    assert {c["backend"] for c in calls} == {expected}, {c["backend"] for c in calls}
+    assert {c["layer"] for c in calls} == {f"model.layers.{i}.self_attn.attn" for i in range(NUM_MLA_LAYERS)}
+    assert on["cpu_has_amx"] == (expected == "AMX_MLA")
+    assert isinstance(on["block_size"], int) and on["block_size"] > 0
+    assert on["max_num_batched_tokens"] >= on["max_num_seqs"] == 4
+
+
 def test_user_post_grad_pass_runs_next_to_ours(runs):
     """A user's post_grad_custom_post_pass still runs (after ours) with the flag on."""
     on = runs["on"]

@@ -80,6 +80,11 @@ def test_report_on_the_dump_lists_layers_fused(runs):
     assert "vLLM config" in out and "flag on, mode DYNAMO_TRACE_ONCE" in out
     assert "gating: passes ran: no compile range; policy 'apply'" in out
     assert "threshold 4, policy apply" in out  # max_num_seqs=4 in the script
+    # the CPU MLA backend vLLM picked for this machine is named, per graph and in the summary
+    import torch
+
+    backend = "AMX_MLA" if torch.cpu._is_amx_tile_supported() else "CPU_MLA"
+    assert f"  attention backend: {backend}\n" in out and f"-- attention backend: {backend} " in out, out
     # vLLM's own traced RoPE (GPT-J, DeepSeek-V2) is taken by the registered patterns, not the semantic
     # fallback (it was: vLLM reads q_pe through a separate view chain per use, which one KeywordArg refused)
     assert (f"registered patterns matched: mla_attention {NUM_MLA_LAYERS}, mla_kv_cache_update {NUM_MLA_LAYERS}, "

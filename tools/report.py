@@ -59,6 +59,8 @@ def summarize(records: list[dict]) -> dict:
         "layers": {name: {"outcomes": dict(c), "best": best_outcome(c), "reasons": reasons.get(name, [])}
                    for name, c in per_layer.items()},
         "totals": dict(totals),
+        "attention_backends": sorted({lay["attention_backend"] for g in graphs for lay in g.get("layers", [])
+                                      if lay.get("attention_backend")}),
         "cause": None if totals.get("fused") or totals.get("lifted") else likely_cause(graphs, configs),
     }
 
@@ -118,7 +120,10 @@ def _range(d: dict) -> str:
     return "none" if r is None else f"({r[0]}, {r[1]})"
 
 
-_CONFIG_SHOWN = ("flag", "mode", "use_inductor_graph_partition", "max_num_seqs", "threshold_override")
+_CONFIG_MACHINE = (("block_size", "block size"), ("max_num_batched_tokens", "max_num_batched_tokens"),
+                   ("attention_backend_asked", "attention backend asked"))
+_CONFIG_SHOWN = ("flag", "mode", "use_inductor_graph_partition", "max_num_seqs", "threshold_override",
+                 *(k for k, _ in _CONFIG_MACHINE))
 
 
 def _distinct_configs(configs: list[dict]) -> list[tuple[dict, list]]:
@@ -137,7 +142,8 @@ def format_report(folder: str, records: list[dict], summary: dict) -> str:
         out.append(
             f"vLLM config (pid {', '.join(map(str, pids))}): flag {'on' if c.get('flag') else 'off'}, "
             f"mode {c.get('mode')}, graph partition {'on' if c.get('use_inductor_graph_partition') else 'off'}, "
-            f"max_num_seqs {c.get('max_num_seqs')}, threshold override {c.get('threshold_override')}\n")
+            f"max_num_seqs {c.get('max_num_seqs')}, threshold override {c.get('threshold_override')}"
+            + "".join(f", {label} {c[k]}" for k, label in _CONFIG_MACHINE if c.get(k) is not None) + "\n")
     for g in (r for r in records if r.get("kind") == "graph"):
         d = g["decision"]
         files = " ".join(f"{k.split('_')[0]}: {g[k]}" for k in ("before_file", "after_file") if g.get(k))
@@ -154,6 +160,9 @@ def format_report(folder: str, records: list[dict], summary: dict) -> str:
                 out.append(f"  registered patterns matched: {pats}\n")
             if g.get("pass_ms"):
                 out.append("  pass time: " + ", ".join(f"{k} {v:.1f} ms" for k, v in g["pass_ms"].items()) + "\n")
+        backends = sorted({lay["attention_backend"] for lay in g.get("layers", []) if lay.get("attention_backend")})
+        if backends:
+            out.append(f"  attention backend: {', '.join(backends)}\n")
         for lay in g.get("layers", []):
             out.append(f"  layer {lay['layer']}: {lay['outcome']}\n")
             for r in lay.get("reasons", []):
@@ -173,6 +182,9 @@ def format_report(folder: str, records: list[dict], summary: dict) -> str:
         t = summary["totals"]
         out.append(f"-- {len(layers)} layer(s): {t.get('fused', 0)} fused, {t.get('lifted', 0)} lifted, "
                    f"{t.get('left alone', 0)} left alone\n")
+        if summary.get("attention_backends"):
+            out.append(f"-- attention backend: {', '.join(summary['attention_backends'])}"
+                       " (vLLM's choice for this machine; on CPU AMX_MLA needs AMX tiles)\n")
         if summary["cause"]:
             out.append(f"-- nothing fused or lifted: {summary['cause']}\n")
     else:

@@ -141,10 +141,16 @@ def instrument_mla_passes() -> None:
     def attention_with_prepped_q(layer_name, q, q_prepped, kv_c_normed, k_pe, output, **kw):
         from vllm.forward_context import get_forward_context
 
-        md = get_forward_context().attn_metadata
-        md = md.get(str(getattr(layer_name, "value", layer_name))) if isinstance(md, dict) else md
+        ctx = get_forward_context()
+        name = str(getattr(layer_name, "value", layer_name))
+        md = ctx.attn_metadata
+        md = md.get(name) if isinstance(md, dict) else md
         if md is not None:
-            _record({"tag": "attention", "pid": os.getpid(), "num_decode_tokens": int(md.num_decode_tokens),
+            layer = ctx.no_compile_layers.get(name)
+            _record({"tag": "attention", "pid": os.getpid(), "layer": name,
+                     "backend": layer.attn_backend.get_name() if layer is not None else None,
+                     "impl": type(layer.impl).__name__ if layer is not None else None,
+                     "num_decode_tokens": int(md.num_decode_tokens),
                      "num_actual_tokens": int(md.num_actual_tokens), "q_prepped_dtype": str(q_prepped.dtype),
                      "q_prepped_shape": list(q_prepped.shape)})
         orig_attn(layer_name, q, q_prepped, kv_c_normed, k_pe, output, **kw)

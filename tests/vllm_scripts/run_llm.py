@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-PROMPT_LENS = (5, 9, 40)  # with max_num_batched_tokens=16: later steps mix decode rows and a prefill chunk
+PROMPT_LENS = (5, 9, 40)  # staggered (below), later steps mix decode rows with prefill rows on either CPU MLA backend
 MAX_TOKENS = 16
 
 
@@ -56,6 +56,10 @@ def main() -> None:
             kwargs["tensor_parallel_size"] = 2
         kwargs["compilation_config"] = cc
 
+    backend = os.environ.get("MLA_TEST_ATTENTION_BACKEND")  # e.g. CPU_MLA: force vLLM's reference CPU MLA backend
+    if backend:
+        kwargs["attention_config"] = {"backend": backend}
+
     if mode == "on":
         result.update(config_checks())
 
@@ -70,6 +74,16 @@ def main() -> None:
     result["compilation_mode"] = int(ccfg.mode)
     result["use_inductor_graph_partition"] = ccfg.use_inductor_graph_partition
     result["splitting_ops"] = ccfg.splitting_ops
+    # What vLLM derived from this machine (on CPU the MLA backend, AMX or not, decides
+    # block size, chunked prefill and the token budget, and so the top compile range).
+    import torch
+
+    result["cpu_has_amx"] = bool(torch.cpu._is_amx_tile_supported())
+    result["attention_backend_asked"] = backend
+    result["block_size"] = vcfg.cache_config.block_size
+    result["max_num_batched_tokens"] = vcfg.scheduler_config.max_num_batched_tokens
+    result["enable_chunked_prefill"] = bool(vcfg.scheduler_config.enable_chunked_prefill)
+    result["max_num_seqs"] = vcfg.scheduler_config.max_num_seqs
     prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 3 * n) % 500 + 3 for i in range(n)]) for n in PROMPT_LENS]
     result["tokens"] = generate_staggered(llm, prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
                                                                        ignore_eos=True))
@@ -80,9 +94,10 @@ def main() -> None:
 def generate_staggered(llm, prompts, params) -> list[list[int]]:
     """Greedy tokens per prompt, the first prompt added one engine step before
     the others: its decode rows then share steps with their prefill rows (a
-    mixed step), whatever the timing of the engine-core process. (vLLM on CPU
-    turns chunked prefill off for MLA with a 2048-token budget, so prompts
-    added together are prefilled together and no step mixes.)"""
+    mixed step), whatever the timing of the engine-core process. (With the
+    reference CPU_MLA backend vLLM turns chunked prefill off and raises the
+    token budget, so prompts added together would be prefilled together and
+    no step would mix; AMX_MLA keeps chunked prefill and the budget of 16.)"""
     engine = llm.llm_engine
     done: dict[str, list[int]] = {}
 
