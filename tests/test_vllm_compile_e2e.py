@@ -122,8 +122,12 @@ def test_vllm_compile_kept(runs):
     on = runs["compile_on"]
     assert on["max_num_seqs"] == 4  # what run_llm.py asks for; the threshold follows from it
     assert set(_user_graphs(on)) == set(_ranges(on))
-    for mode in ("compile_off", "compile_nopart"):  # the flag does not move the ranges
-        assert runs[mode]["compile_ranges_endpoints"] == on["compile_ranges_endpoints"], mode
+    # the plugin adds the decode threshold as an endpoint, nothing else; flag off, or partition
+    # forced off (the plugin stands down), vLLM's own ranges end at max_num_batched_tokens
+    for mode in ("compile_off", "compile_nopart"):
+        r = runs[mode]
+        assert r["max_num_batched_tokens"] == on["max_num_batched_tokens"], mode
+        assert r["compile_ranges_endpoints"] == [r["max_num_batched_tokens"]], mode
 
 
 def test_flag_on_partition_config(runs):
