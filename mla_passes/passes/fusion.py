@@ -249,7 +249,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         return src, None
 
     def _plan_raw(self, up: _fx.OpCall, attn: _fx.OpCall, ln, where, order=None) -> FusionPlan | None:
-        from ..patterns import qk_rope_kvcache as qk_patterns
+        from ..patterns import casts, qk_rope_kvcache as qk_patterns
         from ..patterns import rope
 
         kv_c, k_rot = up.arg("kv_c_normed"), up.arg("k_pe")
@@ -298,6 +298,11 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             if q_root not in m.leaves:
                 # the fused op rotates base[..., P:] in place: the RoPE must read it from there
                 self.refuse(where, "the RoPE does not read q_pe from the q (%s) it writes back into", q_root.name)
+                return None
+            bad = rope.narrowing_cast(m)
+            if bad is not None:
+                self.refuse(where, "the RoPE rounds through the cast %s, which the fused op would drop",
+                            casts.describe(bad))
                 return None
             if not rope.verify(m, q_pe_region, q_rot, k_rot, R):
                 self.refuse(where, "subgraph between q/k and the cache update does not compute RoPE")
