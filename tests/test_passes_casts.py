@@ -23,16 +23,16 @@ def _rt(x, dtype):
     return x if dtype is None else x.to(dtype).to(x.dtype)
 
 
-def cast_rope(*, style="native", x_q=None, x_k=None, cs=None, out_q=None, out_k=None, compute=None):
+def cast_rope(*, style="native", x_q=None, x_k=None, cs=None, tb=None, out_q=None, out_k=None, compute=None):
     """A RoPE (vLLM ``forward_native`` style, or ``"commuted"``: ``cos * x1``, which no registered
     pattern covers) with casts on its edges: ``x_q``/``x_k`` round the input through a dtype,
-    ``cs`` rounds cos/sin through one, ``out_q`` casts the rotated q_pe (assigned back into q,
+    ``cs`` rounds cos/sin through one (``tb``: the whole table, before the gather), ``out_q`` casts the rotated q_pe (assigned back into q,
     which casts again), ``out_k`` rounds the rotated k through one; ``compute``: the dtype the
     rotation runs in (the input cast up to it, the result cast back to the stored dtype)."""
 
     def fn(positions, q_pe, k_pe, cos_sin_cache, is_neox):
         T = positions.shape[0]
-        cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+        cos, sin = _rt(cos_sin_cache, tb).index_select(0, positions).chunk(2, dim=-1)
         cos, sin = _rt(cos, cs), _rt(sin, cs)
 
         def rot(x_in, xc, oc, last):
@@ -118,12 +118,13 @@ def test_output_cast_to_fp8_on_k_refused(monkeypatch):
 
 # --- case 3: cos/sin rounded through fp8 --------------------------------------------------
 
+@pytest.mark.parametrize("where", ["cs", "tb"])
 @pytest.mark.parametrize("style", ["native", "commuted"])
-@pytest.mark.parametrize("cs", [E4M3, E5M2])
-def test_cos_sin_rounded_through_fp8_refused(monkeypatch, cs, style):
-    """cos/sin rounded through fp8 were fused as if read from the bf16 table (q_pe 2% off), by the
-    pattern (``native``) and by the semantic fallback (``commuted``)."""
-    pm, res, fusion = _run(monkeypatch, cast_rope(style=style, cs=cs))
+@pytest.mark.parametrize("through", [E4M3, E5M2])
+def test_cos_sin_rounded_through_fp8_refused(monkeypatch, through, style, where):
+    """cos/sin rounded through fp8 (after the gather, or the whole table) were fused as if read from the
+    bf16 table (q_pe 2% off), by the pattern (``native``) and by the semantic fallback (``commuted``)."""
+    pm, res, fusion = _run(monkeypatch, cast_rope(style=style, **{where: through}))
     _assert_refused(pm, res, fusion)
 
 
@@ -160,6 +161,7 @@ def test_fallback_numbers_alone_refuse_round_trip(monkeypatch, trials, dtype, th
     dict(compute=torch.float32),                      # x.float() ... .to(bf16): the op rounds once, to bf16
     dict(x_q=torch.float32, x_k=torch.float32),       # a widening round trip changes nothing
     dict(cs=torch.float32),
+    dict(tb=torch.float32),
     dict(out_q=torch.float32),                        # widened, then assigned back into bf16 q
     dict(cos_sin_dtype=torch.float32),                # an fp32 table read in a bf16 RoPE
 ])

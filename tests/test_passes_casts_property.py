@@ -1,5 +1,5 @@
 """Property (issue 20): a RoPE with casts inserted at any of its edges (the q/k
-input, cos/sin, the q/k output; fp8 e4m3fn/e5m2, fp16, bf16, fp32) is fused
+input, cos/sin or the whole table, the q/k output; fp8 e4m3fn/e5m2, fp16, bf16, fp32) is fused
 only when eager equals RoPE to the stored dtype's rounding, and then the
 fused values equal eager's to that rounding; a RoPE whose casts change it is
 refused, and compiled == eager either way. Casts that round no coarser than
@@ -28,7 +28,7 @@ CAST_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bflo
 # written out, not derived from finfo: the casts that round no coarser than each model dtype
 NO_COARSER = {torch.bfloat16: {torch.bfloat16, torch.float32}, torch.float32: {torch.float32},
               torch.float16: {torch.float16, torch.float32}}
-EDGES = ("x_q", "x_k", "cs", "out_q", "out_k")
+EDGES = ("x_q", "x_k", "cs", "tb", "out_q", "out_k")
 
 
 class CastLayer(nn.Module):
