@@ -24,9 +24,13 @@ prints every variant):
 
 Guards sit in each pattern's ``extra_check``: slices and concatenations on
 the last dim, split in halves, output shaped like the input, and cos/sin
-traced back (through casts and ``unsqueeze(-2)``, and for the DeepSeek form
-the repeat or repeat-interleave to full width) to the two halves of ONE
-``cos_sin_cache[positions]`` gather.
+traced back (through ``unsqueeze(-2)``, and for the DeepSeek form the
+repeat or repeat-interleave to full width) to the two halves of ONE
+``cos_sin_cache[positions]`` gather. Casts are looked through only where
+the fused op may drop them (:mod:`.casts`: a widening, or a rounding no
+coarser than the stored dtype); a narrowing cast on the input, cos/sin or
+the result fails the guard and leaves the layer to the semantic check,
+which refuses it by name.
 
 Procedural on purpose, because a pattern cannot say it: that the q a
 scatter writes into is the memory the fused op will rotate in place (a

@@ -28,7 +28,8 @@ are rewired to views of the mutated tensors, placed after the fused op.
 Refused (debug log, graph untouched for that layer): no unique cache update
 and attention per ``layer_name``; a RoPE subgraph whose intermediates have
 other users, that does not read q_pe from the q it writes back into, or that
-is not RoPE (:mod:`mla_passes.patterns.rope`); an attention that reads
+is not RoPE (:mod:`mla_passes.patterns.rope`), or that rounds through a cast
+the fused op would drop (:mod:`mla_passes.patterns.casts`); an attention that reads
 another k_pe than the rotated one; a value the rewrite would replace by a
 view of the rotated memory in another dtype (e.g. an fp32 RoPE result with a
 second reader); a reader of the rotated memory after the fusion point that
