@@ -440,7 +440,7 @@ def _next_pow2(n: int) -> int:
 def pdl_enabled(device: torch.device) -> bool:
     """Whether launches use programmatic dependent launch: ``MLA_PASSES_PDL=1``
     on a CUDA GPU of compute capability 9.0 or newer (Hopper+), not under the
-    interpreter. Off by default: see ``docs/performance_step.md`` for what it
+    interpreter. Off by default: see ``docs/performance.md`` ("Levers measured") for what it
     measured inside a decode step."""
     if os.environ.get("MLA_PASSES_PDL", "0") != "1" or _interpreting():
         return False
