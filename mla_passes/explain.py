@@ -393,19 +393,70 @@ _noted: set = set()
 
 # --- reading records back ---------------------------------------------------------------
 
-def read_records(folder) -> list[dict]:
+def record_problem(rec) -> str | None:
+    """Why ``rec`` (one decoded JSON line) is not a record the report can
+    read, or None. Checks the fields the report reads, not every field
+    (records may carry more)."""
+    if not isinstance(rec, dict):
+        return f"not a JSON object (a {type(rec).__name__})"
+    kind = rec.get("kind")
+    if not isinstance(kind, str):
+        return "no 'kind' string"
+    if kind != "graph":
+        return None
+    d = rec.get("decision")
+    if not isinstance(d, dict):
+        return "graph record without a 'decision' object"
+    r = d.get("range")
+    if r is not None and not (isinstance(r, list) and len(r) == 2):
+        return "graph record whose decision 'range' is not [start, end]"
+    for key in ("matched_counts", "pattern_counts", "ops_before", "pass_ms"):
+        d = rec.get(key, {})
+        if not (isinstance(d, dict)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.values())):
+            return f"graph record whose {key!r} is not an object of numbers"
+    if not isinstance(rec.get("other_refusals", []), list):
+        return "graph record whose 'other_refusals' is not a list"
+    layers = rec.get("layers", [])
+    if not isinstance(layers, list):
+        return "graph record whose 'layers' is not a list"
+    for lay in layers:
+        if not (isinstance(lay, dict) and isinstance(lay.get("layer"), str) and isinstance(lay.get("outcome"), str)
+                and isinstance(lay.get("reasons", []), list)):
+            return "graph record with a layer entry that is not {layer, outcome, reasons}"
+    return None
+
+
+def read_records(folder, warn=None) -> list[dict]:
     """Every record under ``folder`` (any depth: vLLM writes per-rank folders),
-    in file then line order. A line that is not JSON is skipped."""
+    in file then line order. A line that is not a readable record (not JSON,
+    not UTF-8, not an object, a graph record missing what the report reads:
+    :func:`record_problem`) is skipped with one warning naming ``file:line``,
+    passed to ``warn`` (default: this module's logger); an unreadable file
+    likewise."""
+    if warn is None:
+        warn = logger.warning
     out = []
     for path in sorted(Path(folder).rglob(RECORD_GLOB)):
         try:
-            lines = path.read_text().splitlines()
-        except OSError:
+            lines = path.read_bytes().splitlines()
+        except OSError as e:
+            warn(f"skipped {path}: cannot read it ({e.strerror or e})")
             continue
-        for line in lines:
+        for i, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                warn(f"skipped {path}:{i}: not UTF-8")
+                continue
             except ValueError:
+                warn(f"skipped {path}:{i}: not JSON")
+                continue
+            problem = record_problem(rec)
+            if problem is not None:
+                warn(f"skipped {path}:{i}: {problem}")
                 continue
             rec["_file"] = str(path)
             out.append(rec)

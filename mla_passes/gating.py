@@ -74,13 +74,23 @@ _range_stack: list = []
 
 @contextlib.contextmanager
 def compile_range(r):
-    """Compile graphs inside this block as the range ``r`` (anything with
-    ``.start``/``.end``, or an int meaning ``(r, r)``). Blocks nest; the
-    innermost wins."""
+    """Compile graphs inside this block as the range ``r`` (anything with int
+    ``.start``/``.end``, ``0 <= start <= end``, or an int meaning ``(r, r)``).
+    Blocks nest; the innermost wins. An empty or negative range is an error
+    (it would otherwise read as inside the decode bucket)."""
     if isinstance(r, int) and not isinstance(r, bool):
         r = TokenRange(r, r)
     if not (hasattr(r, "start") and hasattr(r, "end")):
         raise TypeError(f"compile_range: argument 'r' must be an int or have .start/.end, got {r!r}")
+    for what in ("start", "end"):
+        v = getattr(r, what)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"compile_range: argument 'r' must have an int .{what}, got {v!r}")
+    if r.start < 0 or r.end < 0:
+        raise ValueError(f"compile_range: argument 'r' must be a range of token counts >= 0, got "
+                         f"({r.start}, {r.end})")
+    if r.start > r.end:
+        raise ValueError(f"compile_range: argument 'r' is empty (start {r.start} > end {r.end})")
     _range_stack.append(r)
     try:
         yield r

@@ -10,6 +10,7 @@ on PyPI).
   traces (GPT-J / NeoX, native / DeepSeek-scaling);
 * :mod:`.rope` - the semantic RoPE check, the fallback for a RoPE no
   registered pattern covers;
+* :mod:`.casts` - which dtype casts in a RoPE the fusion may leave out;
 * :mod:`._engine` - registering Inductor patterns whose matches feed a plan.
 
 Every pattern is an Inductor pattern-matcher expression registered (once per
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 
-PATTERN_MODULES = ("_engine", "q_prep_lift", "qk_rope_kvcache", "rope")
+PATTERN_MODULES = ("_engine", "casts", "q_prep_lift", "qk_rope_kvcache", "rope")
 
 
 def pattern_modules() -> list:

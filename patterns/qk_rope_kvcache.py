@@ -24,9 +24,13 @@ prints every variant):
 
 Guards sit in each pattern's ``extra_check``: slices and concatenations on
 the last dim, split in halves, output shaped like the input, and cos/sin
-traced back (through casts and ``unsqueeze(-2)``, and for the DeepSeek form
-the repeat or repeat-interleave to full width) to the two halves of ONE
-``cos_sin_cache[positions]`` gather.
+traced back (through ``unsqueeze(-2)``, and for the DeepSeek form the
+repeat or repeat-interleave to full width) to the two halves of ONE
+``cos_sin_cache[positions]`` gather. Casts are looked through only where
+the fused op may drop them (:mod:`.casts`: a widening, or a rounding no
+coarser than the stored dtype); a narrowing cast on the input, cos/sin or
+the result fails the guard and leaves the layer to the semantic check,
+which refuses it by name.
 
 Procedural on purpose, because a pattern cannot say it: that the q a
 scatter writes into is the memory the fused op will rotate in place (a
@@ -38,6 +42,7 @@ back through reshapes to the scatter, and the in-place emission.
 from __future__ import annotations
 
 import functools
+import logging
 import operator
 
 import torch
@@ -47,13 +52,15 @@ from torch.fx import Node
 
 from mla_passes.passes import _fx
 
+from . import casts
 from ._engine import Hits, PatternSet, register_op_anchor
 from ._engine import anchor_calls as _anchor_calls
 
+logger = logging.getLogger("mla_passes.passes")
 aten = torch.ops.aten
 prims = torch.ops.prims
 VIEWS = [aten.view.default, aten.reshape.default, aten._unsafe_view.default]
-CASTS = (prims.convert_element_type.default, aten._to_copy.default)
+CASTS = casts.CASTS
 GATHERS = (aten.index.Tensor, aten.index_select.default, aten.embedding.default)
 
 # name -> (is_neox, cos/sin full width)
@@ -78,13 +85,14 @@ def _shape(n):
     return tuple(_fx._expr(d) for d in v.shape) if isinstance(v, torch.Tensor) else None
 
 
-def strip_casts(n):
-    while isinstance(n, Node) and n.op == "call_function" and n.target in CASTS:
-        n = n.args[0]
-    return n
+def strip_casts(n, stored):
+    """``n`` without the casts on top that the fusion may drop for results
+    stored in ``stored`` dtypes (:func:`mla_passes.patterns.casts.cast_ok`);
+    a narrowing cast stays, and the structural check above it fails."""
+    return casts.strip(n, stored)
 
 
-def _gather_of(n: Node, R: int):
+def _gather_of(n: Node, R: int, stored):
     """(positions, table) when ``n`` is ``table[positions]`` (index / index_select
     on dim 0 / embedding) of a ``[max_pos, R]`` graph input, else None."""
     if not isinstance(n, Node) or n.op != "call_function" or n.target not in GATHERS:
@@ -101,7 +109,7 @@ def _gather_of(n: Node, R: int):
     else:
         table, pos = n.args[0], n.args[1]
     tv, pv = _fx.val(table), _fx.val(pos)
-    root = strip_casts(table)
+    root = strip_casts(table, stored)
     if not (isinstance(tv, torch.Tensor) and isinstance(pv, torch.Tensor) and tv.dim() == 2 and tv.shape[-1] == R
             and tv.is_floating_point() and not pv.is_floating_point() and pv.dim() == 1
             and isinstance(root, Node) and root.op in ("placeholder", "get_attr")):
@@ -152,17 +160,17 @@ def _widened(n, R: int, is_neox: bool):
     return u.args[0]
 
 
-def _cos_sin_half(n, nd: int, R: int, full: bool, is_neox: bool):
+def _cos_sin_half(n, nd: int, R: int, full: bool, is_neox: bool, stored):
     """cos or sin as the rotation reads it -> the ``[T, R/2]`` half node, checking
     the ``unsqueeze(-2)`` that broadcasts it over heads."""
-    n = strip_casts(n)
+    n = strip_casts(n, stored)
     if not (isinstance(n, Node) and n.target is aten.unsqueeze.default):
         return None
     s = _shape(n)
     width = R if full else R // 2
     if s is None or len(s) != nd or s[-2] != 1 or s[-1] != width or n.args[1] not in (-2, nd - 2):
         return None
-    h = strip_casts(n.args[0])
+    h = strip_casts(n.args[0], stored)
     return _widened(h, R, is_neox) if full else h
 
 
@@ -175,12 +183,36 @@ def rope_source(hit) -> tuple | None:
     if s is None or len(s) < 2:
         return None
     R, nd = s[-1], len(s)
-    ch = _cos_sin_half(hit["cos"], nd, R, full, is_neox)
-    sh = _cos_sin_half(hit["sin"], nd, R, full, is_neox)
-    c, si = _half_of(strip_casts(ch), R), _half_of(strip_casts(sh), R)
+    stored = stored_dtypes(x)
+    ch = _cos_sin_half(hit["cos"], nd, R, full, is_neox, stored)
+    sh = _cos_sin_half(hit["sin"], nd, R, full, is_neox, stored)
+    c, si = _half_of(strip_casts(ch, stored), R), _half_of(strip_casts(sh, stored), R)
     if c is None or si is None or c[0] is not si[0] or (c[1], si[1]) != (0, 1):
         return None
-    return _gather_of(c[0].args[0], R)
+    return _gather_of(c[0].args[0], R, stored)
+
+
+def stored_dtypes(x) -> set:
+    """The dtype a RoPE hit's result is stored in: that of the tensor ``x``
+    reads (below its casts), which the fused op rotates in place."""
+    d = casts.root_dtype(x)
+    return {d} if d is not None else set()
+
+
+def _casts_problem(m, name) -> str | None:
+    """A cast in the hit the fusion would drop but may not (the input reads,
+    the final cast), else None. cos/sin casts are judged in :func:`rope_source`."""
+    k = m.kwargs
+    stored = stored_dtypes(k["x"])
+    for read in ("x",) + X_READS:
+        if read in k:
+            n = strip_casts(k[read], stored)
+            if casts.is_cast(n):
+                return f"{name}: the RoPE input is rounded by the cast {casts.describe(n)}"
+    out = m.output_node()
+    if casts.is_cast(out) and not casts.cast_ok(out, stored):
+        return f"{name}: the RoPE result is rounded by the cast {casts.describe(out)}"
+    return None
 
 
 def _rope_check(name):
@@ -209,6 +241,10 @@ def _rope_check(name):
                     and _last(k["cat_dim"], nd)):
                 return False
         if _shape(m.output_node()) != s:
+            return False
+        problem = _casts_problem(m, name)
+        if problem is not None:  # left to the semantic check, which refuses it and says why
+            logger.debug("RoPE pattern %s", problem)
             return False
         src = rope_source(_HitView(name, m.kwargs))
         m.kwargs["cos_sin_source"] = src  # recorded with the hit: (positions, cos_sin_cache)
@@ -395,7 +431,7 @@ def rope_for_layer(hits: Hits, q_rot: Node, k_rot: Node, q_pe_region, R: int):
     src = hq["cos_sin_source"]
     if src is None or src != hk["cos_sin_source"]:
         return None
-    xq, xk = strip_casts(hq["x"]), strip_casts(hk["x"])
+    xq, xk = strip_casts(hq["x"], stored_dtypes(hq["x"])), strip_casts(hk["x"], stored_dtypes(hk["x"]))
     if _fx.Region.of(xq) != q_pe_region:
         return None
     kv = _fx.val(xk)

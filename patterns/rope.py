@@ -23,9 +23,12 @@ RoPE *semantically*:
    (:data:`TRIALS`: concrete shapes, symbolic token counts substituted) and
    compares it with RoPE computed in float64, NeoX and GPT-J style. It must
    agree on every trial and every element: bit for bit on inputs whose RoPE
-   is exact in any float dtype, and within :data:`ROUNDINGS` unit roundoffs
-   of the narrowest float dtype in the subgraph, times the magnitude of the
-   element's two terms ``|a*cos| + |b*sin|``, on random inputs and tables.
+   is exact in bf16/fp16/fp32 (but not in fp8), and within :data:`ROUNDINGS`
+   unit roundoffs of the dtype the result is stored in (q's, k's; never an
+   intermediate's), times the magnitude of the element's two terms
+   ``|a*cos| + |b*sin|``, on random inputs and tables. Before that,
+   :func:`narrowing_cast` refuses a subgraph with a cast the fused op would
+   drop but may not (:mod:`.casts`).
    The verdict is cached by a structural signature of the subgraph, so a
    61-layer model pays for one evaluation.
 
@@ -45,6 +48,8 @@ import torch
 from torch.fx import Node
 
 from mla_passes.passes import _fx
+
+from . import casts
 
 logger = logging.getLogger("mla_passes.passes")
 
@@ -161,8 +166,9 @@ def _gather_args(n: Node):
 
 
 def _strip_casts(n: Node) -> Node:
-    while n.op == "call_function" and n.target in (torch.ops.prims.convert_element_type.default,
-                                                   torch.ops.aten._to_copy.default):
+    """The table below its casts. The casts are not dropped: they stay in the
+    evaluated subgraph and :func:`narrowing_cast` judges them."""
+    while casts.is_cast(n):
         n = n.args[0]
     return n
 
@@ -296,11 +302,28 @@ def verify(m: RopeMatch, q_pe_region: "_fx.Region", q_rot: Node, k_rot: Node, R:
     return True
 
 
+def narrowing_cast(m: RopeMatch) -> Node | None:
+    """A cast in the subgraph the fused op would drop but may not
+    (:func:`mla_passes.patterns.casts.cast_ok`, results stored in the dtypes
+    of the q and k inputs), or None. The fused op reads q, k and the table
+    as they are and rounds once, to the stored dtype: a narrowing on any
+    edge (input, cos/sin, output) is math it does not do."""
+    stored = {_fx.val(x).dtype for x in m.leaves
+              if x is not m.cos_sin_cache and x is not m.positions and _fx.val(x).is_floating_point()}
+    for n in m.eval_nodes:
+        if casts.is_cast(n) and not casts.cast_ok(n, stored):
+            return n
+    return None
+
+
 # Independent evaluations a match must pass, every one: (seed, exact). ``exact``
 # fills the float leaves with values whose RoPE is exactly representable in
-# bf16/fp16/fp32 (halves in [-8, 8], a table of {-1, -0.5, 0, 0.5, 1}), so the
-# subgraph must reproduce the reference bit for bit; the random ones hold it to
-# the per-element rounding bound of :func:`_within_rounding`.
+# bf16/fp16/fp32 (eighths in [-31/8, 31/8]: five significant bits, so a
+# quarter of them are not values of float8_e4m3fn and most not of e5m2; a
+# table of {-1, -0.5, 0, 0.5, 1}), so the subgraph must reproduce the
+# reference bit for bit; the random ones hold it to the per-element rounding
+# bound of :func:`_within_rounding`, at the rounding of the dtypes the
+# results are stored in (q's, k's), never of an intermediate.
 TRIALS = ((1234, False), (98765, False), (4321, True))
 # Roundings a true RoPE element may carry, each at most one unit roundoff of
 # the narrowest float dtype in the subgraph: cos/sin cast to the compute dtype,
@@ -325,7 +348,8 @@ def _evaluate(m: RopeMatch, q_pe_region, q_rot: Node, k_rot: Node, R: int):
 
 
 def _rounding_of(dtypes) -> tuple[float, float]:
-    """(unit roundoff, subnormal spacing) of the narrowest float dtype in ``dtypes``."""
+    """(unit roundoff, subnormal spacing) of the narrowest float dtype in
+    ``dtypes`` (the dtypes results are stored in: :func:`_evaluate_once`)."""
     fl = [torch.finfo(d) for d in dtypes if d.is_floating_point]
     if not fl:
         return 2.0 ** -24, 0.0
@@ -366,8 +390,8 @@ def _leaf_value(leaf: Node, v: torch.Tensor, shape, stride, offset, g, *, exact:
     t = torch.empty_strided(shape, stride, dtype=v.dtype)
     n = t.untyped_storage().nbytes() // t.element_size()
     if exact and v.is_floating_point():
-        flat = (torch.randint(-2, 3, (n,), generator=g) if is_table else torch.randint(-16, 17, (n,), generator=g))
-        flat = flat.double() / 2
+        flat = (torch.randint(-2, 3, (n,), generator=g).double() / 2 if is_table
+                else torch.randint(-31, 32, (n,), generator=g).double() / 8)
     else:
         flat = torch.randn(n, generator=g)
     return flat.to(v.dtype).as_strided(shape, stride, offset)
@@ -422,17 +446,18 @@ def _evaluate_once(m: RopeMatch, q_pe_region, q_rot: Node, k_rot: Node, R: int, 
                                     _concrete(q_pe_region.offset, env))
         pos = values[m.positions]
         cos, sin = values[m.cos_sin_cache].index_select(0, pos.long()).double().chunk(2, dim=-1)
-        got_q, got_k = values[q_rot], values[k_rot]
-        dtypes = {x.dtype for x in values.values() if isinstance(x, torch.Tensor)}
-        rnd = _rounding_of(dtypes)
+        # what the graph stores: the rotated q_pe goes into q (its dtype), the rotated k is
+        # compared in the dtype of the k input the fused op rotates in place; the tolerance is
+        # that dtype's rounding (an intermediate's dtype never widens it)
+        got_q, got_k = values[q_rot].to(qpe.dtype), values[k_rot]
+        rnd = _rounding_of({qpe.dtype})
         T = pos.shape[0]
         found = []
         for is_neox in (False, True):
             ref_q, mag_q = _rope64(qpe, cos[:, None, :], sin[:, None, :], is_neox)
             if not _within_rounding(got_q, ref_q, mag_q, rnd, exact):
                 logger.debug("RoPE check: q is not %s RoPE to the rounding of %s (shapes %s %s)",
-                             "NeoX" if is_neox else "GPT-J", sorted(map(str, dtypes)), tuple(got_q.shape),
-                             tuple(ref_q.shape))
+                             "NeoX" if is_neox else "GPT-J", qpe.dtype, tuple(got_q.shape), tuple(ref_q.shape))
                 continue
             for j, n in enumerate(m.eval_nodes):
                 v = values.get(n)
@@ -440,6 +465,7 @@ def _evaluate_once(m: RopeMatch, q_pe_region, q_rot: Node, k_rot: Node, R: int, 
                         or v.shape[-1] != R or v.dim() not in (2, 3):
                     continue
                 ref_k, mag_k = _rope64(v.reshape(T, R), cos, sin, is_neox)
-                if got_k.numel() == ref_k.numel() and _within_rounding(got_k.reshape(T, R), ref_k, mag_k, rnd, exact):
+                if got_k.numel() == ref_k.numel() and _within_rounding(
+                        got_k.to(v.dtype).reshape(T, R), ref_k, mag_k, _rounding_of({v.dtype}), exact):
                     found.append((is_neox, j))
         return found

@@ -242,3 +242,50 @@ def test_vllm_config_noted_into_dump_folder(tmp_path, monkeypatch, capsys):
     explain.note_vllm_config(_fake_vllm_config(tmp_path, flag=True, mode="DYNAMO_TRACE_ONCE", dump=False), m)
     assert [(s["dir"], s["source"], s["write_graphs"]) for s in explain.sinks_of(m)] == [
         (str(tmp_path / "dump"), "vLLM plugin", False)]
+
+
+def test_attention_backend_named_per_graph_and_in_summary(tmp_path, capsys, monkeypatch):
+    """The backend the layer resolver names (vLLM: AMX_MLA or CPU_MLA on CPU) is in each layer's
+    record, on each graph's report and in the summary; a resolver that names none adds no line."""
+    import dataclasses
+
+    from mla_passes import layers
+
+    resolve = layers.resolve_layer
+    monkeypatch.setattr(layers, "resolve_layer",
+                        lambda name: dataclasses.replace(resolve(name), attention_backend="TEST_MLA"))
+    m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=8)
+    explain.attach(m, tmp_path / "named")
+    _compile_stack(m, 3)
+    rc, out = _report(capsys, tmp_path / "named")
+    assert rc == 0
+    assert "  attention backend: TEST_MLA\n" in out
+    assert "-- attention backend: TEST_MLA (vLLM's choice for this machine" in out
+    rc, js = _report(capsys, tmp_path / "named", "--json")
+    data = json.loads(js)
+    assert {lay["attention_backend"] for lay in data["graphs"][0]["layers"]} == {"TEST_MLA"}
+    assert data["summary"]["attention_backends"] == ["TEST_MLA"]
+
+    monkeypatch.setattr(layers, "resolve_layer", resolve)
+    m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=8)
+    explain.attach(m, tmp_path / "unnamed")
+    _compile_stack(m, 3)
+    rc, out = _report(capsys, tmp_path / "unnamed")
+    assert rc == 0 and "attention backend" not in out
+
+
+def test_vllm_config_line_shows_what_vllm_derived(tmp_path, monkeypatch, capsys):
+    """The config line shows the block size, token budget and backend asked for, as vLLM's config holds them."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv(explain.ENV_DIR, str(tmp_path / "dump"))
+    cfg = _fake_vllm_config(tmp_path, flag=False, mode="VLLM_COMPILE", dump=False)
+    cfg.cache_config = SimpleNamespace(block_size=128)
+    cfg.scheduler_config = SimpleNamespace(max_num_seqs=4, max_num_batched_tokens=16, enable_chunked_prefill=True)
+    cfg.attention_config = SimpleNamespace(backend=SimpleNamespace(name="CPU_MLA"))
+    explain.note_vllm_config(cfg)
+    rc, out = _report(capsys, tmp_path / "dump")
+    assert "max_num_seqs 4, threshold override None, block size 128, max_num_batched_tokens 16, " \
+           "attention backend asked CPU_MLA\n" in out, out
+    [rec] = explain.read_records(tmp_path / "dump")
+    assert rec["enable_chunked_prefill"] is True and rec["block_size"] == 128

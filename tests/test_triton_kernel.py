@@ -450,3 +450,91 @@ def test_gpu_index_and_nan_contract(check):
     """On the GPU as under the interpreter: strided indices honoured, out-of-range
     rows masked (no fault, no stray write), NaN propagated into fp8 outputs."""
     globals()[f"_interp_{check}"](device="cuda")
+
+
+# --- programmatic dependent launch (Hopper+) ---------------------------------------------------
+
+needs_pdl = pytest.mark.skipif(not torch.cuda.is_available() or torch.version.hip is not None
+                               or torch.cuda.get_device_capability()[0] < 9,
+                               reason="programmatic dependent launch needs an NVIDIA GPU of compute capability >= 9")
+
+
+def test_pdl_off_unless_asked_and_never_on_cpu(monkeypatch):
+    """PDL is opt-in (MLA_PASSES_PDL=1) and never chosen for a CPU tensor or under the interpreter."""
+    from mla_passes.kernels import triton_prep
+
+    monkeypatch.delenv("MLA_PASSES_PDL", raising=False)
+    assert triton_prep.launch_config(8, 16, 512, torch.device("cpu"))["PDL"] is False
+    monkeypatch.setenv("MLA_PASSES_PDL", "1")
+    assert triton_prep.pdl_enabled(torch.device("cpu")) is False
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_prep.pdl_enabled(torch.device("cuda")) is False
+
+
+@gpu
+@needs_pdl
+@pytest.mark.parametrize("H,T,is_neox,q_fp8,kvd", [
+    (8, 1, False, True, "fp8"), (8, 64, False, True, "fp8"), (16, 1, True, False, "auto"),
+    (16, 256, False, True, "fp8"), (128, 5, False, False, "auto"), (128, 256, True, True, "fp8")])
+def test_gpu_pdl_parity(H, T, is_neox, q_fp8, kvd):
+    """The PDL launch (W/positions/cos-sin loads before gdc_wait) computes what the plain one does."""
+    fp8 = platform_fp8_dtype("cuda")
+    case = make_case(T, H, block_size=16, kv_cache_dtype=kvd, q_fp8_dtype=fp8 if q_fp8 else None,
+                     is_neox=is_neox, device="cuda", seed=17 * T + H)
+    big = _with_guarded_q_out(case)
+    check_case(case, lambda c: _run_triton(c, dict(PDL=True)))
+    _check_guard(big)
+
+
+@gpu
+@needs_pdl
+@pytest.mark.parametrize("T,H", [(1, 8), (64, 16), (256, 128)])
+def test_gpu_pdl_cuda_graph_replay_after_producer(T, H):
+    """Under CUDA-graph replay, a PDL launch right after the kernels that write its q, kv_c and
+    k_pe (copies inside the graph) reads their new values: every replay, fresh inputs, poisoned
+    q_out, is right."""
+    fp8 = platform_fp8_dtype("cuda")
+    static = make_case(T, H, block_size=16, num_blocks=4 * T // 16 + 8, kv_cache_dtype="fp8",
+                       q_fp8_dtype=fp8, device="cuda", seed=3)
+    src = {n: getattr(static, n).clone() for n in ("q", "kv_c", "k_pe")}
+    big = _with_guarded_q_out(static)
+
+    def step():
+        for n, t in src.items():  # the producers: the PDL kernel may start before they end
+            getattr(static, n).copy_(t)
+        _run_triton(static, dict(PDL=True))
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    torch.cuda.synchronize()
+    for r in range(3):
+        fresh = make_case(T, H, block_size=16, num_blocks=static.kv_cache.shape[0], kv_cache_dtype="fp8",
+                          q_fp8_dtype=fp8, device="cuda", seed=200 + r)
+        for n in src:
+            src[n].copy_(getattr(fresh, n))
+            getattr(static, n).fill_(float("nan"))  # stale values the kernel must not read
+        for n in ("positions", "slot_mapping", "k_scale", "q_scale"):
+            getattr(static, n).copy_(getattr(fresh, n))
+        static.kv_cache.copy_(fresh.kv_cache)
+        static.q_out.copy_(torch.full(static.q_out.shape, POISON, device="cuda"))
+        expect = static.clone()
+        for n in src:  # what the graph's copies will put there
+            getattr(expect, n).copy_(src[n])
+        from mla_passes.kernels import fused_decode_prep
+
+        fused_decode_prep(*expect.kernel_args(), backend="reference")
+        g.replay()
+        torch.cuda.synchronize()
+        got_q, exp_q = static.q_out.float(), expect.q_out.float()
+        assert torch.isfinite(got_q).all(), f"replay {r}: q_out read a stale (NaN) input or was left unwritten"
+        assert ((got_q - exp_q).abs() <= fp8_step(torch.maximum(got_q.abs(), exp_q.abs()), fp8) * 1.01).all()
+        torch.testing.assert_close(static.q.float(), expect.q.float(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(static.k_pe.float(), expect.k_pe.float(), rtol=1e-2, atol=1e-2)
+        got_c, exp_c = static.kv_cache.view(fp8).float(), expect.kv_cache.view(fp8).float()
+        assert torch.isfinite(got_c).all(), f"replay {r}: a cache row was written from a stale input"
+        assert ((got_c - exp_c).abs() <= fp8_step(torch.maximum(got_c.abs(), exp_c.abs()), fp8) * 1.01).all()
+        _check_guard(big)

@@ -47,12 +47,14 @@ import torch
 HELP = "time the fused MLA decode prep vs the torch.compile chain, AITER's Triton path and the floor"
 
 P, L, R = 128, 512, 64
-DEFAULT_HEADS = (16, 32, 128)   # DeepSeek-V3 heads per rank at TP 8 / 4 / 1
+DEFAULT_HEADS = (8, 16, 32, 64, 128)   # DeepSeek-V3 heads per rank at TP 16 / 8 / 4 / 2 / 1 (8: Kimi K2 at TP 8)
 DEFAULT_TOKENS = (1, 8, 32, 64, 128, 256, 512)
 CASES = {  # name -> (kv_cache_dtype, fp8 q)
     "fp8": ("fp8", True),     # fp8 cache and fp8 q (FlashMLA-style fp8 attention): the main table
     "bf16": ("auto", False),  # bf16 model, bf16 cache, unquantized q
+    "fp8kv": ("fp8", False),  # fp8 cache, bf16 q (what vLLM's TRITON_MLA backend takes)
 }
+CASE_TITLES = {"fp8": "fp8 cache + fp8 q", "bf16": "bf16 model, kv_cache_dtype=auto", "fp8kv": "fp8 cache + bf16 q"}
 ROPES = {"gptj": False, "neox": True}  # name -> is_neox
 
 
@@ -60,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, nargs="+", default=list(DEFAULT_HEADS))
     parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS))
     parser.add_argument("--variants", default="fused,compile,aiter,flashinfer",
-                        help="comma-separated subset of fused,compile,aiter,flashinfer (diagnosis: fused_absorb, "
+                        help="comma-separated subset of fused,compile,aiter,flashinfer (fused_pdl: with programmatic "
+                             "dependent launch; diagnosis: fused_absorb, "
                              "fused_cache, fused_rope, fused_empty = the kernel with only that part on)")
     parser.add_argument("--layers", type=int, default=8, help="independent layers per graph (default 8)")
     parser.add_argument("--reps", type=int, default=25, help="timed batches per variant; the median is reported")
@@ -72,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rope", default="gptj",
                         help="comma-separated rotary conventions: gptj (DeepSeek's, the default), neox")
     parser.add_argument("--cases", default="fp8,bf16",
-                        help="comma-separated: fp8 (fp8 cache + fp8 q, main table), bf16 (kv_cache_dtype='auto')")
+                        help="comma-separated: fp8 (fp8 cache + fp8 q, main table), bf16 (kv_cache_dtype='auto'), "
+                             "fp8kv (fp8 cache, bf16 q)")
     parser.add_argument("--plot", metavar="PNG", help="write a plot of us against T (needs matplotlib)")
     parser.add_argument("--sweep", action="store_true", help="also time other launch configs of the fused kernel")
     parser.add_argument("--check-only", action="store_true",
@@ -165,6 +169,8 @@ def _variants(names, is_neox, device, case="fp8"):
     out = {}
     if "fused" in names:
         out["fused"] = lambda ly: triton_prep.fused_decode_prep_triton(*ly.case.kernel_args(), ly.dims)
+    if "fused_pdl" in names:  # programmatic dependent launch: W/positions/cos-sin loads before gdc_wait
+        out["fused_pdl"] = lambda ly: triton_prep.launch(*ly.case.kernel_args(), ly.dims, dict(_heuristic(ly), PDL=True))
     parts_of = dict(absorb=triton_prep.ABSORB, cache=triton_prep.CACHE_AND_K_ROPE, rope=triton_prep.Q_ROPE, empty=0)
     for label, parts in parts_of.items():
         if f"fused_{label}" in names:  # diagnosis: the kernel with only some parts switched on
@@ -411,7 +417,8 @@ def _fmt(x, spec="8.2f"):
 def print_table(rows, peers, title) -> dict:
     """One table (us per layer) and its targets, each with its gap when missed."""
     print(f"\n## {title}")
-    cols = ["fused", "compile"] + peers + ["floor", "bound"]
+    pdl = [c for c in ("fused_pdl",) if any(r.get(f"{c}_us") for r in rows)]
+    cols = ["fused"] + pdl + ["compile"] + peers + ["floor", "bound"]
     hdr = f"{'H':>4} {'T':>4} " + " ".join(f"{c:>8}" for c in cols) + f" {'vs_comp':>8} {'x_bound':>8}"
     hdr += "".join(f" {'vs_' + p:>9}" for p in peers)
     print(hdr + "   (us per layer; bound = max(floor, one tiny kernel))")
@@ -439,6 +446,11 @@ def print_table(rows, peers, title) -> dict:
     gap = "met" if not over else (f"MISSED at {len(over)}/{len(bounded)} shapes, worst by "
                                   f"{worst_x / 2:.2f}x (H={worst['H']} T={worst['T']})")
     print(f"worst fused / max(floor, one launch): {worst_x:.2f}x (target <= 2x: {gap})")
+    if pdl:  # alone in a graph of fused kernels, so its predecessor is the previous layer's prep
+        ratios = [r["fused_us"] / r["fused_pdl_us"] for r in rows if r.get("fused_us") and r.get("fused_pdl_us")]
+        summary["pdl_speedup_geomean"] = _geomean(ratios)
+        print(f"fused / fused_pdl (programmatic dependent launch): geomean {_geomean(ratios):.3f}x over "
+              f"{len(ratios)} shapes (min {min(ratios):.3f}, max {max(ratios):.3f})")
     for p in peers:
         pr = [r for r in rows if r[f"speedup_vs_{p}"]]
         slower = [r for r in pr if r[f"speedup_vs_{p}"] <= 1.0]
@@ -507,7 +519,7 @@ def run(args) -> int:
             return 2
     for c in cases:
         if c not in CASES:
-            print(f"mla-passes bench: --cases takes fp8,bf16; got {c!r}", file=sys.stderr)
+            print(f"mla-passes bench: --cases takes {','.join(CASES)}; got {c!r}", file=sys.stderr)
             return 2
     if device.type == "cuda" and not torch.cuda.is_available():
         print("mla-passes bench: no CUDA device; use --check-only --device cpu with TRITON_INTERPRET=1",
@@ -570,7 +582,7 @@ def run(args) -> int:
         kvd, q_fp8 = CASES[case]
         for rope in ropes:
             is_neox = ROPES[rope]
-            title = f"{rope} rope, {'fp8 cache + fp8 q' if q_fp8 else 'bf16 model, kv_cache_dtype=auto'}"
+            title = f"{rope} rope, {CASE_TITLES[case]}"
             variants = _variants(names, is_neox, device, case)
             rows = []
             for H in args.heads:

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("demo", "dump", "diff", "report", "patterns", "lint", "bench")
+SUBCOMMANDS = ("demo", "dump", "diff", "report", "patterns", "lint", "bench", "bench-step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,9 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
-            module = importlib.import_module(f"mla_passes.tools.{name}")
+            module = importlib.import_module(f"mla_passes.tools.{name.replace('-', '_')}")
         except ModuleNotFoundError as e:
-            if e.name != f"mla_passes.tools.{name}":
+            if e.name != f"mla_passes.tools.{name.replace('-', '_')}":
                 raise
             continue
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)

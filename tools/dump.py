@@ -39,7 +39,20 @@ import sys
 import warnings
 from pathlib import Path
 
+from mla_passes.config import BACKENDS
+
 HELP = "run a script under depyf.prepare_debug with the mla-passes pass manager on (or off), dumping every graph"
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a bad value is a usage error, exit 2)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
 
 
 def add_arguments(parser) -> None:
@@ -48,10 +61,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--passes", choices=("on", "off"), default="on",
                         help="install the mla-passes pass manager (on) or no custom pass (off); default on")
     parser.add_argument("--clean", action="store_true", help="empty DIR first if it is not empty")
-    parser.add_argument("--max-num-seqs", type=int, default=256,
+    parser.add_argument("--max-num-seqs", type=_positive_int, default=256,
                         help="decode bucket of the pass manager: graphs of at most this many tokens are "
                              "rewritten (default 256, vLLM's default max_num_seqs)")
-    parser.add_argument("--backend", default="auto", help="kernel backend for the fused op (default auto)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="kernel backend for the fused op (default auto)")
     parser.add_argument("script", metavar="SCRIPT", help="the Python script to run (put `--` before it)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for SCRIPT")
 
@@ -228,7 +242,7 @@ def summary_line(out) -> str:
 
     from .report import summarize
 
-    records = read_records(out)
+    records = read_records(out, warn=lambda msg: print(f"mla-passes dump: {msg}", file=sys.stderr))
     s = summarize(records)
     graphs = s["graphs"]
     ran = sum(1 for r in records if r.get("kind") == "graph" and r["decision"].get("ran"))

@@ -6,6 +6,11 @@
 #                                where the fused kernel's time goes (parts on/off, registers/spills)
 #   tools/gpu_check.sh bench-fp8 | bench-bf16
 #                              - `mla-passes bench`, GPT-J and NeoX, one case each (tables, JSON, PNG)
+#   tools/gpu_check.sh pdl     - the programmatic-dependent-launch GPU tests only (parity, CUDA-graph replay)
+#   tools/gpu_check.sh kbench-step - the kernel bench at the step's shapes (GPT-J, H 8 16 64 128, PDL column)
+#   tools/gpu_check.sh sweep-small-h - launch-config sweep of the fused kernel at H 8 and 16
+#   tools/gpu_check.sh step    - `mla-passes bench-step`: a DeepSeek-V3 decode step with the passes off and on
+#                                (needs vLLM's Triton MLA decode file in .whl/vllm_triton: python -m tools.vllm_mla_stub)
 #   tools/gpu_check.sh all     - all of the above (longer than one device call)
 # Logs, JSON and PNGs go under $OUT (the device tool's result folder) or ./gpu_out.
 # Needs: torch with CUDA, triton, pytest (matplotlib for the PNG); AITER's Triton sources under
@@ -53,6 +58,40 @@ diag|all)
   timeout ${DIAG_TIMEOUT:-200} python3 -m tools.bench --rope gptj,neox --cases fp8 --heads 16 128 --tokens 1 64 256 \
     --variants fused,fused_rope,fused_absorb,fused_cache --json "$OUT/diag.json" 2>&1 \
     | grep -v '^\[row\]' | tee "$OUT/diag.log" || rc=1
+  ;;&
+pdl|all)
+  echo "== PDL tests (parity, CUDA-graph replay after a producer)"
+  timeout ${PDL_TIMEOUT:-120} python3 -m pytest -q -m gpu -p no:cacheprovider --noconftest -rfE -k pdl \
+    tests/test_triton_kernel.py >"$OUT/gpu_pdl_tests.log" 2>&1 || rc=1
+  tail -n 6 "$OUT/gpu_pdl_tests.log"
+  ;;&
+kbench-step|all)
+  # KBENCH_CASES (default fp8; fp8kv = fp8 cache + bf16 q, bf16), KBENCH_HEADS, KBENCH_VARIANTS, KBENCH_ARGS
+  kc=${KBENCH_CASES:-fp8}; tag=kbench_${kc//,/_}
+  echo "== kernel bench at the step's shapes (cases $kc, GPT-J)"
+  timeout ${KBENCH_TIMEOUT:-200} python3 -m tools.bench --rope gptj --cases "$kc" --heads ${KBENCH_HEADS:-8 16 64 128} \
+    --variants ${KBENCH_VARIANTS:-fused,compile,fused_pdl,aiter,flashinfer} ${KBENCH_ARGS-} --json "$OUT/$tag.json" \
+    --plot "$OUT/$tag.png" >"$OUT/$tag.log" 2>&1 || rc=1
+  grep -v '^\[' "$OUT/$tag.log"
+  ;;&
+sweep-small-h)
+  echo "== launch-config sweep at small H (fp8, GPT-J): more absorb programs, other side blocks"
+  timeout ${SWEEP_TIMEOUT:-150} python3 -m tools.bench --rope gptj --cases fp8 --heads 8 16 --tokens ${SWEEP_TOKENS:-1 8 64 128 256 512} \
+    --variants fused --sweep --reps 10 --json "$OUT/sweep.json" >"$OUT/sweep.log" 2>&1 || rc=1
+  grep -A40 '^sweep: best' "$OUT/sweep.log"
+  ;;&
+step|all)
+  # STEP_TAG names the output files (default step); STEP_ARGS adds options (e.g. --attn-q bf16)
+  st=${STEP_TAG:-step}
+  echo "== decode step (DeepSeek-V3 layers, vLLM Triton MLA attention), passes off vs on: $st ${STEP_ARGS-}"
+  # mla_passes.patterns lives in patterns/: stage the installed layout (as for the pass tests)
+  pkg=$(mktemp -d) && cp -r mla_passes "$pkg/" && cp -r patterns "$pkg/mla_passes/patterns" \
+    && cp -r tools "$pkg/mla_passes/tools"
+  # run from outside the repo, so that the staged package is the one imported
+  (src=$PWD/.whl/vllm_triton/triton_decode_attention.py && cd "$(mktemp -d)" && MLA_PASSES_VLLM_MLA_SRC=$src \
+    PYTHONPATH=$pkg timeout ${STEP_TIMEOUT:-400} python3 -m mla_passes.tools.bench_step --pdl ${STEP_ARGS-} \
+    --json "$OUT/$st.json" --plot "$OUT/$st.png" >"$OUT/$st.log" 2>&1) || rc=1
+  grep -v '^\[' "$OUT/$st.log"; grep -c '^\[row\]' "$OUT/$st.log"
   ;;&
 bench-fp8|bench-bf16|all)
   cases=${what#bench-}; [ "$what" = all ] && cases="fp8 bf16"

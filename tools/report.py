@@ -199,7 +199,7 @@ def run(args) -> int:
     if not folder.is_dir():
         print(f"mla-passes report: argument DIR: {folder} is not a folder", file=sys.stderr)
         return 2
-    records = read_records(folder)
+    records = read_records(folder, warn=lambda msg: print(f"mla-passes report: {msg}", file=sys.stderr))
     summary = summarize(records)
     if args.json:
         print(json.dumps({"dir": str(folder), "summary": summary,

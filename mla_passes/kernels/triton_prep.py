@@ -128,6 +128,25 @@ def _store_out(ptrs, x, mask, inv_scale, MODE: tl.constexpr, FP8_MAX: tl.constex
 
 
 @triton.jit
+def _cos_sin_scales(pos, tmask, i, imask, cs_ptr, s_cs0, s_cs1, MAX_POS, HALF: tl.constexpr,
+                    qscale_ptr, kscale_ptr, Q_MODE: tl.constexpr, KV_MODE: tl.constexpr):
+    """cos/sin rows at the positions (NaN for a position outside ``[0, MAX_POS)``)
+    and the reciprocal q and k scales (see _store_out)."""
+    q_scale = 1.0
+    if Q_MODE != 0:
+        q_scale = 1.0 / tl.load(qscale_ptr)
+    k_scale = 1.0
+    if KV_MODE != 0:
+        k_scale = 1.0 / tl.load(kscale_ptr)
+    pos_ok = (pos >= 0) & (pos < MAX_POS)
+    cs = cs_ptr + tl.where(pos_ok, pos, 0)[:, None] * s_cs0
+    pm = (tmask & pos_ok)[:, None] & imask[None, :]
+    c = tl.load(cs + i[None, :] * s_cs1, mask=pm, other=float("nan")).to(tl.float32)
+    sn = tl.load(cs + (i[None, :] + HALF) * s_cs1, mask=pm, other=float("nan")).to(tl.float32)
+    return c, sn, q_scale, k_scale
+
+
+@triton.jit
 def _side_job(
     s, q_ptr, kvc_ptr, kpe_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr, kscale_ptr, qscale_ptr, qout_ptr,
     T, H, MAX_POS, N_SLOTS,
@@ -135,7 +154,7 @@ def _side_job(
     P: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_SIZE: tl.constexpr, HALF_PAD: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, NHB: tl.constexpr, KVW: tl.constexpr, IS_NEOX: tl.constexpr,
     Q_MODE: tl.constexpr, Q_MAX: tl.constexpr, KV_MODE: tl.constexpr, KV_MAX: tl.constexpr,
-    DO_Q: tl.constexpr, DO_C: tl.constexpr, INTERP: tl.constexpr,
+    DO_Q: tl.constexpr, DO_C: tl.constexpr, INTERP: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """RoPE and cache rows of ``ST`` tokens: q_pe of heads ``[hb*SH, hb*SH+SH)``,
     kv_c columns ``[hb*KVW, hb*KVW+KVW)`` into the cache, and (last head block)
@@ -164,6 +183,10 @@ def _side_job(
     rmask = r < R
     pos = tl.load(pos_ptr + t64 * s_pos, mask=tmask, other=0).to(tl.int64)
     slot = tl.load(slot_ptr + t64 * s_slot, mask=tmask, other=-1).to(tl.int64)
+    if USE_PDL:  # what the previous kernel cannot have written first, then wait for it
+        c, sn, q_scale, k_scale = _cos_sin_scales(pos, tmask, i, imask, cs_ptr, s_cs0, s_cs1, MAX_POS, HALF,
+                                                  qscale_ptr, kscale_ptr, Q_MODE, KV_MODE)
+        tl.extra.cuda.gdc_wait()
     offs_h = hb * SH + tl.arange(0, SH)
     qtm = tmask[:, None] & (offs_h < H)[None, :]
     q_row = q_ptr + (t64 * s_qt)[:, None, None] + (offs_h * s_qh)[None, :, None] + P * s_qd
@@ -191,17 +214,9 @@ def _side_job(
             x = tl.load(k_row + r[None, :] * s_kd, mask=km, other=0.0).to(tl.float32)
             x1, x2 = tl.split(tl.reshape(x, [ST, HALF_PAD, 2]))
         kv = tl.load(kvc_ptr + (t64 * s_ct)[:, None] + offs_c[None, :] * s_cd, mask=cm, other=0.0)
-    q_scale = 1.0
-    if Q_MODE != 0:
-        q_scale = 1.0 / tl.load(qscale_ptr)  # the reciprocal: see _store_out
-    k_scale = 1.0
-    if KV_MODE != 0:
-        k_scale = 1.0 / tl.load(kscale_ptr)
-    pos_ok = (pos >= 0) & (pos < MAX_POS)
-    cs = cs_ptr + tl.where(pos_ok, pos, 0)[:, None] * s_cs0
-    pm = (tmask & pos_ok)[:, None] & imask[None, :]
-    c = tl.load(cs + i[None, :] * s_cs1, mask=pm, other=float("nan")).to(tl.float32)
-    sn = tl.load(cs + (i[None, :] + HALF) * s_cs1, mask=pm, other=float("nan")).to(tl.float32)
+    if not USE_PDL:  # the one dependent load last
+        c, sn, q_scale, k_scale = _cos_sin_scales(pos, tmask, i, imask, cs_ptr, s_cs0, s_cs1, MAX_POS, HALF,
+                                                  qscale_ptr, kscale_ptr, Q_MODE, KV_MODE)
 
     if DO_Q:  # q_pe rotated in place and into q_out[..., L:]
         c3 = c[:, None, :]
@@ -240,6 +255,16 @@ def _side_job(
 
 
 @triton.jit
+def _load_w_tile(w_base, offs_p, l0, s_wl, P: tl.constexpr, L: tl.constexpr, BLOCK_L: tl.constexpr,
+                 EVEN_P: tl.constexpr, EVEN_L: tl.constexpr):
+    offs_l = l0 + tl.arange(0, BLOCK_L)
+    w_ptrs = w_base + offs_l[None, :] * s_wl
+    if EVEN_P and EVEN_L:
+        return tl.load(w_ptrs)
+    return tl.load(w_ptrs, mask=(offs_p < P)[:, None] & (offs_l < L)[None, :], other=0.0)
+
+
+@triton.jit
 def _absorb_job(
     a_id, q_ptr, w_ptr, qscale_ptr, qout_ptr,
     T, N_TB,
@@ -247,6 +272,7 @@ def _absorb_job(
     P: tl.constexpr, L: tl.constexpr, P_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, LB_ITERS: tl.constexpr, NUM_LC: tl.constexpr,
     GEMV: tl.constexpr, Q_MODE: tl.constexpr, Q_MAX: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """``q_out[tokens, h, chunk] = q_nope[tokens, h] @ W_UK_T[h][:, chunk]``: a
     block of ``BLOCK_T`` tokens (the programs of one W tile are adjacent, so a
@@ -263,6 +289,14 @@ def _absorb_job(
     tmask = offs_t < T
     t64 = offs_t.to(tl.int64)
     offs_p = tl.arange(0, P_PAD)
+    w_base = w_ptr + h * s_wh + offs_p[:, None] * s_wp
+    o_base = qout_ptr + (t64 * s_ot)[:, None] + h * s_oh
+    q_scale = 1.0
+    if Q_MODE != 0:
+        q_scale = 1.0 / tl.load(qscale_ptr)  # the reciprocal: see _store_out
+    if USE_PDL:  # the first W tile (a weight: no kernel before us writes it), then wait for q
+        w0 = _load_w_tile(w_base, offs_p, lc * LB_ITERS * BLOCK_L, s_wl, P, L, BLOCK_L, EVEN_P, EVEN_L)
+        tl.extra.cuda.gdc_wait()
     a_ptrs = q_ptr + (t64 * s_qt)[:, None] + h * s_qh + offs_p[None, :] * s_qd
     if EVEN_P:
         a = tl.load(a_ptrs, mask=tmask[:, None], other=0.0)
@@ -270,18 +304,12 @@ def _absorb_job(
         a = tl.load(a_ptrs, mask=tmask[:, None] & (offs_p < P)[None, :], other=0.0)
     if DOT_F32 or GEMV:
         a = a.to(tl.float32)
-    q_scale = 1.0
-    if Q_MODE != 0:
-        q_scale = 1.0 / tl.load(qscale_ptr)  # the reciprocal: see _store_out
-    w_base = w_ptr + h * s_wh + offs_p[:, None] * s_wp
-    o_base = qout_ptr + (t64 * s_ot)[:, None] + h * s_oh
-    for j in range(LB_ITERS):
+    for j in tl.static_range(LB_ITERS):
         offs_l = (lc * LB_ITERS + j) * BLOCK_L + tl.arange(0, BLOCK_L)
-        w_ptrs = w_base + offs_l[None, :] * s_wl
-        if EVEN_P and EVEN_L:
-            w = tl.load(w_ptrs)
+        if USE_PDL and j == 0:
+            w = w0
         else:
-            w = tl.load(w_ptrs, mask=(offs_p < P)[:, None] & (offs_l < L)[None, :], other=0.0)
+            w = _load_w_tile(w_base, offs_p, (lc * LB_ITERS + j) * BLOCK_L, s_wl, P, L, BLOCK_L, EVEN_P, EVEN_L)
         if GEMV:
             acc = tl.sum(a[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
         elif DOT_F32:
@@ -316,6 +344,7 @@ def _mla_decode_prep_kernel(
     Q_MODE: tl.constexpr, Q_MAX: tl.constexpr,
     KV_MODE: tl.constexpr, KV_MAX: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, DO_Q: tl.constexpr, DO_C: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < N_SIDE:
@@ -323,12 +352,12 @@ def _mla_decode_prep_kernel(
                   qout_ptr, T, H, MAX_POS, N_SLOTS,
                   s_pos, s_slot, s_qt, s_qh, s_qd, s_ct, s_cd, s_kt, s_kd, s_cs0, s_cs1, s_cb, s_co, s_cx, s_ot, s_oh, s_od,
                   P, L, R, BLOCK_SIZE, HALF_PAD, ST, SH, NHB, KVW, IS_NEOX,
-                  Q_MODE, Q_MAX, KV_MODE, KV_MAX, DO_Q, DO_C, INTERP)
+                  Q_MODE, Q_MAX, KV_MODE, KV_MAX, DO_Q, DO_C, INTERP, USE_PDL)
     else:
         _absorb_job(pid - N_SIDE, q_ptr, w_ptr, qscale_ptr, qout_ptr, T, N_TB,
                     s_qt, s_qh, s_qd, s_wh, s_wp, s_wl, s_ot, s_oh, s_od,
                     P, L, P_PAD, BLOCK_T, BLOCK_L, LB_ITERS, NUM_LC,
-                    GEMV, Q_MODE, Q_MAX, DOT_F32, INTERP)
+                    GEMV, Q_MODE, Q_MAX, DOT_F32, INTERP, USE_PDL)
 
 
 @triton.jit
@@ -408,8 +437,22 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether launches use programmatic dependent launch: ``MLA_PASSES_PDL=1``
+    on a CUDA GPU of compute capability 9.0 or newer (Hopper+), not under the
+    interpreter. Off by default: see ``docs/performance.md`` ("Levers measured") for what it
+    measured inside a decode step."""
+    if os.environ.get("MLA_PASSES_PDL", "0") != "1" or _interpreting():
+        return False
+    device = torch.device(device)
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def launch_config(T: int, H: int, L: int, device: torch.device, P: int = 128) -> dict:
-    """Block sizes for one call; a function of the shape only (graph-stable).
+    """Block sizes for one call (and ``PDL``, :func:`pdl_enabled`); a function
+    of the shape only (graph-stable).
 
     Absorb programs: ``BLOCK_T`` tokens x ``LB_ITERS`` tiles of ``BLOCK_L``
     latent columns of one head (``GEMV``: no tl.dot, for a few tokens). Side
@@ -427,6 +470,12 @@ def launch_config(T: int, H: int, L: int, device: torch.device, P: int = 128) ->
     (128 for few heads), 4 tokens x 32 heads from 256 tokens of many heads.
     Rerun ``mla-passes bench --sweep`` to see the timings behind a choice.
     """
+    cfg = _launch_blocks(T, H, L, P)
+    cfg["PDL"] = pdl_enabled(device)
+    return cfg
+
+
+def _launch_blocks(T: int, H: int, L: int, P: int) -> dict:
     l_pad, p_pad = _next_pow2(L), max(16, _next_pow2(P))
     many = H >= 64 and T >= 256
     if many:
@@ -506,6 +555,10 @@ def launch(
         return None
     # tl.dot needs one operand dtype; fp32 when the two differ, for fp32
     # models, and for bf16 under the CPU interpreter (its bf16 dot is wrong).
+    # programmatic dependent launch (Hopper+): the launch may start before the previous
+    # kernel ends; the kernel waits (gdc_wait) before its first read of anything it produced
+    pdl = bool(cfg.get("PDL", False)) and not _interpreting()
+    extra = dict(launch_pdl=True) if pdl else {}
     dot_f32 = (q.dtype != w_uk_t.dtype or q.dtype == torch.float32
                or (q.dtype == torch.bfloat16 and _interpreting()))
     return _mla_decode_prep_kernel[(n_side + n_abs,)](
@@ -526,7 +579,7 @@ def launch(
         IS_NEOX=bool(is_neox),
         Q_MODE=q_mode, Q_MAX=q_max, KV_MODE=kv_mode, KV_MAX=kv_max,
         DOT_F32=dot_f32, INTERP=_interpreting(), DO_Q=bool(parts & Q_ROPE), DO_C=bool(parts & CACHE_AND_K_ROPE),
-        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+        USE_PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2), **extra,
     )
 
 

@@ -28,7 +28,8 @@ are rewired to views of the mutated tensors, placed after the fused op.
 Refused (debug log, graph untouched for that layer): no unique cache update
 and attention per ``layer_name``; a RoPE subgraph whose intermediates have
 other users, that does not read q_pe from the q it writes back into, or that
-is not RoPE (:mod:`mla_passes.patterns.rope`); an attention that reads
+is not RoPE (:mod:`mla_passes.patterns.rope`), or that rounds through a cast
+the fused op would drop (:mod:`mla_passes.patterns.casts`); an attention that reads
 another k_pe than the rotated one; a value the rewrite would replace by a
 view of the rotated memory in another dtype (e.g. an fp32 RoPE result with a
 second reader); a reader of the rotated memory after the fusion point that
@@ -249,7 +250,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         return src, None
 
     def _plan_raw(self, up: _fx.OpCall, attn: _fx.OpCall, ln, where, order=None) -> FusionPlan | None:
-        from ..patterns import qk_rope_kvcache as qk_patterns
+        from ..patterns import casts, qk_rope_kvcache as qk_patterns
         from ..patterns import rope
 
         kv_c, k_rot = up.arg("kv_c_normed"), up.arg("k_pe")
@@ -298,6 +299,11 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             if q_root not in m.leaves:
                 # the fused op rotates base[..., P:] in place: the RoPE must read it from there
                 self.refuse(where, "the RoPE does not read q_pe from the q (%s) it writes back into", q_root.name)
+                return None
+            bad = rope.narrowing_cast(m)
+            if bad is not None:
+                self.refuse(where, "the RoPE rounds through the cast %s, which the fused op would drop",
+                            casts.describe(bad))
                 return None
             if not rope.verify(m, q_pe_region, q_rot, k_rot, R):
                 self.refuse(where, "subgraph between q/k and the cache update does not compute RoPE")
