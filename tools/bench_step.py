@@ -341,18 +341,6 @@ class DecoderLayer(nn.Module):
         return h + (torch.nn.functional.silu(gate) * up) @ self.w_down
 
 
-class Stack(nn.Module):
-    def __init__(self, layers, cos_sin_cache):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.register_buffer("cos_sin_cache", cos_sin_cache)
-
-    def forward(self, positions, hidden):
-        for layer in self.layers:
-            hidden = layer(positions, hidden, self.cos_sin_cache)
-        return hidden
-
-
 class StepModel:
     """The stack, its layer states (registered by name) and the paged caches,
     sized for the largest context and token count asked for."""
@@ -361,6 +349,7 @@ class StepModel:
         from mla_passes.kernels.fp8 import platform_fp8_dtype
         from mla_passes.layers import local_layers
         from mla_passes.testing.cases import make_cos_sin_cache
+        from mla_passes.testing.models import MLADecodeStack  # layers in order, one shared cos/sin cache
 
         StepLayer = _mla_state_cls()
         self.H, self.dims, self.device = H, dims, device
@@ -397,7 +386,7 @@ class StepModel:
                                        dtype=self.dtype, device=device, g=g))
         self.max_pos = self.max_ctx + 16
         cos_sin = make_cos_sin_cache(self.max_pos, R, dtype=self.dtype, device=device)
-        self.module = Stack(layers, cos_sin).eval()
+        self.module = MLADecodeStack(layers, cos_sin).eval()
         # one block table for every layer (as vLLM shares it): each sequence its own random blocks
         perm = torch.randperm(num_blocks - 1, generator=g, device=device)[: self.max_T * self.blocks_per_seq]
         self.block_table = perm.view(self.max_T, self.blocks_per_seq).to(torch.int32)
