@@ -183,8 +183,9 @@ def format_report(folder: str, records: list[dict], summary: dict) -> str:
         out.append(f"-- {len(layers)} layer(s): {t.get('fused', 0)} fused, {t.get('lifted', 0)} lifted, "
                    f"{t.get('left alone', 0)} left alone\n")
         if summary.get("attention_backends"):
-            out.append(f"-- attention backend: {', '.join(summary['attention_backends'])}"
-                       " (vLLM's choice for this machine; on CPU AMX_MLA needs AMX tiles)\n")
+            names = summary["attention_backends"]
+            cpu_note = "; on CPU AMX_MLA needs AMX tiles" if {"AMX_MLA", "CPU_MLA"} & set(names) else ""
+            out.append(f"-- attention backend: {', '.join(names)} (vLLM's choice for this machine{cpu_note})\n")
         if summary["cause"]:
             out.append(f"-- nothing fused or lifted: {summary['cause']}\n")
     else:
