@@ -173,9 +173,12 @@ class PatternSet:
                     m = entry.pattern.match(node)
                     if not is_match(m):
                         continue
-                    shapes = self._shapes.setdefault(id(entry), [])
-                    if len(shapes) < 4 and (shape := _Shape.of(m, node)) is not None:
-                        shapes.append(shape)
+                    # newest first, at most 4: a process that compiles other graphs
+                    # before this one still learns this one's layer shape
+                    if (shape := _Shape.of(m, node)) is not None:
+                        shapes = self._shapes.setdefault(id(entry), [])
+                        shapes.insert(0, shape)
+                        del shapes[4:]
                 try:
                     ok = bool(entry.extra_check(m))
                 except Exception as e:  # noqa: BLE001 - a guard that cannot decide refuses

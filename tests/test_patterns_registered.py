@@ -210,3 +210,30 @@ def _capture(st):
     from mla_passes.testing.backend import capture_graph
 
     return capture_graph(st.module, st, 5)
+
+
+def test_shape_record_learns_when_full():
+    """Shapes recorded from other graphs (4, the cap) do not stop a new graph's layer shape from being
+    recorded: its second layer replays the first's (was: the record stopped growing at 4, so a process
+    that had compiled other graphs first matched every layer of a new one from scratch)."""
+    from mla_passes.patterns._engine import _Shape
+
+    def first_entry_and_roots(H, hidden):
+        st = models.build_decode_stack(2, H=H, hidden=hidden, rope="native", is_neox=False)
+        graph = _capture(st)
+        hits = qk_rope_kvcache.match(graph, op_handles())
+        ps = hits.pattern_set
+        r0, r1 = [ss["q_pe_rot"] for ss in hits.named("q_pe_scatter")]
+        (entry,) = [e for e in ps.pm_pass.patterns[(r0.op, r0.target)] if ps._names[id(e)] == "rope_gptj_native"]
+        return ps, hits, entry, r0, r1
+
+    ps, hits, entry, r0, _ = first_entry_and_roots(4, 64)
+    ps.match_at(r0, hits, qk_rope_kvcache.ROPE_FORMS)
+    other = ps._shapes[id(entry)][0]
+    ps, hits, entry, r0, r1 = first_entry_and_roots(2, 32)
+    assert _Shape.replay([other], r1, entry.pattern) is None  # another graph's shape does not fit this one
+    ps._shapes[id(entry)] = [other] * 4
+    ps.match_at(r0, hits, qk_rope_kvcache.ROPE_FORMS)
+    shapes = ps._shapes[id(entry)]
+    assert len(shapes) == 4 and shapes[0] is not other
+    assert _Shape.replay(shapes, r1, entry.pattern) is not None
