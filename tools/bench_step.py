@@ -65,6 +65,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 from torch import nn
@@ -446,20 +447,6 @@ def _prep_removed():
         triton_prep.fused_decode_prep_triton = saved
 
 
-@contextlib.contextmanager
-def _env(**kv):
-    saved = {k: os.environ.get(k) for k in kv}
-    os.environ.update(kv)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 class Captured:
     """``fn(positions, hidden)`` captured in a CUDA graph (or, on CPU, called)."""
 
@@ -724,7 +711,7 @@ def run(args) -> int:
                     del noprep
                     if args.pdl and device.type == "cuda":
                         try:
-                            pdl = Captured(on_fn, positions, hidden, ctx=lambda: _env(MLA_PASSES_PDL="1"))
+                            pdl = Captured(on_fn, positions, hidden, ctx=lambda: mock.patch.dict(os.environ, MLA_PASSES_PDL="1"))
                             row["check_pdl"] = compare(model, on, pdl, T)  # PDL vs plain launch, same graph
                             row["on_pdl_us"] = pdl.time_us(args.reps, args.inner) / args.layers
                             del pdl
