@@ -268,6 +268,63 @@ def _attention_backend(name: str) -> str | None:
         return None
 
 
+# vLLM's CPU wheel carries one kernel library per x86 instruction set and loads
+# the one the CPU can run (``CpuPlatform.import_kernels``); the library's file
+# name says which. Read from the process's own mappings, so it is what ran.
+VLLM_CPU_KERNEL_BUILDS = {
+    "_C": "AVX-512 with bf16",
+    "_C_AVX512": "AVX-512",
+    "_C_AVX2": "AVX2",
+}
+_CPU_FEATURES = (("avx2", "_is_avx2_supported"), ("avx512", "_is_avx512_supported"),
+                 ("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_tile", "_is_amx_tile_supported"))
+
+
+def cpu_features() -> list[str]:
+    """The x86 features that decide vLLM's CPU choices, as torch reports them for this CPU."""
+    import torch
+
+    return [name for name, fn in _CPU_FEATURES if getattr(torch.cpu, fn, lambda: False)()]
+
+
+def vllm_kernel_libraries() -> list[str]:
+    """Stems of the vLLM kernel libraries (``vllm/_C*.so``) mapped into this process, e.g. ``["_C_AVX2"]``."""
+    found: list[str] = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rstrip("\n").rpartition(" ")[2]
+                m = re.search(r"/vllm/(_C\w*?)(?:\.abi3)?\.so$", path)
+                if m and m.group(1) not in found:
+                    found.append(m.group(1))
+    except OSError:  # no procfs (not Linux)
+        pass
+    return found
+
+
+def machine_facts() -> dict:
+    """What the machine made vLLM choose, for the record: the platform vLLM
+    resolved (where it is loaded), the CPU's features and the vLLM kernel
+    libraries this process loaded."""
+    platform = None
+    plat_mod = sys.modules.get("vllm.platforms")
+    if plat_mod is not None:
+        try:
+            platform = str(plat_mod.current_platform.device_type)
+        except Exception:
+            platform = None
+    return {"platform": platform, "cpu_features": cpu_features(), "vllm_kernels": vllm_kernel_libraries()}
+
+
+def describe_vllm_cpu_kernels(machine: dict) -> str | None:
+    """``"_C_AVX2 (the AVX2 build), CPU: avx2"`` for a record's machine facts on vLLM's CPU platform, else None."""
+    if not machine or machine.get("platform") != "cpu" or not machine.get("vllm_kernels"):
+        return None
+    libs = ", ".join(f"{k} (the {VLLM_CPU_KERNEL_BUILDS[k]} build)" if k in VLLM_CPU_KERNEL_BUILDS else k
+                     for k in machine["vllm_kernels"])
+    return f"{libs}; CPU has {' '.join(machine.get('cpu_features') or []) or 'none of avx2/avx512/amx'}"
+
+
 def explain_graph(manager, graph, before: dict) -> dict:
     """The record of one call of ``manager`` on ``graph`` (after the call)."""
     from .gating import current_compile_range
@@ -313,6 +370,7 @@ def explain_graph(manager, graph, before: dict) -> dict:
         "ops_before": before["ops"],
         "layers": layers,
         "other_refusals": other,
+        "machine": machine_facts(),
     }
 
 

@@ -22,7 +22,12 @@ Processes, one at a time, with the backend vLLM picks for this machine:
 
 and, on a CPU with AMX (where the default is ``AMX_MLA``), ``compile_on`` /
 ``compile_off`` again with ``attention_config.backend=CPU_MLA``, so both CPU
-MLA paths are covered where the machine allows.
+MLA paths are covered where the machine allows; and, on a CPU with AVX-512,
+``compile_on`` / ``compile_off`` with AVX-512 and AMX hidden from vLLM
+(``MLA_TEST_CPU_ISA=avx2``), so every machine runs what an AVX2-only CPU runs:
+vLLM's ``_C_AVX2`` kernel build and ``CPU_MLA``. Each run records which vLLM
+kernel build its worker loaded; vLLM's kernels are always loaded through its
+platform, never one build by name.
 
 CPU has no CUDA graphs (``cudagraph_mode`` NONE): what this proves is the
 graph side (partition, ranges, the rewrite, the numbers), not capture.
@@ -47,8 +52,11 @@ sys.path.insert(0, str(HERE))
 from vllm_harness import count, records, run  # noqa: E402
 from vllm_tiny_model import NUM_MLA_LAYERS, build_tiny_deepseek_v2  # noqa: E402
 
+from mla_passes.explain import VLLM_CPU_KERNEL_BUILDS, describe_vllm_cpu_kernels, machine_facts  # noqa: E402
+
 OURS = "mla_passes::mla_attention_with_prepped_q"
 CPU_HAS_AMX = bool(torch.cpu._is_amx_tile_supported())
+CPU_HAS_AVX512 = bool(torch.cpu._is_avx512_supported())
 NO_AMX = "this CPU has no AMX tiles (no amx_tile in /proc/cpuinfo): vLLM runs its AMX_MLA backend only with them"
 
 
@@ -88,15 +96,30 @@ def forced_reference_runs(work) -> dict[str, dict]:
     return {mode: run(model_dir, sub, mode, vllm_compile=True, env=env) for mode in ("compile_on", "compile_off")}
 
 
-@pytest.fixture(params=["AMX_MLA", "CPU_MLA"])
+@pytest.fixture(scope="module")
+def avx2_runs(work) -> dict[str, dict]:
+    """Flag on and off with vLLM making an AVX2-only CPU's choices (``MLA_TEST_CPU_ISA=avx2``, see
+    ``tests/vllm_scripts/site/sitecustomize.py``): its ``_C_AVX2`` build and the reference CPU_MLA backend."""
+    work_dir, model_dir = work
+    sub = work_dir / "avx2"
+    sub.mkdir(exist_ok=True)
+    env = {"MLA_TEST_CPU_ISA": "avx2"}
+    return {mode: run(model_dir, sub, mode, vllm_compile=True, env=env) for mode in ("compile_on", "compile_off")}
+
+
+@pytest.fixture(params=["AMX_MLA", "CPU_MLA", "CPU_MLA/AVX2"])
 def backend_runs(request) -> tuple[str, dict[str, dict]]:
     """(backend, its flag-on/off runs): AMX_MLA is the machine default where the CPU
-    has AMX; CPU_MLA is the default elsewhere and is forced by name on an AMX CPU."""
+    has AMX; CPU_MLA is the default elsewhere and is forced by name on an AMX CPU;
+    CPU_MLA/AVX2 is what an AVX2-only CPU runs (vLLM's AVX2 kernel build), made on
+    a CPU with AVX-512 by hiding it from vLLM, and the machine default without it."""
     backend = request.param
     if backend == "AMX_MLA":
         if not CPU_HAS_AMX:
             pytest.skip(NO_AMX)
         return backend, request.getfixturevalue("runs")
+    if backend == "CPU_MLA/AVX2":
+        return "CPU_MLA", request.getfixturevalue("runs" if not CPU_HAS_AVX512 else "avx2_runs")
     if CPU_HAS_AMX:
         return backend, request.getfixturevalue("forced_reference_runs")
     return backend, request.getfixturevalue("runs")
@@ -113,6 +136,36 @@ def test_machine_default_backend(runs):
     assert on["cpu_has_amx"] == CPU_HAS_AMX and on["attention_backend_asked"] is None
     backends = {c["backend"] for c in records(on, "attention")}
     assert backends == {"AMX_MLA" if CPU_HAS_AMX else "CPU_MLA"}, backends
+
+
+def _kernel_libs(run_result: dict) -> set[str]:
+    """The vLLM kernel libraries the worker had loaded when it compiled (from its /proc/self/maps)."""
+    machines = [r["machine"] for r in records(run_result, "user")]
+    assert machines and all(m["platform"] == "cpu" for m in machines), machines
+    return {lib for m in machines for lib in m["vllm_kernels"]}
+
+
+def test_one_kernel_build_the_cpu_can_run(runs):
+    """Every run loaded exactly one of vLLM's CPU kernel builds, one this CPU can run (it was: the harness
+    imported ``vllm._C``, the AVX-512 build, by name: SIGILL on an AVX2-only CPU)."""
+    needs = {"_C": {"avx512", "avx512_bf16"}, "_C_AVX512": {"avx512"}, "_C_AVX2": {"avx2"}}
+    features = set(machine_facts()["cpu_features"])
+    for mode in ("compile_on", "compile_off", "compile_nopart"):
+        libs = _kernel_libs(runs[mode]) & set(needs)
+        assert len(libs) == 1, (mode, libs)
+        assert needs[libs.pop()] <= features, (mode, features)
+
+
+def test_avx2_build_when_the_cpu_has_only_avx2(request):
+    """With AVX-512 and AMX hidden from vLLM (or absent), vLLM loads only its AVX2 build, picks
+    CPU_MLA, and the report names both (it was: the harness loaded the AVX-512 build by name as well)."""
+    rs = request.getfixturevalue("runs" if not CPU_HAS_AVX512 else "avx2_runs")
+    for mode in ("compile_on", "compile_off"):
+        assert _kernel_libs(rs[mode]) & set(VLLM_CPU_KERNEL_BUILDS) == {"_C_AVX2"}, mode
+    machine = records(rs["compile_on"], "user")[0]["machine"]
+    assert machine["cpu_features"] == ["avx2"], machine
+    assert describe_vllm_cpu_kernels(machine) == "_C_AVX2 (the AVX2 build); CPU has avx2"
+    assert {c["backend"] for c in records(rs["compile_on"], "attention")} == {"CPU_MLA"}
 
 
 def test_vllm_compile_kept(runs):

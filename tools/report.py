@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+from mla_passes.explain import describe_vllm_cpu_kernels
+
 HELP = "per MLA layer: fused, lifted or left alone, each refusal's reason, and each graph's gating decision"
 
 
@@ -61,6 +63,8 @@ def summarize(records: list[dict]) -> dict:
         "totals": dict(totals),
         "attention_backends": sorted({lay["attention_backend"] for g in graphs for lay in g.get("layers", [])
                                       if lay.get("attention_backend")}),
+        "vllm_cpu_kernels": sorted({k for g in graphs
+                                    if (k := describe_vllm_cpu_kernels(g.get("machine") or {}))}),
         "cause": None if totals.get("fused") or totals.get("lifted") else likely_cause(graphs, configs),
     }
 
@@ -163,6 +167,9 @@ def format_report(folder: str, records: list[dict], summary: dict) -> str:
         backends = sorted({lay["attention_backend"] for lay in g.get("layers", []) if lay.get("attention_backend")})
         if backends:
             out.append(f"  attention backend: {', '.join(backends)}\n")
+        kernels = describe_vllm_cpu_kernels(g.get("machine") or {})
+        if kernels:
+            out.append(f"  vLLM CPU kernels: {kernels}\n")
         for lay in g.get("layers", []):
             out.append(f"  layer {lay['layer']}: {lay['outcome']}\n")
             for r in lay.get("reasons", []):
@@ -186,6 +193,8 @@ def format_report(folder: str, records: list[dict], summary: dict) -> str:
             names = summary["attention_backends"]
             cpu_note = "; on CPU AMX_MLA needs AMX tiles" if {"AMX_MLA", "CPU_MLA"} & set(names) else ""
             out.append(f"-- attention backend: {', '.join(names)} (vLLM's choice for this machine{cpu_note})\n")
+        for kernels in summary.get("vllm_cpu_kernels", []):
+            out.append(f"-- vLLM CPU kernels: {kernels} (vLLM loads the build this CPU can run)\n")
         if summary["cause"]:
             out.append(f"-- nothing fused or lifted: {summary['cause']}\n")
     else:

@@ -68,6 +68,13 @@ def op_counts(graph: torch.fx.Graph) -> dict[str, int]:
     return dict(counts)
 
 
+def _machine() -> dict:
+    """The platform, the CPU features and the vLLM kernel libraries this process loaded."""
+    from mla_passes.explain import machine_facts
+
+    return machine_facts()
+
+
 class GraphProbePass(_PassBase):
     def __init__(self, tag: str = "probe"):
         self.tag = tag
@@ -98,6 +105,7 @@ class GraphProbePass(_PassBase):
             "symbols": _symbol_ranges(graph),
             "op_counts": op_counts(graph),
             "graph_file": text_path,
+            "machine": _machine(),
         }
         with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -13,9 +13,10 @@ Inductor graph, no FX split, no compile ranges, no vLLM pass manager) in
    ``compile_sizes`` the ``[]`` vLLM's cudagraph-size step gives on GPU
    (``PiecewiseBackend`` treats ``None`` as "no ranges at all" and asserts
    ``Shape: N out of considered ranges``);
-2. defines schema-only stubs for the ``torch.ops._C`` ops the CPU build lacks
-   and vLLM's ``FixFunctionalizationPass`` compares node targets with. The
-   stubs are never called: no graph holds them.
+2. loads vLLM's kernels through its platform (the build this CPU can run,
+   never one by name), then defines schema-only stubs for the ``torch.ops._C``
+   ops that build lacks and vLLM's ``FixFunctionalizationPass`` compares node
+   targets with. The stubs are never called: no graph holds them.
 
 vLLM runs in several processes (main, engine core, workers), so
 ``site/sitecustomize.py`` calls :func:`install_when_imported` at interpreter
@@ -53,10 +54,20 @@ _C_STUBS = {
 _libs: list = []  # keep the Library objects alive
 
 
+def load_vllm_kernels() -> None:
+    """Load vLLM's kernels the way vLLM does: its platform picks the build this
+    CPU can run (``_C``, ``_C_AVX512`` or ``_C_AVX2`` on x86). Importing one
+    build by name dies with SIGILL on a CPU without its instruction set."""
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+
+
 def define_c_stubs() -> list[str]:
-    """Define the missing ``_C`` op schemas; returns the names defined."""
+    """Define the ``_C`` op schemas the loaded build lacks; returns the names defined."""
     import torch
-    import vllm._C  # noqa: F401  (the real ops first)
+
+    load_vllm_kernels()  # the real ops first
 
     missing = [n for n in _C_STUBS if not hasattr(torch.ops._C, n)]
     if missing:
@@ -96,7 +107,7 @@ def install() -> None:
 
 
 class _InstallWhenImported(importlib.abc.MetaPathFinder):
-    """Installs once ``vllm.platforms.cpu`` and ``vllm._C`` are both loaded."""
+    """Installs once ``vllm.platforms.cpu`` and ``vllm.config`` are both loaded."""
 
     busy = False
 
