@@ -11,7 +11,11 @@
 #   tools/gpu_check.sh sweep-small-h - launch-config sweep of the fused kernel at H 8 and 16
 #   tools/gpu_check.sh step    - `mla-passes bench-step`: a DeepSeek-V3 decode step with the passes off and on
 #                                (needs vLLM's Triton MLA decode file in .whl/vllm_triton: python -m tools.vllm_mla_stub)
-#   tools/gpu_check.sh all     - all of the above (longer than one device call)
+#   tools/gpu_check.sh vllm    - real vLLM (../shared/gpu-vllm kit): flag off vs on per MLA backend, KV-cache
+#                                dtype and cudagraph mode: tokens, KV-cache rows, report (mla_passes.tools.gpu_vllm)
+#   tools/gpu_check.sh vllm-step - real vLLM time per output token: off / vLLM's own MLA fusion / mla-passes
+#   tools/gpu_check.sh all     - all of the above but vllm* (longer than one device call)
+# (the engine folders stay in /tmp: $OUT takes 8 files at most)
 # Logs, JSON and PNGs go under $OUT (the device tool's result folder) or ./gpu_out.
 # Needs: torch with CUDA, triton, pytest (matplotlib for the PNG); AITER's Triton sources under
 # .whl/aiter_py (python -m tools.aiter_stub AMD_AITER_WHEEL) for the AITER column; for the FlashInfer
@@ -92,6 +96,23 @@ step|all)
     PYTHONPATH=$pkg timeout ${STEP_TIMEOUT:-400} python3 -m mla_passes.tools.bench_step --pdl ${STEP_ARGS-} \
     --json "$OUT/$st.json" --plot "$OUT/$st.png" >"$OUT/$st.log" 2>&1) || rc=1
   grep -v '^\[' "$OUT/$st.log"; grep -c '^\[row\]' "$OUT/$st.log"
+  ;;&
+vllm)
+  # Real vLLM (the ../shared/gpu-vllm kit installed into /tmp/site, mla-passes installed there
+  # too: its plugin entry point must be visible). VLLM_ARGS adds options (e.g. --only v2_TRITON).
+  echo "== real vLLM, flag off vs on: MLA backends x KV-cache dtypes x cudagraph modes"
+  (cd "$(mktemp -d)" && TORCHINDUCTOR_COMPILE_THREADS=1 timeout ${VLLM_TIMEOUT:-560} python3 -P -m mla_passes.tools.gpu_vllm \
+    check --out /tmp/mla_vllm_check ${VLLM_ARGS-} >"$OUT/vllm_check.log" 2>&1) || rc=1
+  cp /tmp/mla_vllm_check/check.json "$OUT/vllm_check.json" 2>/dev/null
+  grep -v '^\[' "$OUT/vllm_check.log" | tail -n 60
+  ;;&
+vllm-step)
+  # VLLM_STEP_ARGS: e.g. --heads 16 --batches 1 16 64 256 --contexts 1024 4096
+  echo "== real vLLM decode step: time per output token, off / vLLM's own fusion / mla-passes"
+  (cd "$(mktemp -d)" && timeout ${VLLM_STEP_TIMEOUT:-560} python3 -P -m mla_passes.tools.gpu_vllm \
+    step --out /tmp/mla_vllm_step ${VLLM_STEP_ARGS-} >"$OUT/vllm_step.log" 2>&1) || rc=1
+  cp /tmp/mla_vllm_step/step.json "$OUT/vllm_step.json" 2>/dev/null
+  grep -v '^\[engine\]' "$OUT/vllm_step.log" | tail -n 60
   ;;&
 bench-fp8|bench-bf16|all)
   cases=${what#bench-}; [ "$what" = all ] && cases="fp8 bf16"

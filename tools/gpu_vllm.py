@@ -1,0 +1,460 @@
+"""Real vLLM on a GPU with the flag on: correctness across MLA backends, and time per output token.
+
+    python -m mla_passes.tools.gpu_vllm check --out DIR [--jobs N] [--only SUBSTR]
+    python -m mla_passes.tools.gpu_vllm step  --out DIR [--heads 16 8 128] [--batches ...] [--contexts ...]
+
+Both run vLLM in its default GPU compile mode (``VLLM_COMPILE``, Inductor, CUDA graphs), one
+engine per subprocess (``engine SPEC OUT``), several engines at once on one GPU where only
+correctness is asked (each takes a fixed KV-cache size, so vLLM's memory profiling does not
+depend on its neighbours), one at a time where time is measured.
+
+``check``: tiny random DeepSeek-V2 (GPT-J RoPE) and DeepSeek-V3 (q_lora, YaRN) models made on
+the spot; per MLA decode backend (FLASH_ATTN_MLA, FLASHMLA, TRITON_MLA), KV-cache dtype (bf16,
+fp8) and cudagraph mode (FULL_AND_PIECEWISE; FULL_DECODE_ONLY for one backend), flag off and on
+with the same prompts. The criterion (a tiny random model's logits tie often, so equal tokens
+alone would fail on noise, and tokens alone would pass a wrong cache row that no later token
+reads):
+
+1. tokens: identical, or the first difference comes after a near-tie: at the first
+   differing step, the flag-off run's top-2 logprobs are within ``TIE_NATS`` of each other,
+   and before it the chosen token's logprob agrees within ``LOGPROB_NATS``;
+2. the KV cache after the run: rows compared by their integer codes (bf16 or fp8 e4m3), every
+   row at most one unit in the last place apart, except rows written after a sequence's first
+   differing token (they hold other tokens); the count of rows differing at all is reported;
+3. ``mla-passes report`` on the engine's ``debug_dump_path``: with the flag on every MLA layer
+   is fused in the decode-range graph and left alone in every other range; with it off none is.
+
+``step``: a DeepSeek-V3-shaped model at one rank's dims (H heads, hidden 7168, q_lora 1536,
+kv_lora 512, RoPE 64 GPT-J, MoE through vLLM's own fused MoE with 8 routed experts, all
+active, of intermediate 256, plus one shared expert: the expert bytes per token of a TP-8
+rank of DeepSeek-V3), random (dummy) weights, a few layers, fp8 KV cache; time per output
+token at each batch size and context, for: flag off, vLLM's own ``fuse_rope_kvcache_cat_mla``
+with graph partition (the upstream anchor), and mla-passes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TIE_NATS = 0.02       # a near-tie: the off run's top-2 logprobs this close at the first differing step
+LOGPROB_NATS = 0.05   # before the first difference, the chosen token's logprob agrees this well
+
+PROMPT_LENS = (5, 9, 17, 33)
+MAX_TOKENS = 20
+
+TINY_V2 = dict(
+    architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
+    vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+    num_hidden_layers=3, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+    kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+    first_k_dense_replace=3, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+    max_position_embeddings=256, initializer_range=0.08, bos_token_id=1, eos_token_id=2,
+    tie_word_embeddings=False, rope_theta=10000.0,
+)
+TINY_V3 = dict(
+    TINY_V2, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", q_lora_rank=128,
+    rope_scaling={"type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                  "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, topk_method="noaux_tc",
+    scoring_func="sigmoid",
+)
+
+
+def _write_config(out: Path, cfg: dict) -> None:
+    cfg = dict(cfg, torch_dtype="bfloat16", dtype="bfloat16")
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+
+
+def build_tiny(out: Path, which: str, seed: int = 0) -> Path:
+    """A tiny DeepSeek-V2/V3 with random weights (safetensors), written with transformers."""
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    import torch
+    import transformers
+
+    spec = TINY_V2 if which == "v2" else TINY_V3
+    kwargs = {k: v for k, v in spec.items() if k not in ("architectures", "model_type", "rope_scaling")}
+    if which == "v3":
+        kwargs["rope_parameters"] = dict(spec["rope_scaling"], rope_theta=spec["rope_theta"])
+        kwargs.pop("rope_theta")
+        kwargs["rope_interleave"] = True
+    cls_cfg = transformers.DeepseekV2Config if which == "v2" else transformers.DeepseekV3Config
+    cls_model = transformers.DeepseekV2ForCausalLM if which == "v2" else transformers.DeepseekV3ForCausalLM
+    torch.manual_seed(seed)
+    known = set(__import__("inspect").signature(cls_cfg.__init__).parameters)
+    config = cls_cfg(**{k: v for k, v in kwargs.items() if k in known})
+    config.architectures = spec["architectures"]
+    out.mkdir(parents=True, exist_ok=True)
+    cls_model(config).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    cfg = json.loads((out / "config.json").read_text())
+    if which == "v3":
+        cfg["rope_scaling"] = spec["rope_scaling"]  # what vLLM's DeepSeek code reads, next to rope_parameters
+        cfg.setdefault("rope_theta", spec["rope_theta"])
+    _write_config(out, cfg)
+    return out
+
+
+def build_step_model(out: Path, heads: int, layers: int) -> Path:
+    """config.json only: vLLM loads it with ``load_format="dummy"`` (random weights)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_config(out, dict(
+        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=16384,
+        hidden_size=7168, intermediate_size=18432 // 8, moe_intermediate_size=256, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, q_lora_rank=1536, kv_lora_rank=512,
+        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, first_k_dense_replace=0,
+        n_routed_experts=8, num_experts_per_tok=8, n_shared_experts=1, n_group=1, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=2.5, topk_method="noaux_tc", scoring_func="sigmoid",
+        max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False, hidden_act="silu"))
+    return out
+
+
+# --- one engine (subprocess) ----------------------------------------------------------
+
+def _prompts(lens, vocab: int):
+    """One prompt per length, each sequence's tokens its own (no prefix is shared between them)."""
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=[(7 * i + 13 * n + 101 * s) % (vocab - 3) + 3 for i in range(n)])
+            for s, n in enumerate(lens)]
+
+
+def _save_caches(llm, path: Path) -> None:
+    import torch
+
+    def grab(worker):
+        caches = worker.model_runner.kv_caches
+        return [c.detach().cpu() for c in caches]
+
+    caches = llm.collective_rpc(grab)[0]
+    torch.save(caches, path)
+
+
+def run_engine(spec: dict, out: Path) -> None:
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the KV cache is read in process
+    os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")  # the passes run in every engine
+    from vllm import LLM, SamplingParams
+
+    cc: dict = {"cudagraph_mode": spec.get("cudagraph_mode", "FULL_AND_PIECEWISE")}
+    if spec.get("flag"):
+        cc["pass_config"] = {"fuse_aiter_qk_rope_kvcache_mla": True}
+    if spec.get("vllm_fusion"):
+        cc["pass_config"] = {"fuse_rope_kvcache_cat_mla": True}
+        cc["use_inductor_graph_partition"] = True
+    if spec.get("dump"):
+        cc["debug_dump_path"] = str(out.parent / (out.stem + "_dump"))
+    kwargs = dict(model=spec["model"], skip_tokenizer_init=True, max_model_len=spec.get("max_model_len", 128),
+                  dtype="bfloat16", max_num_seqs=spec.get("max_num_seqs", 4), seed=0,
+                  kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), compilation_config=cc,
+                  kv_cache_memory_bytes=spec.get("kv_cache_bytes", 256 << 20),
+                  load_format=spec.get("load_format", "auto"))
+    if spec.get("backend"):
+        kwargs["attention_config"] = {"backend": spec["backend"]}
+    if spec["kind"] == "step":
+        kwargs["enable_prefix_caching"] = False  # every timed call recomputes its prefill: it cancels
+    if spec.get("max_num_batched_tokens"):
+        kwargs["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
+    result: dict = {"spec": spec}
+    t0 = time.time()
+    try:
+        llm = LLM(**kwargs)
+    except Exception as e:  # a backend that cannot run here says why
+        result["error"] = f"{type(e).__name__}: {e}"[:2000]
+        out.write_text(json.dumps(result, indent=1))
+        return
+    result["startup_s"] = round(time.time() - t0, 1)
+    vcfg = llm.llm_engine.vllm_config
+    result["compile_ranges_endpoints"] = list(vcfg.compilation_config.compile_ranges_endpoints or [])
+    result["cudagraph_mode"] = str(vcfg.compilation_config.cudagraph_mode)
+    result["use_inductor_graph_partition"] = bool(vcfg.compilation_config.use_inductor_graph_partition)
+    result["max_num_seqs"] = vcfg.scheduler_config.max_num_seqs
+    if spec["kind"] == "check":
+        vocab = vcfg.model_config.get_vocab_size()
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
+        outs = llm.generate(_prompts(PROMPT_LENS, vocab), params, use_tqdm=False)
+        result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+        result["logprobs"] = [[sorted(((lp.logprob, tid) for tid, lp in step.items()), reverse=True)
+                               for step in o.outputs[0].logprobs] for o in outs]
+        _save_caches(llm, out.with_suffix(".caches.pt"))
+    else:
+        result["tpot"] = _time_steps(llm, spec, vcfg.model_config.get_vocab_size(), out)
+    out.write_text(json.dumps(result, indent=1))
+
+
+def _time_steps(llm, spec: dict, vocab: int, out: Path) -> list[dict]:
+    """Per (context, batch): decode time per output token = (t(1 + n tokens) - t(1 token)) / n, each
+    the best of ``repeats``; prefill is in both and cancels. Taken under a file lock so engines that
+    compiled side by side are timed one at a time."""
+    from vllm import SamplingParams
+
+    n = spec.get("decode_tokens", 32)
+    rows = []
+    with open(out.parent / "timing.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for ctx in spec["contexts"]:
+            for b in spec["batches"]:
+                prompts = _prompts([ctx] * b, vocab)
+                times = {}
+                for k in (1, 1 + n):
+                    p = SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
+                    best = float("inf")
+                    for _ in range(spec.get("repeats", 2)):
+                        t0 = time.perf_counter()
+                        llm.generate(prompts, p, use_tqdm=False)
+                        best = min(best, time.perf_counter() - t0)
+                    times[k] = best
+                tpot_us = (times[1 + n] - times[1]) / n * 1e6
+                rows.append({"context": ctx, "batch": b, "tpot_us": round(tpot_us, 1),
+                             "per_layer_us": round(tpot_us / spec["layers"], 2)})
+                print(f"[tpot] {spec['name']} ctx {ctx} batch {b}: {tpot_us:.1f} us", flush=True)
+    return rows
+
+
+# --- drivers ----------------------------------------------------------------------------
+
+def _launch(specs: list[dict], out: Path, jobs: int, timeout_s: int) -> dict[str, dict]:
+    """Run each spec in its own engine subprocess, ``jobs`` at a time; name -> result."""
+    out.mkdir(parents=True, exist_ok=True)
+    pending, running, results = list(specs), [], {}
+    deadline = time.time() + timeout_s
+    while pending or running:
+        while pending and len(running) < jobs:
+            s = pending.pop(0)
+            path = out / f"{s['name']}.json"
+            log = open(out / f"{s['name']}.log", "wb")
+            proc = subprocess.Popen([sys.executable, "-m", "mla_passes.tools.gpu_vllm", "engine",
+                                     json.dumps(s), str(path)], stdout=log, stderr=subprocess.STDOUT)
+            running.append((s, path, proc))
+        time.sleep(2)
+        for item in list(running):
+            s, path, proc = item
+            if proc.poll() is None and time.time() < deadline:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+            running.remove(item)
+            if path.exists():
+                results[s["name"]] = json.loads(path.read_text())
+            else:
+                tail = (out / f"{s['name']}.log").read_bytes()[-3000:].decode(errors="replace")
+                results[s["name"]] = {"spec": s, "error": f"engine exited {proc.returncode} without a result:\n{tail}"}
+            print(f"[engine] {s['name']}: {'error' if 'error' in results[s['name']] else 'ok'}", flush=True)
+    return results
+
+
+def compare_tokens(off: dict, on: dict) -> tuple[bool, str, list[int]]:
+    """(ok, text, per sequence: the index of the first differing token, or its length)."""
+    first = []
+    notes = []
+    ok = True
+    for i, (t_off, t_on) in enumerate(zip(off["tokens"], on["tokens"])):
+        k = next((j for j, (a, b) in enumerate(zip(t_off, t_on)) if a != b), len(t_off))
+        first.append(k)
+        lp_off, lp_on = off["logprobs"][i], on["logprobs"][i]
+        drift = max((abs(lp_off[j][0][0] - lp_on[j][0][0]) for j in range(k)), default=0.0)
+        if drift > LOGPROB_NATS:
+            ok = False
+            notes.append(f"seq {i}: chosen-token logprob off by {drift:.3f} nats before any difference")
+        if k < len(t_off):
+            top = lp_off[k]
+            gap = top[0][0] - top[1][0] if len(top) > 1 else float("inf")
+            tie = gap <= TIE_NATS
+            ok &= tie
+            notes.append(f"seq {i}: first difference at token {k}, off-run top-2 gap {gap:.4f} nats "
+                         f"({'near-tie' if tie else 'NOT a near-tie'})")
+    return ok, "; ".join(notes) or "tokens identical", first
+
+
+def compare_caches(off_path: Path, on_path: Path, kv_dtype: str, first: list[int]) -> tuple[bool, str]:
+    """Rows by integer code: at most one unit in the last place apart, but for rows written after
+    a difference in the tokens (at most the number of tokens after each sequence's first difference)."""
+    import torch
+
+    off, on = torch.load(off_path), torch.load(on_path)
+    allowed = sum(MAX_TOKENS - k for k in first)
+    worst, differ, beyond = 0, 0, 0
+    for a, b in zip(off, on):
+        width = a.shape[-1]
+        if kv_dtype.startswith("fp8"):
+            ca = a.view(torch.uint8).reshape(-1, width).to(torch.int32)
+            cb = b.view(torch.uint8).reshape(-1, width).to(torch.int32)
+            ca = torch.where(ca >= 128, 128 - ca, ca)  # sign-magnitude codes -> ordered integers
+            cb = torch.where(cb >= 128, 128 - cb, cb)
+        else:
+            ca = a.view(torch.int16).reshape(-1, width).to(torch.int32)
+            cb = b.view(torch.int16).reshape(-1, width).to(torch.int32)
+            ca = torch.where(ca < 0, -32768 - ca, ca)
+            cb = torch.where(cb < 0, -32768 - cb, cb)
+        d = (ca - cb).abs().amax(dim=-1)
+        differ += int((d > 0).sum())
+        beyond += int((d > 1).sum())
+        worst = max(worst, int(d.max()))
+    ok = beyond <= allowed
+    return ok, (f"{differ} rows differ at all, {beyond} by more than one unit (allowed: {allowed} rows "
+                f"written after a token difference), worst {worst} units")
+
+
+def check_report(result: dict, flag: bool) -> tuple[bool, str]:
+    from mla_passes.explain import read_records
+
+    dump = Path(result["_path"]).parent / (Path(result["_path"]).stem + "_dump")
+    graphs = [r for r in read_records(dump) if r.get("kind") == "graph"] if dump.exists() else []
+    if not flag:
+        fused = [g for g in graphs if any(la["outcome"] != "left alone" for la in g.get("layers", []))]
+        return not fused, f"{len(graphs)} graph records, none rewritten" if not fused else "flag off but rewritten"
+    threshold = result["max_num_seqs"]
+    bad, decode = [], 0
+    for g in graphs:
+        rng = g["decision"].get("range")
+        outcomes = {la["outcome"] for la in g.get("layers", [])}
+        if rng is not None and rng[1] <= threshold:
+            decode += 1
+            if outcomes != {"fused"} or len(g["layers"]) != TINY_V2["num_hidden_layers"]:
+                bad.append(f"decode range {rng}: {sorted(outcomes)}")
+        elif outcomes - {"left alone"}:
+            bad.append(f"range {rng}: {sorted(outcomes)}")
+    ok = decode >= 1 and not bad
+    return ok, (f"{decode} decode-range graph(s), every layer fused; other ranges left alone"
+                if ok else f"{decode} decode-range graphs; {bad or 'no decode-range graph record'}")
+
+
+CHECK_GRID = [  # (model, backend, kv cache dtype, cudagraph mode)
+    ("v2", "FLASH_ATTN_MLA", "auto", "FULL_AND_PIECEWISE"),
+    ("v2", "TRITON_MLA", "auto", "FULL_AND_PIECEWISE"),
+    ("v2", "FLASHMLA", "auto", "FULL_AND_PIECEWISE"),
+    ("v2", "FLASHMLA", "fp8", "FULL_AND_PIECEWISE"),
+    ("v2", "TRITON_MLA", "fp8", "FULL_AND_PIECEWISE"),
+    ("v2", "FLASH_ATTN_MLA", "fp8", "FULL_AND_PIECEWISE"),
+    ("v2", "FLASH_ATTN_MLA", "auto", "FULL_DECODE_ONLY"),
+    ("v3", "FLASH_ATTN_MLA", "auto", "FULL_AND_PIECEWISE"),
+    ("v3", "FLASHMLA", "fp8", "FULL_AND_PIECEWISE"),
+]
+
+
+def cmd_check(args) -> int:
+    out = Path(args.out)
+    models = {w: str(build_tiny(out / f"tiny_{w}", w)) for w in ("v2", "v3")}
+    specs = []
+    for model, backend, kv, mode in CHECK_GRID:
+        name = f"{model}_{backend}_{kv}_{mode}"
+        if args.only and not any(s in name for s in args.only):
+            continue
+        for flag in (False, True):
+            specs.append({"kind": "check", "name": f"{name}_{'on' if flag else 'off'}", "model": models[model],
+                          "backend": backend, "kv_cache_dtype": kv, "cudagraph_mode": mode, "flag": flag,
+                          "dump": True, "kv_cache_bytes": 64 << 20})
+    results = _launch(specs, out, args.jobs, args.timeout)
+    for s in specs:
+        results[s["name"]]["_path"] = str(out / f"{s['name']}.json")
+    rows, all_ok = [], True
+    for model, backend, kv, mode in CHECK_GRID:
+        name = f"{model}_{backend}_{kv}_{mode}"
+        if name + "_off" not in results:
+            continue
+        off, on = results[name + "_off"], results[name + "_on"]
+        if "error" in off or "error" in on:
+            err = off.get("error") or on.get("error")
+            rows.append({"case": name, "ok": None, "why": "cannot run here: " + err.splitlines()[0][:300]})
+            continue
+        tok_ok, tok_txt, first = compare_tokens(off, on)
+        cache_ok, cache_txt = compare_caches(out / f"{name}_off.caches.pt", out / f"{name}_on.caches.pt", kv, first)
+        rep_ok, rep_txt = check_report(on, True)
+        rep_off_ok, rep_off_txt = check_report(off, False)
+        ok = tok_ok and cache_ok and rep_ok and rep_off_ok
+        all_ok &= ok
+        rows.append({"case": name, "ok": ok, "tokens": tok_txt, "cache": cache_txt, "report_on": rep_txt,
+                     "report_off": rep_off_txt, "startup_s": [off.get("startup_s"), on.get("startup_s")],
+                     "endpoints": on.get("compile_ranges_endpoints"), "cudagraph_mode": on.get("cudagraph_mode")})
+    for r in rows:
+        status = {True: "ok  ", False: "FAIL", None: "skip"}[r["ok"]]
+        print(f"{status} {r['case']}")
+        for k in ("why", "tokens", "cache", "report_on", "report_off", "endpoints", "startup_s"):
+            if k in r:
+                print(f"       {k}: {r[k]}")
+    (out / "check.json").write_text(json.dumps(rows, indent=1))
+    ran = [r for r in rows if r["ok"] is not None]
+    return 0 if ran and all_ok else 1
+
+
+def cmd_step(args) -> int:
+    out = Path(args.out)
+    specs = []
+    for h in args.heads:
+        model = str(build_step_model(out / f"dsv3_h{h}", h, args.layers))
+        for cfg in ("off", "vllm_fusion", "mla_passes"):
+            specs.append({"kind": "step", "name": f"h{h}_{cfg}", "model": model, "kv_cache_dtype": "fp8",
+                          "flag": cfg == "mla_passes", "vllm_fusion": cfg == "vllm_fusion", "load_format": "dummy",
+                          "max_num_seqs": max(args.batches), "max_model_len": max(args.contexts) + 64,
+                          "max_num_batched_tokens": 8192, "layers": args.layers, "batches": args.batches,
+                          "contexts": args.contexts, "decode_tokens": args.decode_tokens,
+                          "kv_cache_bytes": args.kv_cache_gib << 30, "heads": h})
+    results = _launch(specs, out, args.jobs, args.timeout)
+    print("\n| H | context | batch | off µs/tok | vLLM fusion | mla-passes | saving µs/layer | % of TPOT |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    table = []
+    errors = []
+    for h in args.heads:
+        r = {c: results.get(f"h{h}_{c}", {}) for c in ("off", "vllm_fusion", "mla_passes")}
+        for c, v in r.items():
+            if "tpot" not in v:
+                errors.append(f"H={h} {c}: {str(v.get('error', 'no result'))[:600]}")
+        if "tpot" not in r["off"] or "tpot" not in r["mla_passes"]:
+            continue
+        for i, row in enumerate(r["off"]["tpot"]):
+            off, mp = r["off"]["tpot"][i]["tpot_us"], r["mla_passes"]["tpot"][i]["tpot_us"]
+            vf = r["vllm_fusion"]["tpot"][i]["tpot_us"] if "tpot" in r["vllm_fusion"] else None
+            saving = (off - mp) / args.layers
+            table.append({"heads": h, "context": row["context"], "batch": row["batch"], "off": off,
+                          "vllm_fusion": vf, "mla_passes": mp, "saving_per_layer_us": round(saving, 2)})
+            vf_txt = "n/a" if vf is None else f"{vf:.1f}"
+            print(f"| {h} | {row['context']} | {row['batch']} | {off:.1f} | {vf_txt} | {mp:.1f} | "
+                  f"{saving:.2f} | {100 * (off - mp) / off:.1f} % |")
+    for e in errors:
+        print(e)
+    (out / "step.json").write_text(json.dumps({"layers": args.layers, "rows": table, "errors": errors,
+                                               "startup_s": {k: v.get("startup_s") for k, v in results.items()}},
+                                              indent=1))
+    return 0 if table else 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mla_passes.tools.gpu_vllm", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check")
+    c.add_argument("--out", required=True)
+    c.add_argument("--jobs", type=int, default=6)
+    c.add_argument("--only", nargs="*", default=None, help="run the grid cases whose name holds one of these")
+    c.add_argument("--timeout", type=int, default=540)
+    s = sub.add_parser("step")
+    s.add_argument("--out", required=True)
+    s.add_argument("--heads", type=int, nargs="+", default=[16, 8, 128])
+    s.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    s.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
+    s.add_argument("--layers", type=int, default=4)
+    s.add_argument("--decode-tokens", type=int, default=32)
+    s.add_argument("--kv-cache-gib", type=int, default=8)
+    s.add_argument("--jobs", type=int, default=9)
+    s.add_argument("--timeout", type=int, default=560)
+    e = sub.add_parser("engine")
+    e.add_argument("spec")
+    e.add_argument("out")
+    args = p.parse_args(argv)
+    for name in ("jobs", "timeout"):
+        if getattr(args, name, 1) < 1:
+            p.error(f"argument --{name}: expected a positive integer")
+    if args.cmd == "engine":
+        run_engine(json.loads(args.spec), Path(args.out))
+        return 0
+    return cmd_check(args) if args.cmd == "check" else cmd_step(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
