@@ -101,7 +101,7 @@ vllm)
   # Real vLLM (the ../shared/gpu-vllm kit installed into /tmp/site, mla-passes installed there
   # too: its plugin entry point must be visible). VLLM_ARGS adds options (e.g. --only v2_TRITON).
   echo "== real vLLM, flag off vs on: MLA backends x KV-cache dtypes x cudagraph modes"
-  (cd "$(mktemp -d)" && TORCHINDUCTOR_COMPILE_THREADS=1 timeout ${VLLM_TIMEOUT:-560} python3 -P -m mla_passes.tools.gpu_vllm \
+  (cd "$(mktemp -d)" && PYTHONPATH=${VLLM_SITE:-/tmp/site} TORCHINDUCTOR_COMPILE_THREADS=1 timeout ${VLLM_TIMEOUT:-560} python3 -P -m mla_passes.tools.gpu_vllm \
     check --out /tmp/mla_vllm_check ${VLLM_ARGS-} >"$OUT/vllm_check.log" 2>&1) || rc=1
   cp /tmp/mla_vllm_check/check.json "$OUT/vllm_check.json" 2>/dev/null
   grep -v '^\[' "$OUT/vllm_check.log" | tail -n 60
@@ -109,7 +109,7 @@ vllm)
 vllm-step)
   # VLLM_STEP_ARGS: e.g. --heads 16 --batches 1 16 64 256 --contexts 1024 4096
   echo "== real vLLM decode step: time per output token, off / vLLM's own fusion / mla-passes"
-  (cd "$(mktemp -d)" && timeout ${VLLM_STEP_TIMEOUT:-560} python3 -P -m mla_passes.tools.gpu_vllm \
+  (cd "$(mktemp -d)" && PYTHONPATH=${VLLM_SITE:-/tmp/site} timeout ${VLLM_STEP_TIMEOUT:-560} python3 -P -m mla_passes.tools.gpu_vllm \
     step --out /tmp/mla_vllm_step ${VLLM_STEP_ARGS-} >"$OUT/vllm_step.log" 2>&1) || rc=1
   cp /tmp/mla_vllm_step/step.json "$OUT/vllm_step.json" 2>/dev/null
   grep -v '^\[engine\]' "$OUT/vllm_step.log" | tail -n 60
