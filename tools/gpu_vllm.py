@@ -46,7 +46,12 @@ from pathlib import Path
 # A near-tie: the off run's top-2 logprobs this close at the first differing step. vLLM's logits
 # are bf16: at |logit| in [2, 4) two neighbours are 1/64 = 0.0156 apart, so two bf16 steps.
 TIE_NATS = 0.04
-LOGPROB_NATS = 0.05   # before the first difference, the chosen token's logprob agrees this well
+# Before the first difference, the chosen token's logprob agrees this well. bf16 cache: the two
+# paths differ by bf16 rounding of q (fp32 absorb vs vLLM's bf16 bmm). fp8 cache: q is also
+# quantized to fp8, and a value the two paths round from different precisions lands one fp8 step
+# (6-12 %) apart: the attention logits of a tiny random model move by about a tenth of a nat.
+# The strict check is the layer-0 cache rows (compare_caches).
+LOGPROB_NATS = {"auto": 0.05, "fp8": 0.25}
 
 PROMPT_LENS = (5, 9, 17, 33)
 MAX_TOKENS = 20
@@ -253,8 +258,9 @@ def _launch(specs: list[dict], out: Path, jobs: int, timeout_s: int) -> dict[str
     return results
 
 
-def compare_tokens(off: dict, on: dict) -> tuple[bool, str, list[int]]:
+def compare_tokens(off: dict, on: dict, kv_dtype: str = "auto") -> tuple[bool, str, list[int]]:
     """(ok, text, per sequence: the index of the first differing token, or its length)."""
+    bound = LOGPROB_NATS["fp8" if kv_dtype.startswith("fp8") else "auto"]
     first = []
     notes = []
     ok = True
@@ -263,7 +269,7 @@ def compare_tokens(off: dict, on: dict) -> tuple[bool, str, list[int]]:
         first.append(k)
         lp_off, lp_on = off["logprobs"][i], on["logprobs"][i]
         drift = max((abs(lp_off[j][0][0] - lp_on[j][0][0]) for j in range(k)), default=0.0)
-        if drift > LOGPROB_NATS:
+        if drift > bound:
             ok = False
             notes.append(f"seq {i}: chosen-token logprob off by {drift:.3f} nats before any difference")
         if k < len(t_off):
@@ -276,57 +282,70 @@ def compare_tokens(off: dict, on: dict) -> tuple[bool, str, list[int]]:
     return ok, "; ".join(notes) or "tokens identical", first
 
 
-def _ordered_codes(t, kv_dtype: str):
-    """[rows, width] integer codes, ordered like the values (sign-magnitude -> two's complement)."""
+def _values(t, kv_dtype: str):
+    """[rows, width] float32 values of a cache tensor (fp8 caches hold e4m3 bits)."""
     import torch
 
     width = t.shape[-1]
     if kv_dtype.startswith("fp8"):
-        c = t.view(torch.uint8).reshape(-1, width).to(torch.int32)
-        return torch.where(c >= 128, 128 - c, c)
-    c = t.view(torch.int16).reshape(-1, width).to(torch.int32)
-    return torch.where(c < 0, -32768 - c, c)
+        return t.view(torch.uint8).view(torch.float8_e4m3fn).reshape(-1, width).float()
+    return t.reshape(-1, width).float()
 
 
-def compare_caches(off_path: Path, on_path: Path, kv_dtype: str, first: list[int],
-                   block_size: int | None = None) -> tuple[bool, str]:
-    """Rows by integer code: at most one unit in the last place apart, but for rows written after
-    a difference in the tokens (at most the number of tokens after each sequence's first difference).
-    Rows of block 0, vLLM's null block (never read: padded and dummy tokens may land there), are
-    counted apart and not held to the bound."""
+def _row_tolerance(ref, kv_dtype: str, latent: int = 512):
+    """Per row and part (latent, RoPE): the allowed |on - off|. The latent part is a copy
+    (bf16: exact; fp8: one quantization step at the part's largest value). The RoPE part is
+    rounded three times by vLLM's rotation (two products, one sum, each in bf16) and once by
+    ours (fp32 math): two bf16 steps at the part's largest value; an fp8 cache adds one step."""
+    import torch
+
+    bits = 3 if kv_dtype.startswith("fp8") else 7
+    tol = torch.empty_like(ref)
+    for sl, ulps in ((slice(0, latent), 1.0), (slice(latent, None), 2.0)):
+        amax = ref[:, sl].abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+        step = torch.exp2(torch.floor(torch.log2(amax)) - bits)
+        if not kv_dtype.startswith("fp8") and ulps == 1.0:
+            step = torch.zeros_like(step)
+        tol[:, sl] = ulps * step
+    return tol
+
+
+def compare_caches(off_path: Path, on_path: Path, kv_dtype: str, first: list[int]) -> tuple[bool, str]:
+    """Layer 0 is held to the bound: its cache rows are a function of the tokens alone (embedding,
+    norm, projection, RoPE), so with the same tokens on and off the fused op must write what vLLM
+    writes, within :func:`_row_tolerance`; only rows written after a sequence's first differing
+    token may differ (at most that many rows). Deeper layers read the attention output, which the
+    fused q path rounds differently (fp32 absorb vs vLLM's bf16 bmm): their rows are reported by
+    relative error, not held to a rounding bound. Rows of block 0 (vLLM's null block, never read)
+    are counted apart."""
     import torch
 
     off, on = torch.load(off_path), torch.load(on_path)
     allowed = sum(MAX_TOKENS - k for k in first)
-    worst, differ, beyond, null_rows, zero_side, rope_only, nope_only = 0, 0, 0, 0, 0, 0, 0
-    examples = []
+    parts, ok = [], True
     for layer, (a, b) in enumerate(zip(off, on)):
-        ca, cb = _ordered_codes(a, kv_dtype), _ordered_codes(b, kv_dtype)
-        rows_per_block = ca.shape[0] // a.shape[0] if a.dim() >= 3 else 1
-        d = (ca - cb).abs()
-        dmax = d.amax(dim=-1)
-        bad = (dmax > 1).nonzero().flatten().tolist()
-        differ += int((dmax > 0).sum())
-        for r in bad:
-            if r // rows_per_block == 0:
-                null_rows += 1
-                continue
-            beyond += 1
-            worst = max(worst, int(dmax[r]))
-            zero_side += int((ca[r] == 0).all() or (cb[r] == 0).all())
-            rope_only += int(d[r, :512].max() <= 1)
-            nope_only += int(d[r, 512:].max() <= 1)
-            if len(examples) < 4:
-                examples.append(f"layer {layer} block {r // rows_per_block} row {r % rows_per_block}: "
-                                f"{int(dmax[r])} units, {int((d[r] > 1).sum())} columns")
-    ok = beyond <= allowed
-    text = (f"{differ} rows differ at all, {beyond} by more than one unit outside the null block (allowed: "
-            f"{allowed} rows written after a token difference), worst {worst} units; {null_rows} rows of the "
-            f"null block differ")
-    if beyond:
-        text += (f"; of the rows beyond: {zero_side} all-zero on one side, {rope_only} only in the RoPE part, "
-                 f"{nope_only} only in the latent part; e.g. {examples}")
-    return ok, text
+        va, vb = _values(a, kv_dtype), _values(b, kv_dtype)
+        rows_per_block = va.shape[0] // a.shape[0]
+        live = torch.arange(va.shape[0]) >= rows_per_block  # not the null block
+        diff = (va - vb).abs()
+        differ = int(((diff.amax(dim=-1) > 0) & live).sum())
+        beyond_rows = ((diff > _row_tolerance(va, kv_dtype)).any(dim=-1) & live)
+        beyond = int(beyond_rows.sum())
+        written = live & ((va != 0).any(dim=-1) | (vb != 0).any(dim=-1))
+        rel = float((va[written] - vb[written]).norm() / va[written].norm().clamp_min(1e-30))
+        null_differ = int((diff.amax(dim=-1) > 0)[:rows_per_block].sum())
+        if layer == 0:
+            ok = beyond <= allowed
+            idx = beyond_rows.nonzero().flatten()[:3].tolist()
+            ex = [f"block {r // rows_per_block} row {r % rows_per_block}: max |diff| {float(diff[r].max()):.3g}, "
+                  f"{int((diff[r] > 0).sum())} columns" for r in idx]
+            parts.append(f"layer 0: {int(written.sum())} rows written, {differ} differ at all, {beyond} beyond the "
+                         f"rounding bound (allowed {allowed}: rows after a token difference){'; e.g. ' + str(ex) if ex else ''}")
+        else:
+            parts.append(f"layer {layer}: {differ} rows differ, relative L2 error {rel:.2e}")
+        if null_differ:
+            parts.append(f"layer {layer}: {null_differ} null-block rows differ")
+    return ok, "; ".join(parts)
 
 
 def check_report(result: dict, flag: bool) -> tuple[bool, str]:
@@ -391,7 +410,7 @@ def cmd_check(args) -> int:
             err = off.get("error") or on.get("error")
             rows.append({"case": name, "ok": None, "why": "cannot run here: " + err.splitlines()[0][:300]})
             continue
-        tok_ok, tok_txt, first = compare_tokens(off, on)
+        tok_ok, tok_txt, first = compare_tokens(off, on, kv)
         cache_ok, cache_txt = compare_caches(out / f"{name}_off.caches.pt", out / f"{name}_on.caches.pt", kv, first)
         rep_ok, rep_txt = check_report(on, True)
         rep_off_ok, rep_off_txt = check_report(off, False)
