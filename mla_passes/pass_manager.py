@@ -52,6 +52,29 @@ def _module_hash(module) -> str:
     return _source_hash(module.__name__, (path, mtime))
 
 
+def _in_dependency_order(graph: Graph) -> None:
+    """Put the nodes in an order where each follows its inputs, when they are not.
+
+    vLLM runs our manager after its own fusion passes and before its cleanup
+    (``PostCleanupPass``), which is where it sorts the graph: Inductor's pattern
+    matcher does not promise an ordered graph, and vLLM's MLA RoPE/KV-cache
+    fusion leaves its fused op before the kv_c RMSNorm it reads in models with
+    q_lora (DeepSeek-V3/R1, Kimi K2). Our passes reason about "defined before
+    the fusion point" in list order, so they need the order the graph will
+    have. ``stable_topological_sort`` is the sort vLLM's cleanup runs next:
+    on an ordered graph it changes nothing; on an unordered one the result is
+    what the cleanup would have produced anyway."""
+    seen: set = set()
+    for n in graph.nodes:
+        if any(a not in seen for a in n.all_input_nodes):
+            from torch._inductor.pattern_matcher import stable_topological_sort
+
+            stable_topological_sort(graph)
+            logger.debug("mla-passes: graph was not in dependency order (a fusion before ours left it so); sorted")
+            return
+        seen.add(n)
+
+
 class MLAPassManager(CustomGraphPass):
     """The mla-passes passes, gated by compile range, as one CustomGraphPass."""
 
@@ -105,6 +128,8 @@ class MLAPassManager(CustomGraphPass):
             return
         logger.debug("mla-passes: running %s: %s", [p.name for p in self.passes], why)
         from torch._dynamo.utils import lazy_format_graph_code
+
+        _in_dependency_order(graph)
 
         gm = graph.owning_module
         for p in self.passes:

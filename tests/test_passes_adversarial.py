@@ -13,6 +13,7 @@ from mla_passes.testing import standins
 from mla_passes.testing.models import _rope_native, build_decode_stack, set_step
 from mla_passes.ops import LayerName
 from mla_passes.testing.backend import TestBackend
+from mla_passes import MLAPassManager, PassConfig
 
 FUSION = "mla_qk_rope_kvcache_fusion"
 LIFT = "mla_decode_q_prep_lift"
@@ -159,6 +160,26 @@ def test_fused_rope_q_pe_reader_fused():
     """Fused-rope form: a reader of the rotated q_pe gets the same values after the rewrite."""
     st = build_decode_stack(2, H=4, hidden=64, form="fused_rope")
     pm, _ = run_variant(st, Variant(st, form="fused_rope", leak_q_rot=True))
+    assert pm.matched_counts[FUSION] == 2
+
+
+class _AsVllmLeavesIt(MLAPassManager):
+    """Moves each fused-rope op before the producer of its kv_c, as vLLM's MLA RoPE/KV-cache fusion
+    leaves it (the pattern matcher does not order the graph; vLLM's cleanup sorts it after our pass)."""
+
+    def __call__(self, graph):
+        for n in list(graph.nodes):
+            if n.target is torch.ops.higher_order.auto_functionalized and "fused_rope" in str(n.args[0]):
+                n.kwargs["kv_c"].prepend(n)
+        super().__call__(graph)
+
+
+def test_fused_rope_op_before_its_kv_c_is_fused():
+    """Real vLLM on an H200, DeepSeek-V3 (q_lora): the fused-rope op stood before the kv_c RMSNorm it
+    reads (vLLM sorts only after our pass), and every layer was refused "not defined before the fusion point"."""
+    st = build_decode_stack(2, H=4, hidden=64, form="fused_rope")
+    pm = _AsVllmLeavesIt(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=256)
+    pm, _ = run_variant(st, Variant(st, form="fused_rope"), pm=pm)
     assert pm.matched_counts[FUSION] == 2
 
 
