@@ -16,11 +16,13 @@ alone would fail on noise, and tokens alone would pass a wrong cache row that no
 reads):
 
 1. tokens: identical, or the first difference comes after a near-tie: at the first
-   differing step, the flag-off run's top-2 logprobs are within ``TIE_NATS`` of each other,
-   and before it the chosen token's logprob agrees within ``LOGPROB_NATS``;
-2. the KV cache after the run: rows compared by their integer codes (bf16 or fp8 e4m3), every
-   row at most one unit in the last place apart, except rows written after a sequence's first
-   differing token (they hold other tokens); the count of rows differing at all is reported;
+   differing step, the flag-off run's top-2 logprobs are within ``TIE_NATS`` of each other
+   (or within the accepted drift below, where that is larger), and before it the chosen
+   token's logprob agrees within ``LOGPROB_NATS`` (per cache dtype);
+2. the KV cache after the run: layer 0's rows (a function of the tokens alone) within the
+   rounding bound of ``_row_tolerance``, except rows written after a sequence's first differing
+   token (they hold other tokens); the count of rows differing at all is reported; deeper layers
+   (which read the attention output) by relative error;
 3. ``mla-passes report`` on the engine's ``debug_dump_path``: with the flag on every MLA layer
    is fused in the decode-range graph and left alone in every other range; with it off none is.
 
@@ -146,8 +148,13 @@ def _save_caches(llm, path: Path) -> None:
 
 def run_engine(spec: dict, out: Path) -> None:
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the KV cache is read in process
-    os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")  # the passes run in every engine
+    if spec["kind"] == "check":
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the KV cache is read in process
+    # the passes run in every engine: no vLLM compile cache, no Inductor FX-graph / AOT cache hit
+    # from a neighbour that compiled the same graph (the passes would not run, nor write records)
+    os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
     from vllm import LLM, SamplingParams
 
     cc: dict = {"cudagraph_mode": spec.get("cudagraph_mode", "FULL_AND_PIECEWISE")}
@@ -167,7 +174,8 @@ def run_engine(spec: dict, out: Path) -> None:
     if spec.get("backend"):
         kwargs["attention_config"] = {"backend": spec["backend"]}
     if spec["kind"] == "step":
-        kwargs["enable_prefix_caching"] = False  # every timed call recomputes its prefill: it cancels
+        kwargs["enable_prefix_caching"] = False
+        kwargs["disable_log_stats"] = False  # per-request first/last token times (vLLM's own TPOT)
     if spec.get("max_num_batched_tokens"):
         kwargs["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
     result: dict = {"spec": spec}
@@ -198,9 +206,12 @@ def run_engine(spec: dict, out: Path) -> None:
 
 
 def _time_steps(llm, spec: dict, vocab: int, out: Path) -> list[dict]:
-    """Per (context, batch): decode time per output token = (t(1 + n tokens) - t(1 token)) / n, each
-    the best of ``repeats``; prefill is in both and cancels. Taken under a file lock so engines that
-    compiled side by side are timed one at a time."""
+    """Per (context, batch): time per output token as vLLM measures it, per request
+    ``(last_token_ts - first_token_ts) / (tokens - 1)`` (prefill excluded), the median over the
+    batch, the best of ``repeats``. Taken under a file lock, so engines that compiled side by side
+    are timed one at a time."""
+    import statistics
+
     from vllm import SamplingParams
 
     n = spec.get("decode_tokens", 32)
@@ -210,16 +221,23 @@ def _time_steps(llm, spec: dict, vocab: int, out: Path) -> list[dict]:
         for ctx in spec["contexts"]:
             for b in spec["batches"]:
                 prompts = _prompts([ctx] * b, vocab)
-                times = {}
-                for k in (1, 1 + n):
-                    p = SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
-                    best = float("inf")
-                    for _ in range(spec.get("repeats", 2)):
+                params = SamplingParams(temperature=0.0, max_tokens=1 + n, ignore_eos=True)
+                best = float("inf")
+                for _ in range(spec.get("repeats", 2)):
+                    outs = llm.generate(prompts, params, use_tqdm=False)
+                    per_req = [(o.metrics.last_token_ts - o.metrics.first_token_ts) / (o.metrics.num_generation_tokens - 1)
+                               for o in outs if o.metrics is not None and o.metrics.num_generation_tokens > 1]
+                    if per_req:
+                        best = min(best, statistics.median(per_req))
+                    else:  # no per-request stats from this vLLM: the whole call, less one prefill-only call
                         t0 = time.perf_counter()
-                        llm.generate(prompts, p, use_tqdm=False)
-                        best = min(best, time.perf_counter() - t0)
-                    times[k] = best
-                tpot_us = (times[1 + n] - times[1]) / n * 1e6
+                        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1 + n, ignore_eos=True),
+                                     use_tqdm=False)
+                        t1 = time.perf_counter()
+                        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+                                     use_tqdm=False)
+                        best = min(best, ((t1 - t0) - (time.perf_counter() - t1)) / n)
+                tpot_us = best * 1e6
                 rows.append({"context": ctx, "batch": b, "tpot_us": round(tpot_us, 1),
                              "per_layer_us": round(tpot_us / spec["layers"], 2)})
                 print(f"[tpot] {spec['name']} ctx {ctx} batch {b}: {tpot_us:.1f} us", flush=True)
@@ -275,7 +293,7 @@ def compare_tokens(off: dict, on: dict, kv_dtype: str = "auto") -> tuple[bool, s
         if k < len(t_off):
             top = lp_off[k]
             gap = top[0][0] - top[1][0] if len(top) > 1 else float("inf")
-            tie = gap <= TIE_NATS
+            tie = gap <= max(TIE_NATS, bound)  # a flip only where the gap is within the accepted drift
             ok &= tie
             notes.append(f"seq {i}: first difference at token {k}, off-run top-2 gap {gap:.4f} nats "
                          f"({'near-tie' if tie else 'NOT a near-tie'})")
