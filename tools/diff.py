@@ -33,8 +33,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from .graphdiff import compare_paths, format_report
 
+    for name, path in (("A", args.a), ("B", args.b)):
+        if not Path(path).exists():
+            return usage_error("diff", name, f"{path}: no such file or folder")
     try:
         pairs = compare_paths(args.a, args.b, stage=args.stage, context=args.context)
     except (ValueError, OSError) as e:
