@@ -194,6 +194,7 @@ BAD_OPTIONS = [
     ("bench", "--pad-every", [*CPU_CHECK, "--pad-every", "-1"]),
     ("bench", "--rope", [*CPU_CHECK, "--rope", "gptj,bogus"]),
     ("bench", "--cases", [*CPU_CHECK, "--cases", "fp4"]),
+    ("bench", "--cases", [*CPU_CHECK, "--cases", "bf16"]),  # --check-only checks the fp8 case only
     ("bench", "--plot", [*CPU_CHECK, "--plot", "{missing}/plot.png"]),
     ("bench", "--plot", [*CPU_CHECK, "--plot", "{dir}"]),
     ("bench", "--plot", [*CPU_CHECK, "--plot", "{dir}/plot.png"]),  # --check-only times nothing to plot

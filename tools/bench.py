@@ -57,6 +57,7 @@ CASES = {  # name -> (kv_cache_dtype, fp8 q)
 }
 CASE_TITLES = {"fp8": "fp8 cache + fp8 q", "bf16": "bf16 model, kv_cache_dtype=auto", "fp8kv": "fp8 cache + bf16 q"}
 ROPES = {"gptj": False, "neox": True}  # name -> is_neox
+DEFAULT_CASES = ("fp8", "bf16")
 
 
 VARIANTS = ("fused", "compile", "aiter", "flashinfer", "fused_pdl",
@@ -82,9 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="every N-th token is a padding token, slot -1 (default 3; 0: none)")
     parser.add_argument("--rope", type=comma_list(tuple(ROPES)), default="gptj",
                         help="comma-separated rotary conventions: gptj (DeepSeek's, the default), neox")
-    parser.add_argument("--cases", type=comma_list(tuple(CASES)), default="fp8,bf16",
+    parser.add_argument("--cases", type=comma_list(tuple(CASES)), default=None,
                         help="comma-separated: fp8 (fp8 cache + fp8 q, main table), bf16 (kv_cache_dtype='auto'), "
-                             "fp8kv (fp8 cache, bf16 q)")
+                             f"fp8kv (fp8 cache, bf16 q); default {','.join(DEFAULT_CASES)} (--check-only: fp8)")
     parser.add_argument("--plot", type=output_file, metavar="PNG", help="write a plot of us against T (needs matplotlib)")
     parser.add_argument("--sweep", action="store_true", help="also time other launch configs of the fused kernel")
     parser.add_argument("--check-only", action="store_true",
@@ -533,7 +534,8 @@ def write_plot(path, tables, meta) -> None:
 def run(args) -> int:
     from .argtypes import usage_error
 
-    names, ropes, cases = args.variants, args.rope, args.cases  # lists: argparse parses string defaults too
+    names, ropes = args.variants, args.rope  # lists: argparse parses string defaults too
+    cases = list(DEFAULT_CASES) if args.cases is None else args.cases
     device = torch.device(args.device)
     if device.type == "cpu" and not args.check_only:
         return usage_error("bench", "--device", "cpu only checks the variants (add --check-only, and "
@@ -542,6 +544,8 @@ def run(args) -> int:
         for option, given in (("--plot", args.plot), ("--sweep", args.sweep)):
             if given:
                 return usage_error("bench", option, "--check-only times nothing to plot or sweep")
+        if args.cases is not None and args.cases != ["fp8"]:
+            return usage_error("bench", "--cases", "--check-only checks the fp8 case (fp8 cache + fp8 q) only")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # Triton reads it at import
         return usage_error("bench", "--device", "cpu runs the variants' Triton kernels only in the Triton "
                                                 "interpreter: set TRITON_INTERPRET=1 in the environment")
