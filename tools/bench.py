@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=comma_list(tuple(CASES)), default=None,
                         help="comma-separated: fp8 (fp8 cache + fp8 q, main table), bf16 (kv_cache_dtype='auto'), "
                              f"fp8kv (fp8 cache, bf16 q); default {','.join(DEFAULT_CASES)} (--check-only: fp8)")
-    parser.add_argument("--plot", type=output_file, metavar="PNG", help="write a plot of us against T (needs matplotlib)")
+    parser.add_argument("--plot", type=output_file, metavar="PNG",
+                        help="write a plot of us against T (needs matplotlib)")
     parser.add_argument("--sweep", action="store_true", help="also time other launch configs of the fused kernel")
     parser.add_argument("--check-only", action="store_true",
                         help="check every variant against the reference once; no timing")

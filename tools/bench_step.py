@@ -111,7 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens per sequence (default {' '.join(map(str, GPU_DEFAULTS['context']))}; "
                              f"--smoke: {' '.join(map(str, SMOKE_DEFAULTS['context']))})")
     parser.add_argument("--layers", type=positive_int, default=None,
-                        help=f"decoder layers in the stack (default {GPU_DEFAULTS['layers']}; --smoke: {SMOKE_DEFAULTS['layers']})")
+                        help=f"decoder layers in the stack (default {GPU_DEFAULTS['layers']}; "
+                             f"--smoke: {SMOKE_DEFAULTS['layers']})")
     parser.add_argument("--block-size", type=positive_int, default=64)
     parser.add_argument("--reps", type=positive_int, default=15, help="timed batches; the median is reported")
     parser.add_argument("--inner", type=positive_int, default=5, help="graph replays per timed batch")
