@@ -9,7 +9,10 @@ graphs. This module owns every rule that decides whether they run on a graph:
   bucket). The vLLM plugin calls this same function to add the threshold to
   ``compile_ranges_endpoints``;
 * the compile range of the graph being compiled, :func:`current_compile_range`:
-  the innermost :func:`compile_range` block (plain Inductor use, tests), else
+  the innermost :func:`compile_range` block of the calling thread (plain
+  Inductor use, tests; a block in one thread is not seen by another, so two
+  threads compiling at once each gate, and key the cache, by their own
+  range), else
   vLLM's pass context through its public ``get_pass_context()`` (vLLM 0.32
   asserts when no context is set: that reads as "no range"); vLLM is never
   imported here;
@@ -33,6 +36,7 @@ does not gate again when called.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 from dataclasses import dataclass
 
@@ -69,14 +73,17 @@ def decode_threshold(max_num_seqs: int | None, num_speculative_tokens: int = 0,
 
 # --- the compile range in force ------------------------------------------------------
 
-_range_stack: list = []
+# The open compile_range() blocks, innermost last. A context variable, not a
+# module global: each thread (and each asyncio task) sees only its own blocks.
+_range_stack: contextvars.ContextVar[tuple] = contextvars.ContextVar("mla_passes_compile_range", default=())
 
 
 @contextlib.contextmanager
 def compile_range(r):
     """Compile graphs inside this block as the range ``r`` (anything with int
     ``.start``/``.end``, ``0 <= start <= end``, or an int meaning ``(r, r)``).
-    Blocks nest; the innermost wins. An empty or negative range is an error
+    Blocks nest; the innermost wins. A block holds for the thread (or
+    asyncio task) that opened it only. An empty or negative range is an error
     (it would otherwise read as inside the decode bucket)."""
     if isinstance(r, int) and not isinstance(r, bool):
         r = TokenRange(r, r)
@@ -91,11 +98,11 @@ def compile_range(r):
                          f"({r.start}, {r.end})")
     if r.start > r.end:
         raise ValueError(f"compile_range: argument 'r' is empty (start {r.start} > end {r.end})")
-    _range_stack.append(r)
+    token = _range_stack.set((*_range_stack.get(), r))
     try:
         yield r
     finally:
-        _range_stack.pop()
+        _range_stack.reset(token)
 
 
 def vllm_compile_range():
@@ -115,9 +122,10 @@ def vllm_compile_range():
 
 
 def current_compile_range():
-    """The compile range in force: the innermost :func:`compile_range`, else vLLM's, else None."""
-    if _range_stack:
-        return _range_stack[-1]
+    """The compile range in force in this thread: the innermost :func:`compile_range`, else vLLM's, else None."""
+    stack = _range_stack.get()
+    if stack:
+        return stack[-1]
     return vllm_compile_range()
 
 

@@ -25,7 +25,8 @@ per process: main, engine core and workers. It
    layout, puts :class:`mla_passes.MLAPassManager` into
    ``compilation_config.inductor_compile_config["post_grad_custom_post_pass"]``
    (composed with a user's own pass there, which keeps running), adds the
-   decode threshold to ``compile_ranges_endpoints`` and logs backend,
+   decode threshold to ``compile_ranges_endpoints`` (below the token budget
+   only, :func:`add_decode_endpoint`) and logs backend,
    threshold and partition state once. With the flag off it does nothing;
    it also turns on vLLM's ``fuse_rope_kvcache_cat_mla`` (the rope/kv-cache
    prerequisite, DESIGN §4.4) when our flag is on, the user left it unset and
@@ -237,13 +238,27 @@ def configure_vllm_config(vllm_config) -> None:
     cc.inductor_compile_config[PASS_KEY] = vllm_compat.ComposedPostGradPass([manager, *user_passes])
 
     threshold = config.decode_max_tokens(max_num_seqs, num_spec)  # the rule lives in gating.py
-    endpoints = list(cc.compile_ranges_endpoints or [])
-    if threshold not in endpoints:
-        cc.compile_ranges_endpoints = sorted([*endpoints, threshold])
+    add_decode_endpoint(cc, threshold, getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None))
 
     device = getattr(vllm_config.device_config, "device", None) or "cpu"
     used = resolve_backend(asked, device)  # warns once on a fallback
     _log_once(used, asked, threshold if has_ranges else None, max_num_seqs, num_spec, len(user_passes), partition)
+
+
+def add_decode_endpoint(cc, threshold: int | None, token_budget: int | None) -> None:
+    """Give the decode bucket its own compile range: ``threshold`` joins
+    ``cc.compile_ranges_endpoints`` when it falls below the token budget
+    (``max_num_batched_tokens``, vLLM's last endpoint). vLLM has already
+    dropped its own endpoints at or above the budget (``_set_compile_ranges``);
+    ours runs after that, so it keeps the same rule: a threshold at or above
+    the budget (``max_num_seqs * (1 + num_speculative_tokens)`` can be, with
+    speculative decoding) would add a range of batches the scheduler never
+    forms. Every range then ends within the bucket, and the passes apply to all."""
+    if threshold is None or (token_budget is not None and threshold >= token_budget):
+        return
+    endpoints = list(cc.compile_ranges_endpoints or [])
+    if threshold not in endpoints:
+        cc.compile_ranges_endpoints = sorted([*endpoints, threshold])
 
 
 @functools.lru_cache(maxsize=None)

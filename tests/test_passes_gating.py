@@ -155,3 +155,48 @@ def test_passes_expose_the_managers_gate():
 
     assert decode_threshold(8, 1) == 16 and decode_threshold(8, 0, override=3) == 3
     assert decode_threshold(None) is None
+
+
+def test_compile_range_is_per_thread():
+    """compile_range was process-wide: a thread compiling the decode range was gated, and its cache key built,
+    with the prefill range another thread had opened at the same time (and the first to leave popped the other's)."""
+    import threading
+
+    from mla_passes import gating
+
+    pm = make_pm(max_num_seqs=8)
+    with compile_range(4):
+        want_decode = (pm.uuid(), pm._decide(None))
+    with compile_range(TokenRange(9, 512)):
+        want_prefill = (pm.uuid(), pm._decide(None))
+    assert want_decode[0] != want_prefill[0] and want_decode[1][0] and not want_prefill[1][0]
+
+    both_open, first_left = threading.Barrier(2), threading.Event()
+    seen, errors = {}, []
+
+    def compile_in(name, r, leave_first):
+        try:
+            with compile_range(r):
+                both_open.wait(timeout=30)  # both blocks are open now
+                seen[name] = (pm.uuid(), pm._decide(None))
+                if leave_first:
+                    return
+                first_left.wait(timeout=30)  # the other thread has left its block
+                seen[name + " after"] = gating.current_compile_range()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            if leave_first:
+                first_left.set()
+
+    threads = [threading.Thread(target=compile_in, args=("decode", 4, False)),
+               threading.Thread(target=compile_in, args=("prefill", TokenRange(9, 512), True))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert seen["decode"] == want_decode
+    assert seen["prefill"] == want_prefill
+    assert seen["decode after"] == TokenRange(4, 4)
+    assert gating.current_compile_range() is None  # nothing leaked into the main thread

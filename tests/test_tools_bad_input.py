@@ -125,3 +125,193 @@ def test_compile_range_accepts_a_single_count_and_zero():
     for r in (TokenRange(0, 0), TokenRange(4, 4), TokenRange(1, 256), 7):
         with compile_range(r) as got:
             assert got.start <= got.end
+
+
+# --- every option of every command (issue 26, item 5) -------------------------------------------------
+#
+# One row per bad value: (command, option the error must name, argv after the command). Placeholders:
+# {file} an existing file, {dir} an empty folder, {full} a folder holding a file, {missing} a path that does
+# not exist, {script} a script that must never run, {json_list} a JSON file holding a list. Each row is a
+# usage error: exit 2, one message naming the option, no traceback, nothing run.
+CPU_CHECK = ["--check-only", "--device", "cpu"]
+BAD_OPTIONS = [
+    # demo
+    ("demo", "--layers", ["--layers", "0"]),
+    ("demo", "--layers", ["--layers", "-1"]),
+    ("demo", "--layers", ["--layers", "two"]),
+    ("demo", "--layers", ["--layers", "62"]),
+    ("demo", "--heads", ["--heads", "-1"]),
+    ("demo", "--heads", ["--heads", "0"]),
+    ("demo", "--heads", ["--heads", "129"]),
+    ("demo", "--tokens", ["--tokens", "100000"]),
+    ("demo", "--tokens", ["--tokens", "0"]),
+    ("demo", "--seed", ["--seed", "-1"]),
+    ("demo", "--seed", ["--seed", "1.5"]),
+    ("demo", "--seed", ["--seed", str(2**32)]),
+    ("demo", "--out", ["--out", "{file}"]),
+    ("demo", "--out", ["--out", "{file}/sub"]),
+    ("demo", "--out", ["--out", ""]),
+    ("demo", "--out", ["--out", "{dir}", "--no-dump"]),
+    ("demo", "--backend", ["--backend", "bogus"]),
+    # dump
+    ("dump", "--out", ["--out", "{file}", "--", "{script}"]),
+    ("dump", "--out", ["--out", "{file}/sub", "--", "{script}"]),
+    ("dump", "--out", ["--out", "", "--", "{script}"]),
+    ("dump", "--out", ["--out", "{full}", "--", "{script}"]),
+    ("dump", "--passes", ["--out", "{dir}", "--passes", "maybe", "--", "{script}"]),
+    ("dump", "--max-num-seqs", ["--out", "{dir}", "--max-num-seqs", "0", "--", "{script}"]),
+    ("dump", "--backend", ["--out", "{dir}", "--backend", "cuda", "--", "{script}"]),
+    ("dump", "SCRIPT", ["--out", "{dir}", "--", "{missing}/script.py"]),
+    # diff
+    ("diff", "A", ["{missing}", "{dir}"]),
+    ("diff", "B", ["{dir}", "{missing}"]),
+    ("diff", "--stage", ["{dir}", "{dir}", "--stage", "NO_SUCH_STAGE"]),
+    ("diff", "--context", ["{dir}", "{dir}", "-U", "-5"]),
+    ("diff", "--context", ["{dir}", "{dir}", "--context", "many"]),
+    # report
+    ("report", "DIR", ["{missing}"]),
+    ("report", "DIR", ["{file}"]),
+    # patterns
+    ("patterns", "NAME", ["no_such_pattern_anywhere"]),
+    # lint
+    ("lint", "DUMP_OR_GRAPH", ["{missing}"]),
+    ("lint", "DUMP_OR_GRAPH", ["{dir}"]),
+    ("lint", "--stage", ["{dir}", "--stage", "NO_SUCH_STAGE"]),
+    # bench: values alone, then the rules between options (all under --check-only --device cpu unless the
+    # row is about those)
+    ("bench", "--heads", [*CPU_CHECK, "--heads", "0"]),
+    ("bench", "--heads", [*CPU_CHECK, "--heads", "16", "-3"]),
+    ("bench", "--tokens", [*CPU_CHECK, "--tokens", "0"]),
+    ("bench", "--variants", [*CPU_CHECK, "--variants", "bogus"]),
+    ("bench", "--variants", [*CPU_CHECK, "--variants", "fused,bogus"]),
+    ("bench", "--variants", [*CPU_CHECK, "--variants", ","]),
+    ("bench", "--variants", [*CPU_CHECK, "--variants", "flashinfer"]),  # CUDA only: nothing would run
+    ("bench", "--layers", [*CPU_CHECK, "--layers", "0"]),
+    ("bench", "--reps", [*CPU_CHECK, "--reps", "0"]),
+    ("bench", "--inner", [*CPU_CHECK, "--inner", "0"]),
+    ("bench", "--dtype", [*CPU_CHECK, "--dtype", "float32"]),
+    ("bench", "--block-size", [*CPU_CHECK, "--block-size", "0"]),
+    ("bench", "--pad-every", [*CPU_CHECK, "--pad-every", "-1"]),
+    ("bench", "--rope", [*CPU_CHECK, "--rope", "gptj,bogus"]),
+    ("bench", "--cases", [*CPU_CHECK, "--cases", "fp4"]),
+    ("bench", "--cases", [*CPU_CHECK, "--cases", "bf16"]),  # --check-only checks the fp8 case only
+    ("bench", "--plot", [*CPU_CHECK, "--plot", "{missing}/plot.png"]),
+    ("bench", "--plot", [*CPU_CHECK, "--plot", "{dir}"]),
+    ("bench", "--plot", [*CPU_CHECK, "--plot", "{dir}/plot.png"]),  # --check-only times nothing to plot
+    ("bench", "--sweep", [*CPU_CHECK, "--sweep"]),
+    ("bench", "--device", ["--check-only", "--device", "bogus"]),
+    ("bench", "--device", ["--check-only", "--device", "cuda:x"]),
+    ("bench", "--device", ["--device", "cpu"]),  # timing needs CUDA
+    ("bench", "--device", ["--check-only", "--device", "cuda:99"]),  # no such device here
+    ("bench", "--json", [*CPU_CHECK, "--json", "{missing}/out.json"]),
+    ("bench", "--json", [*CPU_CHECK, "--json", "{dir}"]),
+    ("bench", "--json", [*CPU_CHECK, "--json", "{file}/out.json"]),
+    # bench-step
+    ("bench-step", "--heads", ["--smoke", "--heads", "0"]),
+    ("bench-step", "--tokens", ["--smoke", "--tokens", "0"]),
+    ("bench-step", "--context", ["--smoke", "--context", "0"]),
+    ("bench-step", "--context", ["--smoke", "--context", "3"]),
+    ("bench-step", "--layers", ["--smoke", "--layers", "0"]),
+    ("bench-step", "--block-size", ["--smoke", "--block-size", "0"]),
+    ("bench-step", "--reps", ["--smoke", "--reps", "0"]),
+    ("bench-step", "--inner", ["--smoke", "--inner", "-2"]),
+    ("bench-step", "--attn-q", ["--smoke", "--attn-q", "fp16"]),
+    ("bench-step", "--pdl", ["--smoke", "--pdl"]),  # PDL is a CUDA launch attribute
+    ("bench-step", "--predict-from", ["--predict-from", "{missing}/bench.json"]),
+    ("bench-step", "--predict-from", ["--predict-from", "{script}"]),  # not JSON
+    ("bench-step", "--predict-from", ["--predict-from", "{json_list}"]),
+    ("bench-step", "--predict-from", ["--smoke", "--predict-from", "{json_object}"]),  # nothing to predict
+    ("bench-step", "--device", ["--device", "bogus"]),
+    ("bench-step", "--device", ["--smoke", "--device", "cuda:99"]),
+    ("bench-step", "--json", ["--smoke", "--json", "{missing}/step.json"]),
+    ("bench-step", "--plot", ["--smoke", "--plot", "{missing}/step.png"]),
+    ("bench-step", "--plot", ["--smoke", "--plot", "{dir}/step.png"]),  # --smoke measures nothing to plot
+]
+
+
+def _option_keys(parser) -> dict[str, set[str]]:
+    """command -> the options that take a value (their longest spelling) and the positionals (their metavar)."""
+    import argparse
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    keys = {}
+    for name, p in sub.choices.items():
+        keys[name] = set()
+        for a in p._actions:
+            if a.nargs == 0 or a.nargs == argparse.REMAINDER:  # flags and SCRIPT's pass-through ARGS
+                continue
+            keys[name].add(max(a.option_strings, key=len) if a.option_strings else (a.metavar or a.dest))
+    return keys
+
+
+def test_bad_option_table_covers_every_option():
+    """Every option that takes a value, of every command, has a bad-value row in BAD_OPTIONS."""
+    keys = _option_keys(cli.build_parser())
+    assert set(keys) == set(cli.SUBCOMMANDS)
+    covered = {(c, o) for c, o, _ in BAD_OPTIONS}
+    missing = sorted((c, o) for c, opts in keys.items() for o in opts if (c, o) not in covered)
+    assert not missing, f"options without a bad-value row: {missing}"
+    unknown = sorted((c, o) for c, o in covered if o not in keys[c] and not o.startswith("--"))
+    assert not unknown, unknown
+
+
+@pytest.fixture
+def bad_paths(tmp_path):
+    (tmp_path / "a_file.txt").write_text("not a folder\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.py").write_text("x = 1\n")
+    ran = tmp_path / "ran"
+    (tmp_path / "script.py").write_text(f"open({str(ran)!r}, 'w').write('ran')\n")
+    (tmp_path / "list.json").write_text("[1, 2]\n")
+    (tmp_path / "object.json").write_text('{"tables": {}}\n')
+    return dict(file=tmp_path / "a_file.txt", dir=tmp_path / "empty", full=tmp_path / "full",
+                missing=tmp_path / "no_such_folder", script=tmp_path / "script.py", json_list=tmp_path / "list.json",
+                json_object=tmp_path / "object.json"), ran
+
+
+@pytest.mark.parametrize("command,option,argv", BAD_OPTIONS,
+                         ids=[f"{c} {' '.join(a)}" for c, _, a in BAD_OPTIONS])
+def test_bad_option_is_a_usage_error(command, option, argv, bad_paths, capsys, monkeypatch):
+    """A bad option value ended in a traceback (exit 1), ran with a default in its place, or ran nothing and
+    exited 0 (issue 26: demo --heads -1 / --layers 0, bench --device bogus / --variants bogus, bench-step
+    --smoke --heads 0, dump --out FILE/sub, diff -U -5, ...): now exit 2 and a message naming the option."""
+    paths, ran = bad_paths
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # bench --check-only --device cpu is otherwise refused
+    words = [a.format(**paths) for a in argv]
+    try:
+        rc = cli.main([command, *words])
+    except SystemExit as e:  # argparse's usage error
+        rc = e.code
+    out, err = capsys.readouterr()
+    assert rc == 2, (rc, out[-2000:], err[-2000:])
+    assert "Traceback" not in out + err
+    name = option if option.startswith("-") else f"argument {option}"
+    assert name in err, err
+    assert not ran.exists(), "the command ran"
+
+
+def test_bench_on_cpu_without_the_interpreter_is_a_usage_error(monkeypatch, capsys):
+    """`bench --check-only --device cpu` without TRITON_INTERPRET=1 died in Triton's driver lookup (traceback)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli.main(["bench", *CPU_CHECK, "--heads", "1", "--tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and "TRITON_INTERPRET=1" in err
+
+
+def test_bench_step_smoke_keeps_the_sizes_given(monkeypatch):
+    """`bench-step --smoke` dropped the --tokens/--context it was given (above 4 / 128) for its own, silently;
+    it now takes what is given and only fills in what is not."""
+    from mla_passes.tools import bench_step
+
+    def parse(*words):
+        args = cli.build_parser().parse_args(["bench-step", *words])
+        assert bench_step._check_args(args) is None
+        return args
+
+    given = parse("--smoke", "--tokens", "8", "--context", "256", "--layers", "3")
+    assert (given.tokens, given.context, given.layers, given.device) == ([8], [256], 3, "cpu")
+    default = parse("--smoke")
+    assert (default.tokens, default.context, default.layers) == (bench_step.SMOKE_DEFAULTS["tokens"],
+                                                                bench_step.SMOKE_DEFAULTS["context"],
+                                                                bench_step.SMOKE_DEFAULTS["layers"])

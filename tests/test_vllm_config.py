@@ -184,3 +184,47 @@ def test_log_lines_use_vllm_handlers(plugin):
     finally:
         vllm_logger.removeHandler(h)
     assert [r.getMessage() for r in seen] == ["mla-passes: probe 7"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from vllm_tiny_model import build_tiny_deepseek_v2
+
+    return build_tiny_deepseek_v2(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("spec_tokens", [0, 3])
+def test_no_compile_range_past_the_token_budget(gpu_like, tiny_model, spec_tokens):
+    """With speculative decoding (ngram, 3 tokens) the decode threshold 1024 x 4 = 4096 was added after vLLM had
+    dropped endpoints at or above max_num_batched_tokens (2048 here): a compile range (2049, 4096) past the budget."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    spec = None if not spec_tokens else {"method": "ngram", "num_speculative_tokens": spec_tokens,
+                                         "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    cfg = EngineArgs(model=str(tiny_model), skip_tokenizer_init=True, max_model_len=128, dtype="bfloat16",
+                     max_num_seqs=1024, max_num_batched_tokens=1024, speculative_config=spec,
+                     compilation_config={"mode": 3, "pass_config": {"fuse_aiter_qk_rope_kvcache_mla": True}},
+                     ).create_engine_config()
+    cc, budget = cfg.compilation_config, cfg.scheduler_config.max_num_batched_tokens  # vLLM may raise it
+    threshold = 1024 * (1 + spec_tokens)
+    manager = _post_pass(cc).passes[0]
+    assert manager.decode_max_tokens == threshold
+    ranges = [(r.start, r.end) for r in cc.get_compile_ranges()]
+    assert ranges and max(end for _, end in ranges) == budget, (ranges, budget)
+    if threshold < budget:  # the decode bucket has a range of its own, the rest runs to the budget
+        assert ranges == [(1, threshold), (threshold + 1, budget)], ranges
+    else:  # every batch the scheduler forms is in the bucket: one range, the passes apply to it
+        assert ranges == [(1, budget)], ranges
+        assert manager.is_applicable_for_range(cc.get_compile_ranges()[0])
+
+
+@pytest.mark.parametrize("threshold,budget,want", [
+    (12, 512, [12, 512]), (512, 512, [512]), (4096, 512, [512]), (12, None, [12, 512]), (None, 512, [512])])
+def test_decode_endpoint_only_below_the_budget(plugin, threshold, budget, want):
+    """The plugin's endpoint rule alone: the threshold joins the endpoints only below the token budget."""
+    import types
+
+    cc = types.SimpleNamespace(compile_ranges_endpoints=[512])
+    plugin.add_decode_endpoint(cc, threshold, budget)
+    assert cc.compile_ranges_endpoints == want

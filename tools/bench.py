@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -56,33 +57,56 @@ CASES = {  # name -> (kv_cache_dtype, fp8 q)
 }
 CASE_TITLES = {"fp8": "fp8 cache + fp8 q", "bf16": "bf16 model, kv_cache_dtype=auto", "fp8kv": "fp8 cache + bf16 q"}
 ROPES = {"gptj": False, "neox": True}  # name -> is_neox
+DEFAULT_CASES = ("fp8", "bf16")
+
+
+VARIANTS = ("fused", "compile", "aiter", "flashinfer", "fused_pdl",
+            "fused_absorb", "fused_cache", "fused_rope", "fused_empty")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--heads", type=int, nargs="+", default=list(DEFAULT_HEADS))
-    parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS))
-    parser.add_argument("--variants", default="fused,compile,aiter,flashinfer",
+    from .argtypes import comma_list, device, nonnegative_int, output_file, positive_int
+
+    parser.add_argument("--heads", type=positive_int, nargs="+", default=list(DEFAULT_HEADS))
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=list(DEFAULT_TOKENS))
+    parser.add_argument("--variants", type=comma_list(VARIANTS), default="fused,compile,aiter,flashinfer",
                         help="comma-separated subset of fused,compile,aiter,flashinfer (fused_pdl: with programmatic "
                              "dependent launch; diagnosis: fused_absorb, "
                              "fused_cache, fused_rope, fused_empty = the kernel with only that part on)")
-    parser.add_argument("--layers", type=int, default=8, help="independent layers per graph (default 8)")
-    parser.add_argument("--reps", type=int, default=25, help="timed batches per variant; the median is reported")
-    parser.add_argument("--inner", type=int, default=10, help="graph replays per timed batch")
+    parser.add_argument("--layers", type=positive_int, default=8, help="independent layers per graph (default 8)")
+    parser.add_argument("--reps", type=positive_int, default=25,
+                        help="timed batches per variant; the median is reported")
+    parser.add_argument("--inner", type=positive_int, default=10, help="graph replays per timed batch")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--pad-every", type=int, default=3,
+    parser.add_argument("--block-size", type=positive_int, default=64)
+    parser.add_argument("--pad-every", type=nonnegative_int, default=3,
                         help="every N-th token is a padding token, slot -1 (default 3; 0: none)")
-    parser.add_argument("--rope", default="gptj",
+    parser.add_argument("--rope", type=comma_list(tuple(ROPES)), default="gptj",
                         help="comma-separated rotary conventions: gptj (DeepSeek's, the default), neox")
-    parser.add_argument("--cases", default="fp8,bf16",
+    parser.add_argument("--cases", type=comma_list(tuple(CASES)), default=None,
                         help="comma-separated: fp8 (fp8 cache + fp8 q, main table), bf16 (kv_cache_dtype='auto'), "
-                             "fp8kv (fp8 cache, bf16 q)")
-    parser.add_argument("--plot", metavar="PNG", help="write a plot of us against T (needs matplotlib)")
+                             f"fp8kv (fp8 cache, bf16 q); default {','.join(DEFAULT_CASES)} (--check-only: fp8)")
+    parser.add_argument("--plot", type=output_file, metavar="PNG",
+                        help="write a plot of us against T (needs matplotlib)")
     parser.add_argument("--sweep", action="store_true", help="also time other launch configs of the fused kernel")
     parser.add_argument("--check-only", action="store_true",
                         help="check every variant against the reference once; no timing")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--json", metavar="PATH", help="write all numbers as JSON")
+    parser.add_argument("--device", type=device, default="cuda", help="cuda, cuda:N, or cpu with --check-only")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="write all numbers as JSON")
+
+
+def check_device(command: str, text: str) -> int | None:
+    """None when ``--device`` names a device this machine has, else the usage error's exit status."""
+    from .argtypes import usage_error
+
+    d = torch.device(text)
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            return usage_error(command, "--device", f"{text}: no CUDA device here")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            return usage_error(command, "--device", f"{text}: this machine has {torch.cuda.device_count()} "
+                                                    "CUDA device(s)")
+    return None
 
 
 # ------------------------------------------------------------------ variants
@@ -509,22 +533,28 @@ def write_plot(path, tables, meta) -> None:
 
 
 def run(args) -> int:
+    from .argtypes import usage_error
+
+    names, ropes = args.variants, args.rope  # lists: argparse parses string defaults too
+    cases = list(DEFAULT_CASES) if args.cases is None else args.cases
     device = torch.device(args.device)
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    ropes = [r.strip() for r in args.rope.split(",") if r.strip()]
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    for r in ropes:
-        if r not in ROPES:
-            print(f"mla-passes bench: --rope takes gptj,neox; got {r!r}", file=sys.stderr)
-            return 2
-    for c in cases:
-        if c not in CASES:
-            print(f"mla-passes bench: --cases takes {','.join(CASES)}; got {c!r}", file=sys.stderr)
-            return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("mla-passes bench: no CUDA device; use --check-only --device cpu with TRITON_INTERPRET=1",
-              file=sys.stderr)
-        return 2
+    if device.type == "cpu" and not args.check_only:
+        return usage_error("bench", "--device", "cpu only checks the variants (add --check-only, and "
+                                                "TRITON_INTERPRET=1 for the Triton ones); timing needs CUDA")
+    if args.check_only:
+        for option, given in (("--plot", args.plot), ("--sweep", args.sweep)):
+            if given:
+                return usage_error("bench", option, "--check-only times nothing to plot or sweep")
+        if args.cases is not None and args.cases != ["fp8"]:
+            return usage_error("bench", "--cases", "--check-only checks the fp8 case (fp8 cache + fp8 q) only")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # Triton reads it at import
+        return usage_error("bench", "--device", "cpu runs the variants' Triton kernels only in the Triton "
+                                                "interpreter: set TRITON_INTERPRET=1 in the environment")
+    bad = check_device("bench", args.device)
+    if bad is not None:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("mla-passes bench: use --check-only --device cpu with TRITON_INTERPRET=1", file=sys.stderr)
+        return bad
     try:
         torch._dynamo.config.cache_size_limit = 512
         torch._dynamo.config.recompile_limit = 512
@@ -535,6 +565,8 @@ def run(args) -> int:
         rows = []
         for rope in ropes:
             variants = _variants(names, ROPES[rope], device, "fp8")
+            if not variants:
+                return usage_error("bench", "--variants", f"none of {','.join(names)} can run here (see above)")
             for H in args.heads:
                 for T in args.tokens:
                     for name, fn in variants.items():
@@ -584,6 +616,8 @@ def run(args) -> int:
             is_neox = ROPES[rope]
             title = f"{rope} rope, {CASE_TITLES[case]}"
             variants = _variants(names, is_neox, device, case)
+            if not variants:
+                return usage_error("bench", "--variants", f"none of {','.join(names)} can run here (see above)")
             rows = []
             for H in args.heads:
                 for T in args.tokens:

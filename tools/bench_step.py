@@ -93,25 +93,63 @@ def num_kv_splits(max_seq_len: int, sm_count: int) -> int:
     return min(ideal, 2 * sm_count)
 
 
+# sizes where the option is not given: the GPU run's, and --smoke's
+GPU_DEFAULTS = dict(tokens=[1, 8, 32, 64, 128, 256], context=[1024, 4096], layers=4)
+SMOKE_DEFAULTS = dict(tokens=[1], context=[64], layers=2)
+# sequence i of a step holds ctx - (i % 4) tokens (StepModel.set_step): at least 1 takes ctx >= 4
+MIN_CONTEXT = 4
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--heads", type=int, nargs="+", default=[8, 16, 128])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
-    parser.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers in the stack (default 4)")
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=15, help="timed batches; the median is reported")
-    parser.add_argument("--inner", type=int, default=5, help="graph replays per timed batch")
+    from .argtypes import device, int_in, json_file, output_file, positive_int
+
+    parser.add_argument("--heads", type=positive_int, nargs="+", default=[8, 16, 128])
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=None,
+                        help=f"decode tokens per step (default {' '.join(map(str, GPU_DEFAULTS['tokens']))}; "
+                             f"--smoke: {' '.join(map(str, SMOKE_DEFAULTS['tokens']))})")
+    parser.add_argument("--context", type=int_in(MIN_CONTEXT), nargs="+", default=None,
+                        help=f"tokens per sequence (default {' '.join(map(str, GPU_DEFAULTS['context']))}; "
+                             f"--smoke: {' '.join(map(str, SMOKE_DEFAULTS['context']))})")
+    parser.add_argument("--layers", type=positive_int, default=None,
+                        help=f"decoder layers in the stack (default {GPU_DEFAULTS['layers']}; "
+                             f"--smoke: {SMOKE_DEFAULTS['layers']})")
+    parser.add_argument("--block-size", type=positive_int, default=64)
+    parser.add_argument("--reps", type=positive_int, default=15, help="timed batches; the median is reported")
+    parser.add_argument("--inner", type=positive_int, default=5, help="graph replays per timed batch")
     parser.add_argument("--attn-q", default="fp8", choices=("fp8", "bf16"),
                         help="q dtype the attention kernel takes (fp8: the prep quantizes q)")
-    parser.add_argument("--pdl", action="store_true", help="also time the 'on' step with PDL launches")
-    parser.add_argument("--predict-from", metavar="JSON",
+    parser.add_argument("--pdl", action="store_true", help="also time the 'on' step with PDL launches (CUDA)")
+    parser.add_argument("--predict-from", type=json_file, metavar="JSON",
                         help="a `mla-passes bench --json` file of this run for the predicted saving "
                              "(else the prep is timed alone here)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny dims on CPU (torch attention, no CUDA graph): checks the tool, not a measurement")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--json", metavar="PATH")
-    parser.add_argument("--plot", metavar="PNG")
+    parser.add_argument("--device", type=device, default=None, help="cuda, cuda:N or cpu (default cuda; --smoke: cpu)")
+    parser.add_argument("--json", type=output_file, metavar="PATH")
+    parser.add_argument("--plot", type=output_file, metavar="PNG")
+
+
+def _check_args(args) -> int | None:
+    """The rules between options (each value alone was checked when parsed); the exit status of a usage error."""
+    from .argtypes import usage_error
+
+    for name, value in (SMOKE_DEFAULTS if args.smoke else GPU_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, list(value) if isinstance(value, list) else value)
+    if args.device is None:
+        args.device = "cpu" if args.smoke else "cuda"
+    bad = _bench_module().check_device("bench-step", args.device)
+    if bad is not None:
+        if not torch.cuda.is_available():
+            print("mla-passes bench-step: use --smoke for the CPU check", file=sys.stderr)
+        return bad
+    if args.pdl and torch.device(args.device).type != "cuda":
+        return usage_error("bench-step", "--pdl", f"PDL launches need a CUDA device, --device is {args.device}")
+    if args.smoke:
+        for option, given in (("--plot", args.plot), ("--predict-from", args.predict_from)):
+            if given:
+                return usage_error("bench-step", option, "--smoke measures nothing to plot or predict")
+    return None
 
 
 # ------------------------------------------------------------------ ops
@@ -569,7 +607,7 @@ def _load_attention(device, smoke):
 def _predictions(args, heads, tokens, device, bw):
     """Kernel-bench numbers for the step's shapes: fused and compile chain (us per layer)."""
     out = {}
-    if args.predict_from and os.path.exists(args.predict_from):
+    if args.predict_from:  # an existing JSON object (checked when parsed)
         with open(args.predict_from) as f:
             data = json.load(f)
         for title, rows in data.get("tables", {}).items():
@@ -626,11 +664,11 @@ def probe_attention(attn_fn, device, q_fp8: bool, H: int = 16, seed: int = 0) ->
 
 
 def run(args) -> int:
+    bad = _check_args(args)
+    if bad is not None:
+        return bad
     smoke = args.smoke
-    device = torch.device(args.device or ("cpu" if smoke else "cuda"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("mla-passes bench-step: no CUDA device (use --smoke for the CPU check)", file=sys.stderr)
-        return 2
+    device = torch.device(args.device)
     dims = SMOKE if smoke else DSV3
     if smoke:
         print("[smoke] tiny dims on CPU, torch attention, no CUDA graph: checks the tool, NOT a measurement")
@@ -641,11 +679,6 @@ def run(args) -> int:
     from mla_passes import MLAPassManager, PassConfig
 
     bench = _bench_module()
-    if smoke:  # tiny sizes unless asked otherwise
-        args.tokens = [t for t in args.tokens if t <= 4] or [1, 4]
-        args.context = [c for c in args.context if c <= 128] or [64]
-        args.layers = min(args.layers, 2)
-
     _ops()
     attn_impl, attn_fn = _load_attention(device, smoke)
     if attn_fn is not None:  # the kernel as we call it, against torch math on the same pages

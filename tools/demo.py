@@ -38,18 +38,33 @@ FULL = dict(layers=4, heads=16, tokens=8)
 SHORT = dict(layers=2, heads=4, tokens=4)
 
 
+# Bounds of the options: the demo stack's KV cache has CACHE_BLOCKS x BLOCK_SIZE slots and a step writes one
+# per token; heads and layers stop at DeepSeek-V3's (W_UK_T alone is H x 128 KiB per layer).
+CACHE_BLOCKS, BLOCK_SIZE = 8, 16
+MAX_TOKENS = CACHE_BLOCKS * BLOCK_SIZE
+MAX_HEADS, MAX_LAYERS = 128, 61
+
+
 def add_arguments(parser) -> None:
+    from mla_passes.config import BACKENDS
+
+    from .argtypes import int_in, output_dir, seed_int
+
     parser.add_argument("--short", action="store_true",
                         help=f"small and fast (layers={SHORT['layers']}, heads={SHORT['heads']}, "
                              f"tokens={SHORT['tokens']}); used by the tests")
-    parser.add_argument("--layers", type=int, default=None, help=f"MLA layers (default {FULL['layers']})")
-    parser.add_argument("--heads", type=int, default=None, help=f"attention heads (default {FULL['heads']}; V3 has 128)")
-    parser.add_argument("--tokens", type=int, default=None, help=f"decode tokens in the step (default {FULL['tokens']})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, metavar="DIR",
+    parser.add_argument("--layers", type=int_in(1, MAX_LAYERS, "DeepSeek-V3's layer count"), default=None,
+                        help=f"MLA layers (default {FULL['layers']})")
+    parser.add_argument("--heads", type=int_in(1, MAX_HEADS, "DeepSeek-V3's head count"), default=None,
+                        help=f"attention heads (default {FULL['heads']}; V3 has 128)")
+    parser.add_argument("--tokens", type=int_in(1, MAX_TOKENS, "the demo cache's slots"), default=None,
+                        help=f"decode tokens in the step (default {FULL['tokens']})")
+    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument("--out", type=output_dir, default=None, metavar="DIR",
                         help="where the depyf dumps go (DIR/off, DIR/on); default: a new temp folder")
     parser.add_argument("--no-dump", action="store_true", help="skip the depyf dumps (faster)")
-    parser.add_argument("--backend", default="auto", help="kernel backend of the fused op (default auto)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="kernel backend of the fused op (default auto)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -291,6 +306,7 @@ def run_demo(*, layers: int, heads: int, tokens: int, seed: int = 0, out: str | 
                dtype="bfloat16", kv_cache_dtype="fp8", q="fp8", form="raw", rope="gptj", seed=seed)
     stack = build_decode_stack(num_layers=layers, H=heads, P=128, L=512, R=64, V=128, hidden=256,
                                kv_cache_dtype="fp8", q_fp8=True, form="raw", seed=seed,
+                               num_blocks=CACHE_BLOCKS, block_size=BLOCK_SIZE,
                                prefix=f"demo{seed}.layers")
     try:
         snapshot = stack.snapshot_caches()
@@ -370,9 +386,12 @@ def format_result(r: DemoResult) -> str:
 
 
 def run(args) -> int:
+    from .argtypes import usage_error
+
+    if args.out is not None and args.no_dump:
+        return usage_error("demo", "--out", "names where the dumps go, and --no-dump makes none")
     base = SHORT if args.short else FULL
-    kw = dict(layers=args.layers or base["layers"], heads=args.heads or base["heads"],
-              tokens=args.tokens or base["tokens"])
+    kw = {k: base[k] if getattr(args, k) is None else getattr(args, k) for k in ("layers", "heads", "tokens")}
     r = run_demo(**kw, seed=args.seed, out=args.out, dump=not args.no_dump, backend=args.backend)
     if args.json:
         print(json.dumps(r.to_json(), indent=2))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import sys
 
+from .argtypes import nonnegative_int, usage_error
+
 HELP = "compare two depyf dump folders or two graph files: op counts per target, then a unified diff"
 
 
@@ -25,17 +27,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--all-ops", action="store_true", help="list unchanged targets in the op tables too")
     parser.add_argument("--no-text", action="store_true", help="op tables only, no text diff")
-    parser.add_argument("-U", "--context", type=int, default=3, help="lines of context in the text diff")
+    parser.add_argument("-U", "--context", type=nonnegative_int, default=3,
+                        help="lines of context in the text diff (default 3)")
     parser.add_argument("--show-identical", action="store_true", help="also list graphs that are identical")
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from .graphdiff import compare_paths, format_report
 
+    for name, path in (("A", args.a), ("B", args.b)):
+        if not Path(path).exists():
+            return usage_error("diff", name, f"{path}: no such file or folder")
     try:
         pairs = compare_paths(args.a, args.b, stage=args.stage, context=args.context)
     except (ValueError, OSError) as e:
         print(f"mla-passes diff: {e}", file=sys.stderr)
+        return 2
+    if not pairs:  # nothing compared is not "the same"
+        if args.stage is not None:
+            return usage_error("diff", "--stage", f"{args.stage!r} matches no graph in {args.a} or {args.b}")
+        print(f"mla-passes diff: no graph files in {args.a} or {args.b}", file=sys.stderr)
         return 2
     if args.json:
         counts = {s: sum(p.status == s for p in pairs) for s in ("changed", "identical", "only_a", "only_b")}

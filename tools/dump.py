@@ -41,27 +41,18 @@ from pathlib import Path
 
 from mla_passes.config import BACKENDS
 
+from .argtypes import output_dir, positive_int
+
 HELP = "run a script under depyf.prepare_debug with the mla-passes pass manager on (or off), dumping every graph"
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (a bad value is a usage error, exit 2)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default=None, metavar="DIR",
+    parser.add_argument("--out", type=output_dir, default=None, metavar="DIR",
                         help="dump folder (default: ./mla_passes_dump_<on|off>)")
     parser.add_argument("--passes", choices=("on", "off"), default="on",
                         help="install the mla-passes pass manager (on) or no custom pass (off); default on")
     parser.add_argument("--clean", action="store_true", help="empty DIR first if it is not empty")
-    parser.add_argument("--max-num-seqs", type=_positive_int, default=256,
+    parser.add_argument("--max-num-seqs", type=positive_int, default=256,
                         help="decode bucket of the pass manager: graphs of at most this many tokens are "
                              "rewritten (default 256, vLLM's default max_num_seqs)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
@@ -147,11 +138,14 @@ def prepare_out_dir(out: Path, clean: bool) -> str | None:
     ``clean`` is off (depyf appends to a non-empty folder: stale graphs would mix in)."""
     if out.exists() and not out.is_dir():
         return f"{out} exists and is not a folder"
-    if out.is_dir() and any(out.iterdir()):
-        if not clean:
-            return f"{out} is not empty (depyf would mix old and new graphs); pass --clean to empty it"
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if out.is_dir() and any(out.iterdir()):
+            if not clean:
+                return f"{out} is not empty (depyf would mix old and new graphs); pass --clean to empty it"
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a parent folder should be, no permission, ...
+        return f"cannot make {out} an empty folder: {e.strerror or e}"
     return None
 
 
@@ -187,12 +181,12 @@ def run(args) -> int:
         script_args = script_args[1:]
     script = Path(args.script)
     if not script.is_file():
-        print(f"mla-passes dump: {script}: no such file", file=sys.stderr)
+        print(f"mla-passes dump: error: argument SCRIPT: {script}: no such file", file=sys.stderr)
         return 2
     out = Path(args.out or f"mla_passes_dump_{args.passes}")
     err = prepare_out_dir(out, args.clean)
     if err:
-        print(f"mla-passes dump: {err}", file=sys.stderr)
+        print(f"mla-passes dump: error: argument --out: {err}", file=sys.stderr)
         return 2
     custom_pass = make_pass(args.passes, max_num_seqs=args.max_num_seqs, backend=args.backend)
     if custom_pass is not None:

@@ -30,7 +30,7 @@ def run(args) -> int:
     results: dict[str, list] = {}
     for p in args.paths:
         if not Path(p).exists():
-            print(f"mla-passes lint: {p}: no such file or folder", file=sys.stderr)
+            print(f"mla-passes lint: error: argument DUMP_OR_GRAPH: {p}: no such file or folder", file=sys.stderr)
             return 2
         try:
             found = lint_path(p)
@@ -40,6 +40,14 @@ def run(args) -> int:
         for f, findings in found.items():
             if args.stage is None or args.stage in Path(f).name:
                 results[f] = findings
+    if not results:  # nothing linted is not "clean"
+        where = " ".join(args.paths)
+        if args.stage is not None:
+            print(f"mla-passes lint: error: argument --stage: {args.stage!r} matches no graph file in {where}",
+                  file=sys.stderr)
+        else:
+            print(f"mla-passes lint: error: argument DUMP_OR_GRAPH: no graph file in {where}", file=sys.stderr)
+        return 2
     n = sum(len(v) for v in results.values())
     if args.json:
         print(json.dumps({

@@ -37,7 +37,7 @@ def run(args) -> int:
 
     entries = [(p, r) for p, r in registered_patterns() if not args.names or any(n in r.name for n in args.names)]
     if args.names and not entries:
-        print(f"mla-passes patterns: no pattern matches {args.names}", file=sys.stderr)
+        print(f"mla-passes patterns: error: argument NAME: no pattern matches {args.names}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps([dict(pass_name=p, name=r.name, module=r.module, doc=r.doc, variants=r.pretty())
