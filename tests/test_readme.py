@@ -86,7 +86,7 @@ def _kind(cmd: str):
         return "module"
     if words[:2] == ["pip", "install"]:
         return "pip"
-    if words[0].endswith(".sh") or words[:2] == ["bash", "tools/check_vllm033.sh"] or \
+    if words[0].endswith(".sh") or words[:2] == ["bash", "tools/check_vllm_version.sh"] or \
             (words[0] == "bash" and words[1].startswith("tools/")):
         return "script"
     if words[0] == "python" and words[1].endswith(".py"):
