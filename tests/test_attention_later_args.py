@@ -48,3 +48,19 @@ def test_034_schema_without_prepared_q_is_accepted():
 def test_033_schema_has_no_prepared_q_and_is_accepted():
     """On the 0.32/0.33 schema (no mqa_q_prepared argument) the check does not trip over the missing name."""
     assert check_attention(_call(standins.attention_with_output)) is None
+
+
+def test_forms_census_counts_model_code_prepared_q():
+    """The report's census: an attention with mqa_q_prepared, and one without any cache/RoPE op of its layer."""
+    from mla_passes.explain import attention_forms
+    from mla_passes.op_handles import MLAOpHandles
+
+    g = Graph()
+    q, kv_c, k_pe, out, ln0, ln1, prep = (g.placeholder(n) for n in ("q", "kv_c", "k_pe", "out", "ln0", "ln1", "p"))
+    g.call_function(ATTN_034, (q, kv_c, k_pe, out, ln0), {"mqa_q_prepared": prep})
+    g.call_function(ATTN_034, (q, kv_c, k_pe, out, ln1), {})
+    h = MLAOpHandles(attention=frozenset({ATTN_034}), kv_cache_update=frozenset({standins.kv_cache_update}),
+                     fused_rope=frozenset({standins.fused_rope_kv_cache_update}))
+    assert attention_forms(g, h) == {"attention": 2, "q_prepared_in_model": 1, "no_rope_or_cache_op": 1}
+    g.call_function(standins.kv_cache_update, (kv_c, k_pe, ln1, "auto", out))
+    assert attention_forms(g, h) == {"attention": 2, "q_prepared_in_model": 1, "no_rope_or_cache_op": 0}
