@@ -38,7 +38,7 @@ pipq() { "$VENV/bin/python" -m pip "$@" 2>&1 | { grep -v "^WARNING: Location" ||
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   $PIP install -q "torch==$TORCH_VERSION"
 fi
-"$VENV/bin/python" -c "import torch; torch.zeros(1)" # the torch beside the wheel's pin must load
+"$VENV/bin/python" -W ignore -c "import torch; torch.zeros(1)"  # the torch beside the wheel's pin must load
 if ! "$VENV/bin/python" -c "import importlib.metadata as m; assert m.version('vllm') == '$VLLM_VERSION'" 2>/dev/null; then
   $PIP install -q --no-deps "vllm==$VLLM_VERSION"
 fi
