@@ -138,13 +138,13 @@ def _w_uk_t(layer) -> torch.Tensor | None:
 def _unsupported(layer) -> str | None:
     """Why this layer cannot take a prepped q (None: it can)."""
     impl = layer.impl
-    if layer.kv_cache_dtype not in KV_CACHE_DTYPES:
-        return f"kv_cache_dtype {layer.kv_cache_dtype!r} (supported: {', '.join(KV_CACHE_DTYPES)})"
     if getattr(layer, "use_shardq", False):
         # vLLM 0.34: q split across TP ranks by tokens (vllm/v1/attention/ops/shardq.py),
         # buffers allocated by the layer; forward_impl reshuffles the prepped q with
         # shard_q/unshard_out around forward_mqa. Our adapter does not mirror that.
         return "ShardQ (use_shardq: q sharded across TP ranks, vllm/v1/attention/ops/shardq.py)"
+    if layer.kv_cache_dtype not in KV_CACHE_DTYPES:
+        return f"kv_cache_dtype {layer.kv_cache_dtype!r} (supported: {', '.join(KV_CACHE_DTYPES)})"
     if getattr(impl, "is_sparse", False):
         return "sparse MLA"
     if getattr(impl, "dcp_world_size", 1) > 1 or getattr(layer, "use_pcp", False):

@@ -117,13 +117,14 @@ def test_unsupported_kv_cache_dtype_is_refused_by_name(vllm_layer, kv_cache_dtyp
 
 # --- layouts vLLM 0.34 added, refused by name -------------------------------------------
 
-@pytest.mark.parametrize("attr, value, named", [
-    ("use_shardq", True, "ShardQ"),
-    ("kv_sharing_target_layer_name", "model.layers.1.self_attn.attn", "KV-cache sharing"),
+@pytest.mark.parametrize("attr, value, named, cache", [
+    ("use_shardq", True, "ShardQ", "fp8_ds_mla"),  # as 0.34 builds it: a sparse layer, named ShardQ first
+    ("kv_sharing_target_layer_name", "model.layers.1.self_attn.attn", "KV-cache sharing", "auto"),
 ])
-def test_vllm034_layouts_refused_by_name_at_run_time(vllm_layer, attr, value, named):
+def test_vllm034_layouts_refused_by_name_at_run_time(vllm_layer, attr, value, named, cache):
     """vLLM 0.34's ShardQ and MLA KV sharing: the resolver names the layout instead of running a wrong attention."""
-    v = vllm_layer("auto")
+    v = vllm_layer(cache)
+    v["layer"].impl.is_sparse = cache == "fp8_ds_mla"
     setattr(v["layer"], attr, value)
     with pytest.raises(layers.UnsupportedLayer, match=named):
         layers.resolve_layer(NAME)
