@@ -199,3 +199,16 @@ def test_log_lines_use_vllm_handlers(plugin):
     finally:
         vllm_logger.removeHandler(h)
     assert [r.getMessage() for r in seen] == ["mla-passes: probe 7"]
+
+
+def test_decode_threshold_is_a_compile_range_end(gpu_like):
+    """On a real config the decode threshold becomes a compile-range end (vLLM 0.34 kept get_compile_ranges' contract)."""
+    from vllm.config import CompilationConfig, CompilationMode, VllmConfig
+
+    cfg = VllmConfig(compilation_config=CompilationConfig(
+        mode=CompilationMode.VLLM_COMPILE, pass_config={"fuse_aiter_qk_rope_kvcache_mla": True}))
+    cc = cfg.compilation_config
+    threshold = cfg.scheduler_config.max_num_seqs  # no speculative decoding here
+    assert threshold in cc.compile_ranges_endpoints
+    ranges = cc.get_compile_ranges()
+    assert any(r.end == threshold for r in ranges) and ranges[0].start == 1
