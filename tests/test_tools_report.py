@@ -302,6 +302,9 @@ def test_model_code_form_named_instead_of_zero_fused():
     assert "1 take a decode q the model code already prepared" in cause and "model code" in cause
     g[0]["forms_before"]["no_rope_or_cache_op"] = 0  # one layer of the expected form: the per-layer reasons apply
     assert "refused each one" in likely_cause(g, cfg)
+    g[0]["forms_before"].update(q_prepared_in_model=0, no_rope_or_cache_op=2)  # vLLM split the graph at both ops
+    cfg[0]["use_inductor_graph_partition"] = False
+    assert not likely_cause(g, cfg).startswith("no layer of the expected form")
 
 
 def test_mla_model_without_known_ops_named():

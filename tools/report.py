@@ -121,7 +121,8 @@ def likely_cause(graphs: list[dict], configs: list[dict]) -> str:
     for g in ran:
         seen.update({k: v for k, v in g.get("ops_before", {}).items() if v})
         forms.update(g.get("forms_before", {}))
-    unexpected = model_code_form(forms)
+    # A split graph also holds attentions without their cache update: that cause first.
+    unexpected = None if split else model_code_form(forms)
     if unexpected:
         return unexpected
     if seen and not seen.get("attention"):
