@@ -152,7 +152,7 @@ def recorded(call):
 def _before_state(manager, graph, sinks) -> dict:
     for p in getattr(manager, "passes", []):
         p.refusals = _Unrun()  # a pass that runs replaces it with its own list
-    state = {"ops": mla_op_counts(graph)}
+    state = {"ops": mla_op_counts(graph), "forms": attention_forms(graph)}
     if any(s.get("write_graphs") for s in sinks):
         state["text"] = _graph_text(graph)
     return state
@@ -206,6 +206,36 @@ def mla_op_counts(graph) -> dict[str, int]:
     h = op_handles()
     return {role: len(_fx.find_op_calls(graph, getattr(h, role)))
             for role in ("attention", "kv_cache_update", "fused_rope")}
+
+
+def attention_forms(graph, handles=None) -> dict[str, int]:
+    """How the MLA attention calls of ``graph`` (before the passes) compare
+    with the forms the passes expect (DESIGN §3): ``attention`` calls in all,
+    ``q_prepared_in_model`` that take a decode q the model code already
+    prepared (vLLM 0.34's ``mqa_q_prepared``: q-absorb/concat, and the cache
+    write before it, done outside the op), ``no_rope_or_cache_op`` with no
+    KV-cache update or fused-RoPE call of the same layer in the graph (the
+    RoPE and cache write happen elsewhere: in model code, or the layer shares
+    another layer's cache). A later vLLM that moves the MLA fusion into model
+    code shows up here rather than as "0 fused"."""
+    from .op_handles import op_handles
+    from .passes import _fx
+
+    h = handles or op_handles()
+    writers = {id(c.arg("layer_name")) for role in (h.kv_cache_update, h.fused_rope)
+               for c in _fx.find_op_calls(graph, role)}
+    out = {"attention": 0, "q_prepared_in_model": 0, "no_rope_or_cache_op": 0}
+    for c in _fx.find_op_calls(graph, h.attention):
+        out["attention"] += 1
+        try:
+            prepared = c.arg("mqa_q_prepared") is not None
+        except KeyError:  # a schema without it (vLLM 0.32/0.33)
+            prepared = False
+        if prepared:
+            out["q_prepared_in_model"] += 1
+        elif id(c.arg("layer_name")) not in writers:
+            out["no_rope_or_cache_op"] += 1
+    return out
 
 
 def _layer_str(ln) -> str:
@@ -368,6 +398,7 @@ def explain_graph(manager, graph, before: dict) -> dict:
         "pattern_counts": {k: v for p in passes if ran_by_pass.get(p.name)
                            for k, v in sorted(getattr(p, "pattern_counts", {}).items())},
         "ops_before": before["ops"],
+        "forms_before": before.get("forms", {}),
         "layers": layers,
         "other_refusals": other,
         "machine": machine_facts(),
@@ -404,7 +435,16 @@ def vllm_config_facts(vllm_config) -> dict:
         "enable_chunked_prefill": getattr(sched, "enable_chunked_prefill", None),
         "enforce_eager": bool(getattr(vllm_config.model_config, "enforce_eager", False))
         if getattr(vllm_config, "model_config", None) is not None else None,
+        # whether vLLM runs the model's attention as MLA (None: no model config)
+        "use_mla": getattr(vllm_config.model_config, "use_mla", None)
+        if getattr(vllm_config, "model_config", None) is not None else None,
+        "vllm_version": _vllm_version(),
     }
+
+
+def _vllm_version() -> str | None:
+    mod = sys.modules.get("vllm")
+    return None if mod is None else str(getattr(mod, "__version__", None))
 
 
 def vllm_record_dirs(vllm_config) -> list:
@@ -468,7 +508,7 @@ def record_problem(rec) -> str | None:
     r = d.get("range")
     if r is not None and not (isinstance(r, list) and len(r) == 2):
         return "graph record whose decision 'range' is not [start, end]"
-    for key in ("matched_counts", "pattern_counts", "ops_before", "pass_ms"):
+    for key in ("matched_counts", "pattern_counts", "ops_before", "forms_before", "pass_ms"):
         d = rec.get(key, {})
         if not (isinstance(d, dict)
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.values())):

@@ -18,6 +18,12 @@ import torch
 from .kernels.fp8 import platform_fp8_dtype
 
 
+class UnsupportedLayer(NotImplementedError):
+    """Raised by a resolver for a layer it knows but whose layout the prepped-q
+    path does not cover; the message names the layout. The passes refuse such
+    a layer by that name and leave it to vLLM."""
+
+
 @dataclass
 class MLALayerState:
     """What the decode prep of one MLA layer needs besides its activations.

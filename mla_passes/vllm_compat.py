@@ -4,22 +4,24 @@ Imported only inside vLLM processes (by :mod:`mla_passes.vllm_plugin` once
 the flag is on, and by pickled objects in engine-core/worker processes).
 It holds
 
-* the version gate (vLLM 0.32 and 0.33 layouts; anything else is refused at
-  startup with the flag on, never run),
+* the version gate (vLLM 0.32, 0.33 and 0.34 layouts; anything else is
+  refused at startup with the flag on, never run),
 * :class:`VllmLayerResolver`, the :mod:`mla_passes.layers` resolver that reads
   a layer's state from vLLM's forward context (or, at compile time, from the
   static forward context),
 * :func:`attention_with_prepped_q`, the adapter behind
   ``mla_passes::mla_attention_with_prepped_q``: it mirrors
-  ``MLAAttention.forward_impl`` (vLLM 0.32/0.33,
+  ``MLAAttention.forward_impl`` (vLLM 0.32-0.34,
   ``vllm/model_executor/layers/attention/mla_attention.py``) except that the
-  decode rows' q-absorb/concat/quant is replaced by the prepped q,
+  decode rows' q-absorb/concat/quant is replaced by the prepped q; the
+  layouts it does not mirror are refused by name (:func:`_unsupported`),
 * :class:`ComposedPostGradPass`, how our pass manager and a user's own
   post-grad pass share vLLM's single ``post_grad_custom_post_pass`` slot.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
@@ -29,11 +31,13 @@ import torch
 
 from .gating import vllm_compile_range
 from .kernels.fp8 import KV_CACHE_DTYPES, is_fp8_kv_cache
-from .layers import MLALayerState, layer_name_str
+from .layers import MLALayerState, UnsupportedLayer, layer_name_str
 
 logger = logging.getLogger(__name__)  # the mla_passes tree; shown through vLLM's handlers (vllm_patches)
 
-SUPPORTED_VLLM = ((0, 32), (0, 33))
+# The releases whose MLA layer, ops and config classes this module and
+# vllm_patches were checked against (pyproject's `vllm` extra pins the same range).
+SUPPORTED_VLLM = ((0, 32), (0, 33), (0, 34))
 
 
 # --- version gate ------------------------------------------------------------
@@ -46,6 +50,12 @@ def vllm_version() -> tuple[int, int] | None:
         return int(parts[0]), int(parts[1])
     except (IndexError, ValueError):
         return None
+
+
+def supported_range() -> str:
+    """The supported releases in words, e.g. ``0.32, 0.33 or 0.34``."""
+    names = ["%d.%d" % v for v in SUPPORTED_VLLM]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _mla_attention_cls():
@@ -61,14 +71,14 @@ def _get_attention_context():
 
 
 def check_supported() -> None:
-    """Raise a clear error unless this vLLM has a layout we know (0.32/0.33)."""
+    """Raise a clear error unless this vLLM has a layout we know (:data:`SUPPORTED_VLLM`)."""
     version = vllm_version()
     if version not in SUPPORTED_VLLM:
         import vllm
 
         raise RuntimeError(
             f"mla-passes: pass_config.fuse_aiter_qk_rope_kvcache_mla needs vLLM "
-            f"{' or '.join('%d.%d' % v for v in SUPPORTED_VLLM)}; this is vLLM "
+            f"{supported_range()}; this is vLLM "
             f"{getattr(vllm, '__version__', '?')}. Turn the flag off or install a supported vLLM."
         )
     missing = []
@@ -92,7 +102,7 @@ def check_supported() -> None:
     missing += vllm_patches.missing_hooks()
     if missing:
         raise RuntimeError(
-            "mla-passes: this vLLM's MLA attention layout is not the 0.32/0.33 one "
+            f"mla-passes: this vLLM's MLA attention layout is not the one of vLLM {supported_range()} "
             f"(missing: {', '.join(missing)}); refusing to run the MLA fusion."
         )
 
@@ -128,6 +138,11 @@ def _w_uk_t(layer) -> torch.Tensor | None:
 def _unsupported(layer) -> str | None:
     """Why this layer cannot take a prepped q (None: it can)."""
     impl = layer.impl
+    if getattr(layer, "use_shardq", False):
+        # vLLM 0.34: q split across TP ranks by tokens (vllm/v1/attention/ops/shardq.py),
+        # buffers allocated by the layer; forward_impl reshuffles the prepped q with
+        # shard_q/unshard_out around forward_mqa. Our adapter does not mirror that.
+        return "ShardQ (use_shardq: q sharded across TP ranks, vllm/v1/attention/ops/shardq.py)"
     if layer.kv_cache_dtype not in KV_CACHE_DTYPES:
         return f"kv_cache_dtype {layer.kv_cache_dtype!r} (supported: {', '.join(KV_CACHE_DTYPES)})"
     if getattr(impl, "is_sparse", False):
@@ -177,6 +192,12 @@ def _max_step_tokens() -> int:
         return 1 << 16
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_refused(why: str) -> None:
+    logger.warning("mla-passes: MLA layers that use %s are left to vLLM (not fused); "
+                   "the other layers are unaffected", why)
+
+
 class VllmLayerResolver:
     """Resolves a layer name to :class:`MLALayerState` from vLLM's contexts.
 
@@ -193,9 +214,11 @@ class VllmLayerResolver:
             return None
         why = _unsupported(layer)
         if why is not None:
-            raise NotImplementedError(
+            if attn_metadata is None:  # compile time: the passes leave the layer to vLLM
+                _warn_refused(why)
+            raise UnsupportedLayer(
                 f"mla-passes: layer {layer_name!r} uses {why}, which the prepped-q MLA path does not support; "
-                "turn pass_config.fuse_aiter_qk_rope_kvcache_mla off for this model"
+                "the layer is left to vLLM"
             )
         w_uk_t = _w_uk_t(layer)
         kv_cache_dtype = layer.kv_cache_dtype
@@ -280,7 +303,9 @@ def attention_with_prepped_q(layer_name, q, q_prepped, kv_c_normed, k_pe, output
     """vLLM's MLA attention for one layer, decode rows from ``q_prepped``.
 
     Mirrors ``unified_mla_attention_with_output`` -> ``MLAAttention.forward_impl``
-    (0.32/0.33) for the no-output-quant, no-DCP/PCP, non-sparse case: rows
+    (0.32-0.34) for the no-output-quant, no-DCP/PCP, non-sparse, no-ShardQ,
+    no-KV-sharing case (0.34's ``mqa_q_prepared`` is the passes' business: a
+    call that sets it is never rewritten): rows
     ``[num_decode_tokens:num_actual_tokens]`` go to ``impl.forward_mha`` with the
     original ``q``; rows ``[:num_decode_tokens]`` go to ``impl.forward_mqa`` with
     ``q_prepped`` (fp8 concat when vLLM would have quantized, else the form the
@@ -293,7 +318,7 @@ def attention_with_prepped_q(layer_name, q, q_prepped, kv_c_normed, k_pe, output
         attn_metadata, layer, kv_cache, _ = _get_attention_context()(name)
         why = _unsupported(layer)
         if why is not None:
-            raise NotImplementedError(f"mla-passes: layer {name!r} uses {why}; prepped-q attention unsupported")
+            raise UnsupportedLayer(f"mla-passes: layer {name!r} uses {why}; prepped-q attention unsupported")
     else:
         attn_metadata, layer, kv_cache = context
     if attn_metadata is None:
@@ -301,6 +326,10 @@ def attention_with_prepped_q(layer_name, q, q_prepped, kv_c_normed, k_pe, output
         layer.forward_impl(q, kv_c_normed, k_pe, kv_cache, attn_metadata, output=output)
         return
 
+    if getattr(attn_metadata, "shardq", None) is not None:
+        # vLLM 0.34 sets this only for layers with use_shardq, which the resolver refuses.
+        raise UnsupportedLayer(f"mla-passes: layer {name!r}: this step's metadata carries a ShardQ split; "
+                               "prepped-q attention unsupported")
     impl = layer.impl
     n = attn_metadata.num_actual_tokens
     output = output[:n]

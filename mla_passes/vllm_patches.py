@@ -5,16 +5,20 @@ or to take part in choosing ``splitting_ops``, so the plugin
 (:mod:`mla_passes.vllm_plugin`) changes four of vLLM's config classes at
 startup. What is changed, and why, lives here so that a new vLLM release is
 checked in one place (``tests/test_vllm_patches.py`` runs against the
-installed vLLM; ``tools/check_vllm033.sh`` runs it against vLLM 0.33):
+installed vLLM; ``tools/check_vllm_version.sh 0.33.0`` / ``0.34.0`` run it
+against those releases):
 
 1. :func:`add_pass_config_fields` - ``PassConfig`` (a pydantic dataclass with
-   ``extra="forbid"`` in 0.32 and 0.33) gains our fields; the pydantic
+   ``extra="forbid"`` in 0.32 to 0.34) gains our fields; the pydantic
    validators of the configs that embed it are rebuilt. The new fields are
    real dataclass fields (made by :func:`dataclasses.make_dataclass`), so
    ``dataclasses.fields()``, ``asdict`` and vLLM's hash recipe see them.
 2. :func:`wrap_pass_config` - ``PassConfig.__post_init__`` gets a hook that
-   runs first; ``PassConfig.compute_hash`` leaves out our keys while at their
-   defaults (the flag off hashes as without the plugin).
+   runs first; the hash recipe leaves out our keys while at their defaults
+   (the flag off hashes as without the plugin). The recipe is
+   ``PassConfig.compute_hash`` in 0.32/0.33 and ``PassConfig.compile_factors``
+   (hashed by ``vllm.config.utils.hash_config``) in 0.34; :func:`config_hash`
+   and :func:`own_hash` hide the difference.
 3. :func:`wrap_set_splitting_ops` - ``CompilationConfig.set_splitting_ops_for_v1``
    gets a hook before it (the compilation mode is final there: after the
    platform's ``check_and_update_config``) and one after. The plugin turns on
@@ -51,7 +55,9 @@ def missing_hooks() -> list[str]:
         from vllm.config.vllm import VllmConfig
     except ImportError as e:
         return [f"vllm.config ({e})"]
-    for cls, attr in ((PassConfig, "__post_init__"), (PassConfig, "compute_hash"),
+    if _hash_method(PassConfig) is None:
+        missing.append("PassConfig.compute_hash or PassConfig.compile_factors")
+    for cls, attr in ((PassConfig, "__post_init__"),
                       (CompilationConfig, "set_splitting_ops_for_v1"),
                       (CompilationConfig, "use_inductor_graph_partition"),
                       (CompilationConfig, "splitting_ops"), (VllmConfig, "__post_init__")):
@@ -125,9 +131,40 @@ def when_compilation_loaded(action: Callable[[Any], None]) -> None:
 
 # --- 2. PassConfig.__post_init__ / compute_hash -------------------------------------
 
+def _hash_method(cls) -> str | None:
+    """The name of the method that holds a config's hash recipe: ``compile_factors``
+    (vLLM 0.34: a dict of factors, hashed by ``hash_config``) or ``compute_hash``
+    (0.32/0.33: the hex digest itself); None when neither is there."""
+    for name in ("compile_factors", "compute_hash"):
+        if callable(getattr(cls, name, None)):
+            return name
+    return None
+
+
+def config_hash(config) -> str:
+    """The hash vLLM takes of ``config`` (a ``PassConfig``, ``CompilationConfig``...),
+    whichever recipe this vLLM has."""
+    if _hash_method(type(config)) == "compile_factors":
+        from vllm.config.utils import hash_config
+
+        return hash_config(config)
+    return config.compute_hash()
+
+
+def own_hash(config, ignored: set) -> str:
+    """vLLM's own recipe for ``config``, over every dataclass field but ``ignored``
+    (what ``PassConfig`` hashes as without the plugin when ``ignored`` is our keys)."""
+    from vllm.config import utils
+
+    if hasattr(utils, "get_compile_factors"):  # 0.34
+        return utils.hash_factors(utils.get_compile_factors(config, set(ignored)))
+    return utils.hash_factors(utils.get_hash_factors(config, set(ignored)))
+
+
 def wrap_pass_config(cls, before_post_init: Callable[[Any], None], hash_ignored: Callable[[Any], set]) -> None:
     """``before_post_init(self)`` runs before vLLM's ``PassConfig.__post_init__``;
-    ``compute_hash`` leaves out the names ``hash_ignored(self)`` returns."""
+    the hash recipe (``compute_hash`` or ``compile_factors``) leaves out the
+    names ``hash_ignored(self)`` returns."""
     if cls.__dict__.get(_MARK):
         return
     orig_post_init = cls.__post_init__
@@ -137,15 +174,26 @@ def wrap_pass_config(cls, before_post_init: Callable[[Any], None], hash_ignored:
         before_post_init(self)
         orig_post_init(self)
 
-    @functools.wraps(cls.compute_hash)
-    def compute_hash(self) -> str:
-        from vllm.config.utils import get_hash_factors, hash_factors
-
-        # vLLM's own recipe (0.32/0.33) over every field but the ignored ones.
-        return hash_factors(get_hash_factors(self, hash_ignored(self)))
-
     cls.__post_init__ = __post_init__
-    cls.compute_hash = compute_hash
+    method = _hash_method(cls)
+    if method == "compile_factors":
+        @functools.wraps(cls.compile_factors)
+        def compile_factors(self):
+            from vllm.config.utils import get_compile_factors
+
+            # vLLM 0.34's recipe over every field but the ignored ones.
+            return get_compile_factors(self, hash_ignored(self))
+
+        cls.compile_factors = compile_factors
+    else:
+        @functools.wraps(cls.compute_hash)
+        def compute_hash(self) -> str:
+            from vllm.config.utils import get_hash_factors, hash_factors
+
+            # vLLM's own recipe (0.32/0.33) over every field but the ignored ones.
+            return hash_factors(get_hash_factors(self, hash_ignored(self)))
+
+        cls.compute_hash = compute_hash
     setattr(cls, _MARK, True)
 
 

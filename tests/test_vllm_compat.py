@@ -113,3 +113,56 @@ def test_unsupported_kv_cache_dtype_is_refused_by_name(vllm_layer, kv_cache_dtyp
     vllm_layer(kv_cache_dtype)
     with pytest.raises(NotImplementedError, match=f"kv_cache_dtype '{kv_cache_dtype}'"):
         layers.resolve_layer(NAME)
+
+
+# --- layouts vLLM 0.34 added, refused by name -------------------------------------------
+
+@pytest.mark.parametrize("attr, value, named, cache", [
+    ("use_shardq", True, "ShardQ", "fp8_ds_mla"),  # as 0.34 builds it: a sparse layer, named ShardQ first
+    ("kv_sharing_target_layer_name", "model.layers.1.self_attn.attn", "KV-cache sharing", "auto"),
+])
+def test_vllm034_layouts_refused_by_name_at_run_time(vllm_layer, attr, value, named, cache):
+    """vLLM 0.34's ShardQ and MLA KV sharing: the resolver names the layout instead of running a wrong attention."""
+    v = vllm_layer(cache)
+    v["layer"].impl.is_sparse = cache == "fp8_ds_mla"
+    setattr(v["layer"], attr, value)
+    with pytest.raises(layers.UnsupportedLayer, match=named):
+        layers.resolve_layer(NAME)
+
+
+def test_shardq_layer_left_to_vllm_at_compile_time(vllm_layer, monkeypatch, caplog):
+    """At compile time a ShardQ layer is refused by name (the layer stays vLLM's), with one warning, no exception."""
+    import logging
+
+    import vllm.config
+    import vllm.forward_context as fc
+
+    from mla_passes.passes.lift import MLADecodeQPrepLiftPass, layer_state_for
+
+    layer = vllm_layer("auto")["layer"]
+    layer.use_shardq = True
+    monkeypatch.setattr(fc, "is_forward_context_available", lambda: False)
+    static = types.SimpleNamespace(compilation_config=types.SimpleNamespace(static_forward_context={NAME: layer}))
+    monkeypatch.setattr(vllm.config, "get_current_vllm_config", lambda: static)
+    vllm_compat._warn_refused.cache_clear()
+    lift = MLADecodeQPrepLiftPass()
+    with caplog.at_level(logging.WARNING, logger="mla_passes"):
+        logging.getLogger("mla_passes").addHandler(caplog.handler)
+        try:
+            assert layer_state_for(lift, LayerName(NAME), f"attention ({NAME})") is None
+        finally:
+            logging.getLogger("mla_passes").removeHandler(caplog.handler)
+    assert len(lift.refusals) == 1 and "ShardQ" in lift.refusals[0] and "left to vLLM" in lift.refusals[0]
+    assert any("ShardQ" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_adapter_refuses_a_shardq_step(vllm_layer):
+    """A step whose metadata carries a ShardQ split never reaches forward_mqa with our q."""
+    v = vllm_layer("auto")
+    T = 3
+    md = types.SimpleNamespace(num_actual_tokens=T, num_decode_tokens=T, shardq=object())
+    with pytest.raises(layers.UnsupportedLayer, match="ShardQ"):
+        vllm_compat.attention_with_prepped_q(NAME, torch.randn(T, H, P + R), torch.randn(T, H, L + R),
+                                             torch.randn(T, L), torch.randn(T, 1, R), torch.empty(T, H * V),
+                                             context=(md, v["layer"], v["kv_cache"]))
+    assert v["layer"].impl.mqa_q is None

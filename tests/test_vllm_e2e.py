@@ -196,11 +196,12 @@ def plugin():
 def test_flag_off_hash_unchanged(plugin):
     """With our keys at their defaults, PassConfig hashes exactly as vLLM's own recipe without them."""
     from vllm.config.compilation import PassConfig
-    from vllm.config.utils import get_hash_factors, hash_factors
+
+    from mla_passes.vllm_patches import config_hash, own_hash
 
     pc = PassConfig()
-    assert pc.compute_hash() == hash_factors(get_hash_factors(pc, set(plugin.PASS_CONFIG_FIELDS)))
-    assert PassConfig(fuse_aiter_qk_rope_kvcache_mla=True).compute_hash() != pc.compute_hash()
+    assert config_hash(pc) == own_hash(pc, set(plugin.PASS_CONFIG_FIELDS))
+    assert config_hash(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True)) != config_hash(pc)
 
 
 def _fake_vllm_config(flag: bool, user_pass=None, mode=None, spec_tokens=0):
@@ -256,7 +257,7 @@ def test_unsupported_vllm_version_refused(plugin, monkeypatch):
     from mla_passes import vllm_compat
 
     monkeypatch.setattr(vllm, "__version__", "0.40.0")
-    with pytest.raises(RuntimeError, match="needs vLLM 0.32 or 0.33"):
+    with pytest.raises(RuntimeError, match=r"needs vLLM 0\.32, 0\.33 or 0\.34; this is vLLM 0\.40\.0"):
         plugin.configure_vllm_config(_fake_vllm_config(True))
     monkeypatch.setattr(vllm, "__version__", "0.32.0")
     vllm_compat.check_supported()

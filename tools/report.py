@@ -9,8 +9,9 @@ the graph held, and per layer the outcome with every refusal the passes
 recorded for it; then one line per layer over all graphs. When no layer was
 seen at all it says the likely cause in plain words: the flag is off, the
 graph was split at attention (vLLM's graph partition off), the graph lies
-outside the decode range, or the passes never ran (compile cache hit,
-eager mode).
+outside the decode range, the passes never ran (compile cache hit, eager
+mode), or no layer was of the expected form (the vLLM does the RoPE, cache
+write or q-prep in the model code, or through ops the passes do not know).
 
 Exit status: 0 when some layer was fused or lifted, 1 when none was, 2 when
 DIR holds no record at all or is not a folder.
@@ -69,6 +70,26 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+def model_code_form(forms) -> str | None:
+    """The plain-words cause when every MLA attention call the passes saw is
+    of a form they do not rewrite because the model code already does the
+    work (``mla_passes.explain.attention_forms``); None otherwise."""
+    n = forms.get("attention", 0)
+    prepared, bare = forms.get("q_prepared_in_model", 0), forms.get("no_rope_or_cache_op", 0)
+    if not n or prepared + bare < n:
+        return None
+    parts = []
+    if prepared:
+        parts.append(f"{prepared} take a decode q the model code already prepared (mqa_q_prepared: q-absorb and "
+                     "concat, with the cache write before them, run outside the attention op)")
+    if bare:
+        parts.append(f"{bare} have no KV-cache update or fused-RoPE op of their own in the graph (the RoPE and "
+                     "cache write run in the model code, or the layer reads another layer's KV cache)")
+    return (f"no layer of the expected form found: of {n} MLA attention call(s), " + "; ".join(parts)
+            + ". vLLM does this part of the decode step in the model code here (upstream is moving MLA fusions "
+            "there, RFC #43224), so there is nothing left for the passes to fuse; vLLM's own path runs")
+
+
 def best_outcome(counts) -> str:
     for o in ("fused", "lifted", "prepped q"):
         if counts.get(o):
@@ -100,8 +121,14 @@ def likely_cause(graphs: list[dict], configs: list[dict]) -> str:
         return ("every graph was outside the decode range, so the passes did not run on it: "
                 + "; ".join(whys))
     seen = collections.Counter()
+    forms = collections.Counter()
     for g in ran:
         seen.update({k: v for k, v in g.get("ops_before", {}).items() if v})
+        forms.update(g.get("forms_before", {}))
+    # A split graph also holds attentions without their cache update: that cause first.
+    unexpected = None if split else model_code_form(forms)
+    if unexpected:
+        return unexpected
     if seen and not seen.get("attention"):
         return ("the graph was split at attention: the passes saw cache updates/RoPE but no MLA attention "
                 "call in the same graph (vLLM splits at attention unless "
@@ -111,6 +138,14 @@ def likely_cause(graphs: list[dict], configs: list[dict]) -> str:
             return ("the graph was split at attention (vLLM VLLM_COMPILE with graph partition off): the "
                     "pieces the passes saw hold no MLA attention or cache update; set "
                     "compilation_config.use_inductor_graph_partition=True")
+        if any(c.get("use_mla") for c in configs):
+            version = sorted({str(c.get("vllm_version")) for c in configs if c.get("vllm_version")})
+            return ("no layer of the expected form found: vLLM runs this model as MLA (model_config.use_mla)"
+                    f"{' (vLLM ' + ', '.join(version) + ')' if version else ''}, but no graph the passes ran on "
+                    "holds vllm::unified_mla_attention_with_output, vllm::unified_mla_kv_cache_update or "
+                    "vllm::fused_rope_unified_mla_kv_cache_update: this vLLM runs its MLA attention, RoPE and "
+                    "cache write through other ops or in the model code, which the passes do not know; "
+                    "nothing was fused")
         return "the graphs the passes ran on hold no MLA attention, cache update or fused-RoPE op (not an MLA model?)"
     if seen.get("attention"):
         return "the passes ran on the layers and refused each one: the reasons are listed per layer above"

@@ -37,7 +37,7 @@ import torch
 from torch.fx import Graph
 
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.mla_passes)
-from ..layers import layer_name_str, resolve_layer
+from ..layers import UnsupportedLayer, layer_name_str, resolve_layer
 from ..op_handles import op_handles
 from . import _fx
 from .base import MLAGraphPass
@@ -47,7 +47,10 @@ ATTN_PREPPED = torch.ops.mla_passes.mla_attention_with_prepped_q.default
 
 # Attention arguments the prepped-q path does not model: a call that sets
 # any of them is left alone.
-UNSUPPORTED_ARGS = ("output_scale", "output_block_scale", "quant_group_size", "q_dcp_replicated")
+UNSUPPORTED_ARGS = ("output_scale", "output_block_scale", "quant_group_size", "q_dcp_replicated", "mqa_q_prepared")
+# Why, where a reason is more than "argument set". vLLM 0.34's mqa_q_prepared: the
+# model code already absorbed/concatenated q (and wrote the cache) outside the op.
+_ARG_WHY = {"mqa_q_prepared": "the model code prepares the decode q itself (vLLM's prepare_mqa_query)"}
 
 
 def layer_state_for(pass_: MLAGraphPass, ln_node, where):
@@ -59,6 +62,9 @@ def layer_state_for(pass_: MLAGraphPass, ln_node, where):
         return resolve_layer(v)
     except (KeyError, TypeError) as e:
         pass_.refuse(where, "layer state not resolvable at compile time (%s)", e)
+        return None
+    except UnsupportedLayer as e:  # a layout the resolver names (vLLM: ShardQ, sparse, KV sharing...)
+        pass_.refuse(where, "%s", e)
         return None
 
 
@@ -101,8 +107,12 @@ def replace_attention(graph: Graph, attn: _fx.OpCall, q, q_prepped, kv_c, k_pe, 
 def check_attention(attn: _fx.OpCall):
     """Why ``attn`` cannot take a prepped q (None when it can)."""
     for name in UNSUPPORTED_ARGS:
-        if attn.arg(name) is not None:
-            return f"argument {name!r} is set"
+        try:
+            value = attn.arg(name)
+        except KeyError:  # not in this vLLM's schema (mqa_q_prepared before 0.34)
+            continue
+        if value is not None:
+            return f"argument {name!r} is set" + (f": {_ARG_WHY[name]}" if name in _ARG_WHY else "")
     try:
         out = attn.mutable_input("output")
     except NotImplementedError:

@@ -176,7 +176,8 @@ def _fused_rope_fake(positions, q_pe, k_pe, kv_c, cos_sin_cache, is_neox, kv_cac
     return torch.empty(0, device=kv_c.device, dtype=kv_c.dtype)
 
 
-# Schemas as vLLM 0.32/0.33 defines them (argument names, order, defaults and
+# Schemas as vLLM 0.32/0.33 defines them (0.34 appends one optional attention
+# argument, mqa_q_prepared, which the passes refuse when set; argument names, order, defaults and
 # alias marks), so the passes see the same graph form.
 _lib = torch.library.Library(NAMESPACE, "DEF")
 define_op(

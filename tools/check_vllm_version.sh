@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
-# Run the plugin/config tests against vLLM 0.33 (the current release) on a CPU box.
+# Run the plugin/config tests against one GPU release of vLLM (0.33, 0.34, ...) on a CPU box.
 #
-# vLLM 0.33 ships as a CUDA wheel (torch 2.14) and pins certifi>=2026.10.19,
-# newer than some registries carry, so a plain `pip install vllm==0.33.0`
-# can fail. This script builds a separate venv (default /tmp/mla-passes-vllm033,
-# reused when present), installs torch 2.14.1 with its CUDA libraries, vllm
-# 0.33.0 with --no-deps, vLLM's other requirements except the GPU kernel
-# packages and the certifi pin, and this repo (editable), then runs
-# tests/test_vllm_patches.py, tests/test_vllm_config.py and the in-process
-# config tests of tests/test_vllm_e2e.py with VLLM_TARGET_DEVICE=cpu.
+#   tools/check_vllm_version.sh 0.34.0          # venv /tmp/mla-passes-vllm-0.34.0 (reused when present)
+#   tools/check_vllm_version.sh 0.33.0 -x       # arguments after the version go to pytest
+#   VLLM_CHECK_VENV=/path tools/check_vllm_version.sh 0.34.0
 #
-#   tools/check_vllm033.sh            # build (first time: several GB, minutes) and test
-#   VLLM033_VENV=/path tools/check_vllm033.sh
+# vLLM's GPU releases ship as a CUDA wheel that pins one torch (0.33 and 0.34:
+# torch 2.14.0) and certifi>=2026.10.19, newer than some registries carry, so a
+# plain `pip install vllm==X` can fail. This script builds a venv of its own per
+# version, installs torch (TORCH_VERSION, default 2.14.1, the build on this
+# machine's disk; checked to import), vllm X with --no-deps, vLLM's other
+# requirements except the GPU kernel packages, the torch family and the
+# certifi pin, and this repo (editable, --no-deps), then runs
+# tests/test_vllm_patches.py, tests/test_vllm_config.py, tests/test_vllm_compat.py
+# and the in-process config tests of tests/test_vllm_e2e.py with
+# VLLM_TARGET_DEVICE=cpu. No model runs: the wheel's kernels are CUDA builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
-VENV=${VLLM033_VENV:-/tmp/mla-passes-vllm033}
+if [ $# -lt 1 ] || ! [[ $1 =~ ^0\.[0-9]+\.[0-9]+$ ]]; then
+  echo "usage: tools/check_vllm_version.sh VLLM_VERSION [PYTEST_ARGS...]   (e.g. 0.34.0)" >&2
+  exit 2
+fi
+VLLM_VERSION=$1
+shift
+VENV=${VLLM_CHECK_VENV:-/tmp/mla-passes-vllm-$VLLM_VERSION}
 PY=${PYTHON:-python3}
-VLLM_VERSION=0.33.0
 TORCH_VERSION=${TORCH_VERSION:-2.14.1}
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -30,6 +38,7 @@ pipq() { "$VENV/bin/python" -m pip "$@" 2>&1 | { grep -v "^WARNING: Location" ||
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   $PIP install -q "torch==$TORCH_VERSION"
 fi
+"$VENV/bin/python" -W ignore -c "import torch; torch.zeros(1)"  # the torch beside the wheel's pin must load
 if ! "$VENV/bin/python" -c "import importlib.metadata as m; assert m.version('vllm') == '$VLLM_VERSION'" 2>/dev/null; then
   $PIP install -q --no-deps "vllm==$VLLM_VERSION"
 fi
@@ -64,7 +73,7 @@ export VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1
 "$VENV/bin/python" -c "import vllm, torch; print('vLLM', vllm.__version__, 'torch', torch.__version__)"
 cd "$REPO"
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/test_vllm_patches.py tests/test_vllm_config.py \
+  tests/test_vllm_patches.py tests/test_vllm_config.py tests/test_vllm_compat.py \
   "tests/test_vllm_e2e.py::test_flag_off_hash_unchanged" \
   "tests/test_vllm_e2e.py::test_bridge_threshold_and_composition" \
   "tests/test_vllm_e2e.py::test_bridge_flag_off_untouched" \
