@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import sympy
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -61,11 +62,19 @@ def problem_text(problem: tuple) -> str:
 
 
 def same_size(a, b) -> bool:
-    """``a == b`` for sizes, ints or SymInts; a symbolic pair counts as equal
-    only when the shape environment proves it (no guard is added)."""
+    """``a == b`` for sizes, ints or SymInts, never adding a guard. A symbolic
+    pair counts as equal when the shape environment proves it, or when both
+    are bare symbols it cannot compare (two unbacked token counts: sizes the
+    caller supplies, equal only at run time, where the kernel checks them
+    again). A constant against a symbol (``positions[:1]`` in a dynamic
+    graph) or any other expression is not equal."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    return statically_known_true(a == b)
+    if statically_known_true(a == b):
+        return True
+    ea, eb = (x.node.expr if isinstance(x, torch.SymInt) else None for x in (a, b))
+    return (isinstance(ea, sympy.Symbol) and isinstance(eb, sympy.Symbol)
+            and not statically_known_true(a != b))
 
 
 def _shape(t: torch.Tensor) -> str:
