@@ -72,7 +72,7 @@ def hooked_rope(style, hooks):
     return fn
 
 
-@settings(max_examples=12, deadline=None, derandomize=True,
+@settings(max_examples=10, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(style=st.sampled_from(["native", "commuted"]), is_neox=st.booleans(),
        edit=st.one_of(st.tuples(st.sampled_from(VALUE_SITES), st.sampled_from(sorted(VALUE_OPS))),
