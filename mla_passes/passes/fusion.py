@@ -150,9 +150,10 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
     def source_modules(self) -> list:
         import sys
 
-        from ..patterns import _engine, qk_rope_kvcache, rope
+        from ..kernels import validate
+        from ..patterns import _engine, casts, qk_rope_kvcache, rope
 
-        return super().source_modules() + [rope, qk_rope_kvcache, _engine, _fx,
+        return super().source_modules() + [rope, casts, qk_rope_kvcache, _engine, _fx, validate,
                                            sys.modules[check_attention.__module__]]
 
     def apply(self, graph: Graph) -> int:
