@@ -84,14 +84,14 @@ def assert_within(got, ref, tol, msg):
     assert bool(ok.all()), f"{msg}: {int((~ok).sum())} elements off, max {err[~ok].max()}"
 
 
-def compare(stack, module, pm, *, inputs=None, exact=False, inductor=False):
+def compare(stack, module, pm, *, inputs=None, exact=False, inductor=False, dynamic=False):
     """Eager vs compiled on each input set of :func:`biting_inputs` (same caches before): the
     rotated q_pe and every written cache row must agree (NaN where eager has NaN), within the model
     dtype's rounding of the RoPE (fused: the op rounds once, eager at every step) plus one fp8 step
     for an fp8 cache; ``exact``: bit for bit (nothing fused: the compiled RoPE is eager's);
     ``"unless fused"``: bit for bit when the layer was refused. Returns the backend."""
     b = TestBackend(pm, inductor=inductor)
-    compiled = torch.compile(module, backend=b, fullgraph=True)
+    compiled = torch.compile(module, backend=b, fullgraph=True, dynamic=dynamic or None)
     (state,) = stack.states.values()
     ly = module.ly
     P, L, R, H = ly.P, ly.L, ly.R, ly.H
@@ -268,16 +268,17 @@ def test_one_edited_positions_value_for_both_fused(edit):
 
 # --- class 3: operands the kernel refuses at run time ----------------------------------
 
-def test_one_position_broadcast_refused():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_one_position_broadcast_refused(dynamic):
     """cos/sin gathered at ``positions[:1]`` and broadcast over the tokens was fused; the kernel then raised
-    (positions must have one entry per token)."""
+    (positions must have one entry per token). With a symbolic token count too (1 against s0)."""
     def one_position(positions, q_pe, k_pe, cos_sin_cache, is_neox):
         cos, sin = cos_sin_cache.index_select(0, positions[:1]).chunk(2, dim=-1)  # [1, R/2], for every token
         return rotate(q_pe, cos, sin, is_neox), rotate(k_pe, cos, sin, is_neox)
 
     stack = build_decode_stack(1, H=2, hidden=64, max_pos=MAX_POS)
-    pm = make_pm()
-    b = compare(stack, RopeLayer(stack, one_position), pm, exact=True)
+    pm = make_pm(no_range_policy="apply" if dynamic else "infer")  # a symbolic T has no bound to infer
+    b = compare(stack, RopeLayer(stack, one_position), pm, exact=True, dynamic=dynamic)
     assert_refused(pm, b, "argument 'positions'")
 
 
