@@ -3,9 +3,10 @@ few random trial values (``clamp(-30, 30)``, ``nan_to_num``), cos/sin read at
 positions that differ between q and k on some tokens only, and operands the
 kernel refuses at run time (a bf16 ``k_scale``, a cache dtype it does not
 support, one position broadcast over the tokens) must not be fused as plain
-RoPE. Every test runs eager and compiled on inputs that make the edit bite
-(values past +-30, positions 0 and >= 1000, inf) and compares the rotated
-q_pe and the cache rows, not only op counts."""
+RoPE. The tests run eager and compiled on inputs that make the edit bite
+(values past +-30, positions 0 and >= 1000, inf; :func:`biting_inputs`) and
+compare the rotated q_pe and the cache rows, not only op counts: bit for bit
+where the layer is refused, to the RoPE's rounding where it is fused."""
 
 from __future__ import annotations
 
