@@ -10,30 +10,43 @@ cos/sin cache, with how functionalization regenerated the views (one
 The forms vLLM traces are registered Inductor patterns
 (:mod:`.qk_rope_kvcache`) and are matched first; a pattern is one op
 sequence, and the next variant (operands commuted, another helper, another
-cast) would be missed. For those this module is the fallback and matches
-RoPE *semantically*:
+cast) would be missed. For those this module is the fallback. It decides by
+structure first and checks the numbers second:
 
 1. :func:`private_cone` collects the nodes that only feed the rotated q_pe /
    k_pe (the subgraph the fusion may delete);
 2. :func:`extract` walks from the cone to its leaves: the q and k
    projection outputs (through view ops), ``positions`` and
-   ``cos_sin_cache`` (found at the ``index``/``index_select``/``embedding``
-   that gathers cos/sin rows);
-3. :func:`verify` evaluates the subgraph on independent inputs
+   ``cos_sin_cache``. Every cos/sin gather (``index`` / ``index_select`` /
+   ``embedding``) the subgraph reads must read ONE table at ONE positions
+   value, the same graph node for q and for k (below value-preserving
+   integer casts), and nothing else in the subgraph may read either;
+3. :func:`foreign_op` refuses a subgraph holding any operation that is not
+   one a rotation is built from (:data:`ROTATION_OPS`: the gather,
+   multiply, add / subtract, negate, concatenation and interleave, views,
+   casts). Such an op (``clamp``, ``nan_to_num``, ``where``, ``maximum``,
+   ``abs``, ...) can be the identity on every value a numeric trial draws
+   and still change the result on others (activations past a clip, an
+   inf), so no number of trials could rule it out;
+4. :func:`verify` evaluates what is left on independent inputs
    (:data:`TRIALS`: concrete shapes, symbolic token counts substituted) and
-   compares it with RoPE computed in float64, NeoX and GPT-J style. It must
-   agree on every trial and every element: bit for bit on inputs whose RoPE
-   is exact in bf16/fp16/fp32 (but not in fp8), and within :data:`ROUNDINGS`
-   unit roundoffs of the dtype the result is stored in (q's, k's; never an
-   intermediate's), times the magnitude of the element's two terms
-   ``|a*cos| + |b*sin|``, on random inputs and tables. Before that,
-   :func:`narrowing_cast` refuses a subgraph with a cast the fused op would
-   drop but may not (:mod:`.casts`).
+   compares it with RoPE computed in float64, NeoX and GPT-J style. With
+   the ops of :data:`ROTATION_OPS` the subgraph is a polynomial in q, k and
+   the gathered table rows (up to rounding), so agreeing with RoPE on
+   independent random inputs is evidence about every input, not only the
+   drawn ones. It must agree on every trial and every element: bit for bit
+   on inputs whose RoPE is exact in bf16/fp16/fp32 (but not in fp8), and
+   within :data:`ROUNDINGS` unit roundoffs of the dtype the result is
+   stored in (q's, k's; never an intermediate's), times the magnitude of
+   the element's two terms ``|a*cos| + |b*sin|``, on random inputs and
+   tables. Before that, :func:`narrowing_cast` refuses a subgraph with a
+   cast the fused op would drop but may not (:mod:`.casts`).
    The verdict is cached by a structural signature of the subgraph, so a
    61-layer model pays for one evaluation.
 
 A subgraph that computes anything else (a sign flip, swapped sin/cos, RoPE
-times 1.02, RoPE + 0.05) fails the comparison and is left alone.
+times 1.02, RoPE + 0.05, a clip of the result, q at other positions than k)
+is left alone, and the refusal names what was found.
 """
 
 from __future__ import annotations
@@ -57,6 +70,26 @@ GATHER_OPS = frozenset({torch.ops.aten.index.Tensor, torch.ops.aten.index_select
                         torch.ops.aten.embedding.default})
 _PURE_NAMESPACES = ("aten", "prims")
 MAX_POS_ONLY_DEPTH = 12
+_aten = torch.ops.aten
+
+# The operations a rotation is built from: the only ones the semantic check
+# accepts between the q/k projections and the cache write / attention
+# (DESIGN §3, "The semantic check"). Besides these, any view (an op whose
+# schema says its result aliases its input: view, slice, select, split /
+# chunk, unsqueeze, squeeze, expand, permute, transpose, ...) and the pieces
+# of a multi-output view. Casts are judged further by :func:`narrowing_cast`.
+# Every other op is refused by name (:func:`foreign_op`).
+ROTATION_OPS = {
+    "gather": GATHER_OPS,
+    "multiply": frozenset({_aten.mul.Tensor, _aten.mul.Scalar}),
+    "add / subtract": frozenset({_aten.add.Tensor, _aten.add.Scalar, _aten.sub.Tensor, _aten.sub.Scalar}),
+    "negate": frozenset({_aten.neg.default}),
+    "concatenate / interleave": frozenset({_aten.cat.default, _aten.stack.default, _aten.repeat.default,
+                                           _aten.repeat_interleave.self_int, _aten.clone.default,
+                                           _aten._unsafe_view.default}),
+    "cast": frozenset(casts.CASTS),
+}
+_ROTATION_TARGETS = frozenset().union(*ROTATION_OPS.values())
 
 
 _pure_targets: dict = {}
@@ -134,26 +167,51 @@ def _is_gather(n: Node, R: int):
     return None
 
 
-def _find_gather(cone, R, max_depth: int = 4):
-    """The cos/sin gather: in the cone, else at most ``max_depth`` pure steps
-    above it (a gather CSE'd across layers)."""
+def rotation_op(n: Node) -> bool:
+    """Whether ``n`` is one of the operations a rotation is built from
+    (:data:`ROTATION_OPS`, any view, a piece of a multi-output view)."""
+    return (n.op == "call_function"
+            and (n.target is operator.getitem or n.target in _ROTATION_TARGETS or _fx.is_view(n)))
+
+
+def _find_gathers(cone, R, max_depth: int = 4) -> list:
+    """Every cos/sin gather the cone reads: in the cone, and at most
+    ``max_depth`` steps above it (a gather CSE'd across layers) through
+    rotation ops only (never up through a projection to, say, a token
+    embedding). In graph order, so no choice depends on set iteration."""
+    found = {}
     for n in cone:
-        found = _is_gather(n, R)
-        if found:
-            return found
+        g = _is_gather(n, R)
+        if g:
+            found[n] = g
     frontier = {m for n in cone for m in n.all_input_nodes if m not in cone}
-    seen = set(frontier)
+    seen = set(frontier) | set(cone)
     for _ in range(max_depth):
         nxt = set()
         for n in frontier:
-            found = _is_gather(n, R)
-            if found:
-                return found
-            if _pure(n):
+            g = _is_gather(n, R)
+            if g:
+                found[n] = g
+            elif _pure(n) and rotation_op(n):
                 nxt.update(m for m in n.all_input_nodes if m not in seen)
         seen |= nxt
         frontier = nxt
-    return None
+    return [found[n] for n in sorted(found)]
+
+
+def _index_root(n):
+    """The positions value an index reads: ``n`` below integer casts that keep
+    every value (int32 -> int64); a narrowing cast is a value of its own."""
+    while casts.is_cast(n):
+        src, dst = casts.cast_dtypes(n)
+        if src is None or dst is None or src.is_floating_point or dst.is_floating_point \
+                or src == torch.bool or dst == torch.bool:
+            break
+        si, di = torch.iinfo(src), torch.iinfo(dst)
+        if di.min > si.min or di.max < si.max:
+            break
+        n = n.args[0]
+    return n
 
 
 def _gather_args(n: Node):
@@ -173,18 +231,27 @@ def _strip_casts(n: Node) -> Node:
     return n
 
 
-def extract(cone: set[Node], q_root: Node, R: int, order: dict | None = None) -> RopeMatch | None:
-    """Leaves of the RoPE subgraph ``cone``; None if they are not
-    ``(q_root, one k root, positions, cos_sin_cache)``."""
-    found = _find_gather(cone, R)
-    if found is None:
-        return None
-    gather, table, positions = found
-    if positions is None:
-        return None
-    cos_sin = _strip_casts(table)
+def extract(cone: set[Node], q_root: Node, R: int, order: dict | None = None) -> "RopeMatch | str":
+    """Leaves of the RoPE subgraph ``cone``; a reason (str) if they are not
+    ``(q_root, one k root, positions, cos_sin_cache)`` with every cos/sin
+    read at that one ``positions`` node of that one table."""
+    gathers = _find_gathers(cone, R)
+    if not gathers:
+        return "no cos/sin gather (index / index_select / embedding of a [max_pos, R] table) feeds it"
+    tables = list(dict.fromkeys(_strip_casts(t) for _, t, _ in gathers))
+    if len(tables) != 1:
+        return "cos/sin read from several tables (%s)" % ", ".join(t.name for t in tables)
+    cos_sin = tables[0]
     if cos_sin.op not in ("placeholder", "get_attr"):
-        return None
+        return f"the cos/sin table {cos_sin.name} is computed in the graph, not a graph input"
+    if any(idx is None for _, _, idx in gathers):
+        return "a cos/sin gather does not read rows along dim 0"
+    indices = list(dict.fromkeys(_index_root(idx) for _, _, idx in gathers))
+    if len(indices) != 1:
+        # q and k (or cos and sin) at different positions: equal on most drawn
+        # positions, so the numbers could not tell; the graph must prove them one value
+        return "cos/sin read at different positions values (%s)" % ", ".join(i.name for i in indices)
+    positions = indices[0]
     special = {positions, cos_sin}
 
     @functools.lru_cache(maxsize=None)
@@ -217,13 +284,62 @@ def extract(cone: set[Node], q_root: Node, R: int, order: dict | None = None) ->
     tensor_leaves = [x for x in leaves if isinstance(_fx.val(x), torch.Tensor)]
     others = [x for x in tensor_leaves if x not in special and x is not q_root]
     if positions not in leaves and positions not in eval_set:
-        return None
+        return "positions is not an input of the subgraph"
     if len(others) > 1:
-        return None
+        return "more inputs than q, one k, positions and the cos/sin table (%s)" % ", ".join(
+            x.name for x in sorted(others))
     order = order if order is not None else {n: i for i, n in enumerate(q_root.graph.nodes)}
+    eval_nodes = sorted(eval_set, key=order.__getitem__)
+    why = _table_reads(eval_nodes, positions, cos_sin)
+    if why:
+        return why
     return RopeMatch(positions=positions, cos_sin_cache=cos_sin, q_root=q_root, cone=cone,
-                     eval_nodes=sorted(eval_set, key=order.__getitem__),
-                     leaves=sorted(tensor_leaves, key=order.__getitem__))
+                     eval_nodes=eval_nodes, leaves=sorted(tensor_leaves, key=order.__getitem__))
+
+
+def _table_reads(eval_nodes, positions: Node, cos_sin: Node) -> str | None:
+    """Why the subgraph reads ``positions`` or the table other than as a
+    gather's index / table (through casts), or None. A position used in the
+    math itself, or a table row read without the gather, is not RoPE at
+    ``positions``."""
+    for n in eval_nodes:
+        if n.target in GATHER_OPS:
+            table, idx = _gather_args(n)
+            if _strip_casts(table) is not cos_sin or _index_root(idx) is not positions:
+                return f"{n.name} ({_op_name(n)}) gathers other rows than cos_sin_cache[positions]"
+        for a in n.all_input_nodes:
+            if _index_root(a) is positions:
+                if n.target in GATHER_OPS and _gather_args(n)[1] is a:
+                    continue
+                if casts.is_cast(n) and _index_root(n) is positions:
+                    continue
+                return f"{n.name} ({_op_name(n)}) reads positions other than as the cos/sin gather's index"
+            if _strip_casts(a) is cos_sin:
+                if (n.target in GATHER_OPS and _gather_args(n)[0] is a) or casts.is_cast(n):
+                    continue
+                return f"{n.name} ({_op_name(n)}) reads the cos/sin table other than through the gather"
+    return None
+
+
+def _op_name(n: Node) -> str:
+    t = n.target
+    if isinstance(t, torch._ops.OpOverload):
+        return f"{t.namespace}.{t._schema.name.split('::')[-1]}" + (
+            f".{t._overloadname}" if t._overloadname != "default" else "")
+    return getattr(t, "__name__", str(t))
+
+
+def foreign_op(m: RopeMatch) -> Node | None:
+    """The first node (graph order) of the subgraph that is not one of the
+    operations a rotation is built from (:data:`ROTATION_OPS`), or None."""
+    for n in m.eval_nodes:
+        if not rotation_op(n):
+            return n
+    return None
+
+
+def describe_op(n: Node) -> str:
+    return f"{n.name} ({_op_name(n)})"
 
 
 # --- numeric verification ----------------------------------------------------------

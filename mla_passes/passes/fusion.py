@@ -36,8 +36,13 @@ second reader); a reader of the rotated memory after the fusion point that
 expects unrotated values (aliases found by storage identity); a dependency
 token with users other than the layer's attention; a layer state the
 resolver does not know at compile time, or whose cache dtype differs from
-the graph's. An unexpected error while planning a layer refuses that layer
-with a warning (see :mod:`mla_passes.passes.base`).
+the graph's; operands the kernel would refuse at run time (its own rules,
+:func:`mla_passes.kernels.validate.graph_operand_problem`, asked about the
+graph's values: a cache dtype it does not write, positions that are not
+one per token, a k_scale that is not one float32 element; a bf16/fp16
+k_scale is passed as an exact float32 copy instead). An unexpected error
+while planning a layer refuses that layer with a warning (see
+:mod:`mla_passes.passes.base`).
 
 The fused op takes every operand the graph carries (``kv_cache_dtype`` and
 ``k_scale`` of the cache update included); the layer state is read only
@@ -56,6 +61,7 @@ layer state for ``out_dtype`` and emits in-place calls.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
@@ -97,6 +103,8 @@ class FusionPlan:
     dead: list = field(default_factory=list)            # to erase explicitly
     cone: set = field(default_factory=set)
     patterns: tuple = ()                                # registered patterns (or "rope_semantic") used
+    q_scale: object = None                              # the layer state's (checked by the kernel's rule)
+    k_scale_f32: bool = False                           # pass float32(k_scale): an exact copy (bf16/fp16)
 
 
 def _last_dim(dim, ndim) -> bool:
@@ -142,9 +150,10 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
     def source_modules(self) -> list:
         import sys
 
-        from ..patterns import _engine, qk_rope_kvcache, rope
+        from ..kernels import validate
+        from ..patterns import _engine, casts, qk_rope_kvcache, rope
 
-        return super().source_modules() + [rope, qk_rope_kvcache, _engine, _fx,
+        return super().source_modules() + [rope, casts, qk_rope_kvcache, _engine, _fx, validate,
                                            sys.modules[check_attention.__module__]]
 
     def apply(self, graph: Graph) -> int:
@@ -192,9 +201,39 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             return None
         else:
             plan = self._plan_raw(up, attn, ln, where, order)
-        if plan is None or not self._safe(plan, where):
+        if plan is None or not self._kernel_rules(plan, where) or not self._safe(plan, where):
             return None
         return plan
+
+    def _kernel_rules(self, plan: FusionPlan, where: str) -> bool:
+        """The kernel's own argument rules (:mod:`mla_passes.kernels.validate`,
+        one source for both) asked at compile time about the operands the
+        fused op will get, so that a graph the kernel refuses at run time is
+        not rewritten. A bf16/fp16 ``k_scale`` (``model.half()`` of a float32
+        buffer) has an exact float32 copy: the plan passes that instead."""
+        from ..kernels import validate
+        from ..patterns import casts
+
+        q = _fx.val(plan.q_orig)
+        k_scale = _fx.val(plan.k_scale)
+        if (isinstance(k_scale, torch.Tensor) and k_scale.is_floating_point() and k_scale.dtype != torch.float32
+                and casts.holds(torch.float32, k_scale.dtype)):
+            plan.k_scale_f32 = True
+            mode = getattr(k_scale, "fake_mode", None)
+            with mode if mode is not None else contextlib.nullcontext():
+                k_scale = k_scale.to(torch.float32)
+        operands = (q, _fx.val(plan.kv_c), _fx.val(plan.k_in), _fx.val(plan.positions), _fx.val(plan.cos_sin_cache))
+        if not all(isinstance(v, torch.Tensor) for v in operands + (k_scale,)):
+            self.refuse(where, "an operand of the fused op has no tensor value in the graph")
+            return False
+        problem = validate.graph_operand_problem(*operands, plan.is_neox, plan.kv_cache_dtype, k_scale,
+                                                 P=plan.P, R=plan.R)
+        if problem is None and isinstance(plan.q_scale, torch.Tensor):
+            problem = validate.scale_problem("q_scale", plan.q_scale, q.device, optional=True)
+        if problem is not None:
+            self.refuse(where, "the kernel would refuse the layer's operands: %s", validate.problem_text(problem))
+            return False
+        return True
 
     # --- planning ----------------------------------------------------------------
     def _common(self, attn: _fx.OpCall, ln, where, kv_c, kv_cache_dtype):
@@ -293,12 +332,19 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                         return None
             q_root = _fx.root_of(base)
             m = rope.extract(cone, q_root, R, order)
-            if m is None:
-                self.refuse(where, "RoPE subgraph leaves are not (q, k, positions, cos_sin_cache)")
+            if isinstance(m, str):
+                self.refuse(where, "not RoPE at one positions value of one cos/sin table: %s", m)
                 return None
             if q_root not in m.leaves:
                 # the fused op rotates base[..., P:] in place: the RoPE must read it from there
                 self.refuse(where, "the RoPE does not read q_pe from the q (%s) it writes back into", q_root.name)
+                return None
+            foreign = rope.foreign_op(m)
+            if foreign is not None:
+                # an op the numbers cannot rule out (a clip, nan_to_num, ...): DESIGN §3, "The semantic check"
+                self.refuse(where, "the RoPE subgraph holds %s, not one of the operations a rotation is built "
+                            "from (gather, multiply, add/subtract, negate, concatenate/interleave, views, casts)",
+                            rope.describe_op(foreign))
                 return None
             bad = rope.narrowing_cast(m)
             if bad is not None:
@@ -316,6 +362,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             P=P, R=R, insert_before=up.node,
             q_value_nodes=[ss], q_pe_value_nodes=[q_rot], k_value_nodes=[k_rot],
             dead=[n for n in (copy, ss, up.node) if n is not None], cone=cone, patterns=used,
+            q_scale=state.q_scale,
         )
 
     def _plan_fused_rope(self, up: _fx.OpCall, attn: _fx.OpCall, ln, where) -> FusionPlan | None:
@@ -370,6 +417,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             q_value_nodes=[ss], q_pe_value_nodes=q_pe_values, k_value_nodes=k_values,
             root_value_nodes=root_values, dead=dead, cone=set(),
             patterns=("fused_rope_q_scatter",) if self._hits.at(ss, "fused_rope_q_scatter") else (),
+            q_scale=state.q_scale,
         )
 
     @staticmethod
@@ -455,9 +503,13 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
     # --- rewriting --------------------------------------------------------------------
     def _rewrite(self, graph: Graph, plan: FusionPlan, mode=None) -> None:
         with graph.inserting_before(plan.insert_before):
+            k_scale = plan.k_scale
+            if plan.k_scale_f32:  # exact: every bf16/fp16 value is a float32 value
+                k_scale = _fx.call(graph, torch.ops.prims.convert_element_type.default, (k_scale, torch.float32),
+                                   fake_mode=mode)
             qp = _fx.call(graph, FUSED, (plan.q_orig, plan.kv_c, plan.k_in, plan.positions, plan.cos_sin_cache,
                                         plan.is_neox, plan.ln, plan.out_dtype, self.backend, plan.kv_cache_dtype,
-                                        plan.k_scale), fake_mode=mode)
+                                        k_scale), fake_mode=mode)
         views: dict = {}
         cursor = [qp]
 
