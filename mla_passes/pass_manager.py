@@ -52,7 +52,7 @@ def _module_hash(module) -> str:
     return _source_hash(module.__name__, (path, mtime))
 
 
-def _in_dependency_order(graph: Graph) -> None:
+def _in_dependency_order(graph: Graph) -> bool:
     """Put the nodes in an order where each follows its inputs, when they are not.
 
     vLLM runs our manager after its own fusion passes and before its cleanup
@@ -63,16 +63,22 @@ def _in_dependency_order(graph: Graph) -> None:
     the fusion point" in list order, so they need the order the graph will
     have. ``stable_topological_sort`` is the sort vLLM's cleanup runs next:
     on an ordered graph it changes nothing; on an unordered one the result is
-    what the cleanup would have produced anyway."""
+    what the cleanup would have produced anyway. False when the graph has no
+    such order (a cycle): the passes then leave it alone."""
     seen: set = set()
     for n in graph.nodes:
         if any(a not in seen for a in n.all_input_nodes):
             from torch._inductor.pattern_matcher import stable_topological_sort
 
-            stable_topological_sort(graph)
+            try:
+                stable_topological_sort(graph)
+            except Exception as e:  # no order exists; never fail the user's compile
+                logger.debug("mla-passes: graph has no dependency order (%s: %s); left alone", type(e).__name__, e)
+                return False
             logger.debug("mla-passes: graph was not in dependency order (a fusion before ours left it so); sorted")
-            return
+            return True
         seen.add(n)
+    return True
 
 
 class MLAPassManager(CustomGraphPass):
@@ -129,7 +135,9 @@ class MLAPassManager(CustomGraphPass):
         logger.debug("mla-passes: running %s: %s", [p.name for p in self.passes], why)
         from torch._dynamo.utils import lazy_format_graph_code
 
-        _in_dependency_order(graph)
+        if not _in_dependency_order(graph):
+            self.last_decision = f"{why}; but the graph has no dependency order (a cycle): left alone"
+            return
 
         gm = graph.owning_module
         for p in self.passes:

@@ -14,6 +14,7 @@ from mla_passes.testing.models import _rope_native, build_decode_stack, set_step
 from mla_passes.ops import LayerName
 from mla_passes.testing.backend import TestBackend
 from mla_passes import MLAPassManager, PassConfig
+from mla_passes.gating import compile_range
 
 FUSION = "mla_qk_rope_kvcache_fusion"
 LIFT = "mla_decode_q_prep_lift"
@@ -181,6 +182,23 @@ def test_fused_rope_op_before_its_kv_c_is_fused():
     pm = _AsVllmLeavesIt(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=256)
     pm, _ = run_variant(st, Variant(st, form="fused_rope"), pm=pm)
     assert pm.matched_counts[FUSION] == 2
+
+
+def test_graph_without_an_order_left_alone():
+    """A graph with a cycle (no dependency order exists): the sort before planning raised an AssertionError out
+    of the pass manager, failing the user's compile; now the graph is left as it was, and the decision says why."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.ops.aten.add.Tensor, (x, x))
+    b = g.call_function(torch.ops.aten.mul.Tensor, (a, x))
+    a.args = (x, b)
+    g.output(b)
+    before = [(n.name, n.args) for n in g.nodes]
+    pm = make_pm()
+    with compile_range(4):  # a decode-range graph: the passes would run
+        pm(g)
+    assert [(n.name, n.args) for n in g.nodes] == before
+    assert "no dependency order" in pm.last_decision
 
 
 # --- item 6: graphs that raised KeyError inside the passes ------------------------------
