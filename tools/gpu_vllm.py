@@ -152,11 +152,16 @@ def run_engine(spec: dict, out: Path) -> None:
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     if spec["kind"] == "check":
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the KV cache is read in process
-    # the passes run in every engine: no vLLM compile cache, no Inductor FX-graph / AOT cache hit
-    # from a neighbour that compiled the same graph (the passes would not run, nor write records)
+    # the passes run in every engine: no vLLM compile cache; in the check, no Inductor FX-graph / AOT
+    # cache hit from a neighbour that compiled the same graph (the passes would not run, nor write
+    # records). The step keeps Inductor's cache: its engines differ in pass configuration (part of
+    # the key), and the flag-off engine's 16 identical piecewise layers compile once, not 16 times.
     os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+    if spec["kind"] == "check":
+        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+        os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+    else:
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the forward timer below is a function
     from vllm import LLM, SamplingParams
 
     cc: dict = {"cudagraph_mode": spec.get("cudagraph_mode", "FULL_AND_PIECEWISE")}
@@ -206,17 +211,67 @@ def run_engine(spec: dict, out: Path) -> None:
                                for step in o.outputs[0].logprobs] for o in outs]
         _save_caches(llm, out.with_suffix(".caches.pt"))
     else:
+        result["pass_config"] = {k: v for k, v in vars(vcfg.compilation_config.pass_config).items()
+                                 if k.startswith("fuse_") and v}
+        result["attention_backend"] = llm.collective_rpc(_attention_backends)[0]
+        llm.collective_rpc(_install_forward_timer)
         result["tpot"] = _time_steps(llm, spec, vcfg.model_config.get_vocab_size(), out)
     out.write_text(json.dumps(result, indent=1))
 
 
+def _attention_backends(worker) -> list[str]:
+    """The attention backend class names the worker's layers run (step: vLLM's own choice)."""
+    groups = getattr(worker.model_runner, "attn_groups", [])
+    return sorted({g.backend.__name__ for gs in groups for g in gs})
+
+
+def _install_forward_timer(worker) -> None:
+    """CUDA events around every model forward of the worker (``GPUModelRunner._model_forward``:
+    the decoder layers, CUDA-graph replay included; not the sampler, the scheduler nor the
+    output processing). What the passes change is in this span; per step it is steady to a few
+    tenths of a per cent, where the step as the front end sees it is not."""
+    import torch
+
+    runner = worker.model_runner
+    inner = runner._model_forward
+    runner._mla_forward_events = []
+
+    def timed(*args, **kwargs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ids = kwargs.get("input_ids")
+        start.record()
+        out = inner(*args, **kwargs)
+        end.record()
+        runner._mla_forward_events.append((int(ids.shape[0]) if ids is not None else -1, start, end))
+        return out
+
+    runner._model_forward = timed
+
+
+def _take_forward_times(worker) -> list[tuple[int, float]]:
+    """(tokens in the forward, padded; microseconds) per forward since the last call."""
+    import torch
+
+    torch.cuda.synchronize()
+    runner = worker.model_runner
+    events, runner._mla_forward_events = runner._mla_forward_events, []
+    return [(n, 1000.0 * s.elapsed_time(e)) for n, s, e in events]
+
+
 def _time_steps(llm, spec: dict, vocab: int, out: Path) -> list[dict]:
-    """Per (context, batch): time per output token as vLLM measures it, per request
-    ``(last_token_ts - first_token_ts) / (tokens - 1)``, the median over the batch, the best of
-    ``repeats``. Each prompt is prefilled once by a one-token call first, so in the timed calls
-    the prefill is a prefix-cache hit and the batch decodes together (the first version, without
-    it, counted other requests' chunked prefill into a request's token times). Taken under a file
-    lock, so engines that compiled side by side are timed one at a time."""
+    """Per (context, batch), two numbers:
+
+    - ``tpot_us``: time per output token as vLLM measures it, per request
+      ``(last_token_ts - first_token_ts) / (tokens - 1)``, the median over the batch, the best of
+      ``repeats``: what a user sees, with vLLM's per-step host work in it;
+    - ``forward_us``: the model forward's GPU time per decode step (CUDA events, see
+      :func:`_install_forward_timer`), the median over the timed calls' steps: where the passes
+      act, steady enough to show a few microseconds per layer.
+
+    Each prompt is prefilled once by a one-token call first, so in the timed calls the prefill is
+    a prefix-cache hit and the batch decodes together (the first version, without it, counted
+    other requests' chunked prefill into a request's token times). Taken under a file lock, so
+    engines that compiled side by side are timed one at a time."""
     import statistics
 
     from vllm import SamplingParams
@@ -238,6 +293,7 @@ def _time_steps(llm, spec: dict, vocab: int, out: Path) -> list[dict]:
                 prompts = _prompts([ctx] * b, vocab)
                 params = SamplingParams(temperature=0.0, max_tokens=1 + n, ignore_eos=True)
                 llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)  # prefill
+                llm.collective_rpc(_take_forward_times)  # drop the prefill's forwards
                 best = float("inf")
                 for _ in range(spec.get("repeats", 2)):
                     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -254,9 +310,20 @@ def _time_steps(llm, spec: dict, vocab: int, out: Path) -> list[dict]:
                                      use_tqdm=False)
                         best = min(best, ((t1 - t0) - (time.perf_counter() - t1)) / n)
                 tpot_us = best * 1e6
+                fwd = llm.collective_rpc(_take_forward_times)[0]
+                # decode steps: the forwards of the timed calls but their first (the prefix-cache hit
+                # recomputes each prompt's last token, with the batch's token count) and those of a
+                # smaller batch (requests finishing apart)
+                padded = max((n for n, _ in fwd), default=0)
+                steps = [us for n, us in fwd if n == padded]
+                forward_us = statistics.median(steps) if steps else None
                 rows.append({"context": ctx, "batch": b, "tpot_us": round(tpot_us, 1),
-                             "per_layer_us": round(tpot_us / spec["layers"], 2)})
-                print(f"[tpot] {spec['name']} ctx {ctx} batch {b}: {tpot_us:.1f} us", flush=True)
+                             "forward_us": None if forward_us is None else round(forward_us, 1),
+                             "forward_tokens": padded, "forward_steps": len(steps),
+                             "forward_spread_us": None if not steps else
+                             [round(float(x), 1) for x in statistics.quantiles(steps, n=4)] if len(steps) > 1 else None})
+                print(f"[tpot] {spec['name']} ctx {ctx} batch {b}: {tpot_us:.1f} us per token, forward "
+                      f"{forward_us} us over {len(steps)} steps of {padded} tokens", flush=True)
     return rows
 
 
@@ -464,50 +531,113 @@ def cmd_check(args) -> int:
     return 0 if ran and all_ok else 1
 
 
+# Bytes per token per layer of an fp8 MLA cache, the largest layout vLLM 0.32 has (FlashMLA's
+# fp8_ds_mla: 512 fp8 + 4 fp32 scales + 64 bf16); the plain fp8 layout is 576.
+_FP8_CACHE_BYTES_PER_TOKEN = 656
+
+
+def step_kv_cache_bytes(layers: int, batch: int, context: int, decode_tokens: int, block: int = 64) -> int:
+    """KV-cache bytes one step engine needs: ``batch`` sequences of ``context + 1 + decode_tokens``
+    tokens, each rounded up to whole blocks, plus one block per sequence and 10 % (vLLM keeps a
+    null block and rounds the cache to its own block count)."""
+    blocks = -(-(context + 1 + decode_tokens) // block) + 1
+    return int(1.1 * layers * _FP8_CACHE_BYTES_PER_TOKEN * batch * blocks * block)
+
+
+def step_report(result: dict, layers: int) -> tuple[bool, str]:
+    """The flag-on step engine: every layer fused in a decode-range graph (records of the graphs
+    Inductor compiled; a graph it took from its cache writes none)."""
+    dump = Path(result["_path"]).parent / (Path(result["_path"]).stem + "_dump")
+    from mla_passes.explain import read_records
+
+    graphs = [r for r in read_records(dump) if r.get("kind") == "graph"] if dump.exists() else []
+    threshold = result["max_num_seqs"]
+    fused = [g for g in graphs if (g["decision"].get("range") or [0, 1 << 62])[1] <= threshold
+             and [la["outcome"] for la in g.get("layers", [])] == ["fused"] * layers]
+    other = [g for g in graphs if (g["decision"].get("range") or [0, 1 << 62])[1] > threshold
+             and any(la["outcome"] != "left alone" for la in g.get("layers", []))]
+    ok = bool(fused) and not other
+    return ok, (f"{len(graphs)} graph records: {len(fused)} decode-range graph(s) with all {layers} layers fused, "
+                f"{len(other)} rewritten outside the decode range")
+
+
+STEP_CONFIGS = ("off", "vllm_fusion", "mla_passes")
+
+
 def cmd_step(args) -> int:
     out = Path(args.out)
     specs = []
+    kv_bytes = args.kv_cache_gib << 30 if args.kv_cache_gib else step_kv_cache_bytes(
+        args.layers, max(args.batches), max(args.contexts), args.decode_tokens)
     for h in args.heads:
         model = str(build_step_model(out / f"dsv3_h{h}", h, args.layers))
-        for cfg in ("off", "vllm_fusion", "mla_passes"):
+        for cfg in STEP_CONFIGS:
             specs.append({"kind": "step", "name": f"h{h}_{cfg}", "model": model, "kv_cache_dtype": "fp8",
                           "flag": cfg == "mla_passes", "vllm_fusion": cfg == "vllm_fusion", "load_format": "dummy",
-                          "max_num_seqs": max(args.batches), "max_model_len": max(args.contexts) + 64,
+                          "dump": cfg == "mla_passes",
+                          "max_num_seqs": max(args.batches), "max_model_len": max(args.contexts) + args.decode_tokens + 64,
                           "max_num_batched_tokens": 8192, "layers": args.layers, "batches": args.batches,
                           "contexts": args.contexts, "decode_tokens": args.decode_tokens,
-                          "kv_cache_bytes": args.kv_cache_gib << 30, "heads": h,
+                          "kv_cache_bytes": kv_bytes, "heads": h,
                           "gpu_memory_utilization": 0.05})  # engines side by side: the start-up check only
     for sp in specs:  # engines started together wait for each other to start before timing
-        sp["group"] = [o["name"] for o in specs] if args.jobs >= len(specs) else []
+        if args.jobs >= len(specs):
+            sp["group"] = [o["name"] for o in specs]
+        elif args.jobs % len(STEP_CONFIGS) == 0:  # one head count's engines at a time, or several
+            sp["group"] = [o["name"] for o in specs if o["heads"] == sp["heads"]]
+        else:
+            sp["group"] = []
         sp["barrier_s"] = 300
         sp["repeats"] = args.repeats
+    print(f"[step] {len(specs)} engines, KV cache {kv_bytes / 2**30:.1f} GiB each", flush=True)
     results = _launch(specs, out, args.jobs, args.timeout)
-    print("\n| H | context | batch | off µs/tok | vLLM fusion | mla-passes | saving µs/layer | % of TPOT |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    table = []
-    errors = []
+    for s in specs:
+        results.setdefault(s["name"], {})["_path"] = str(out / f"{s['name']}.json")
+    L = args.layers
+    print(f"\n{L} layers. forward: the model forward's GPU time per decode step (CUDA events, median); "
+          "TPOT: vLLM's time per output token (per request, median over the batch, best of the repeats)\n")
+    print("| H | context | batch | forward off µs | vLLM fusion | mla-passes | saving µs/layer (vs off, vs vLLM fusion) "
+          "| TPOT off µs | vLLM fusion | mla-passes | saving % of TPOT |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    table, errors, checks = [], [], {}
     for h in args.heads:
-        r = {c: results.get(f"h{h}_{c}", {}) for c in ("off", "vllm_fusion", "mla_passes")}
+        r = {c: results.get(f"h{h}_{c}", {}) for c in STEP_CONFIGS}
         for c, v in r.items():
             if "tpot" not in v:
                 errors.append(f"H={h} {c}: {str(v.get('error', 'no result'))[:600]}")
+        if "tpot" in r["mla_passes"]:
+            checks[h] = step_report(r["mla_passes"], L)
+            print(f"[check] H={h} mla-passes: {'ok' if checks[h][0] else 'FAIL'}: {checks[h][1]}")
         if "tpot" not in r["off"] or "tpot" not in r["mla_passes"]:
             continue
         for i, row in enumerate(r["off"]["tpot"]):
-            off, mp = r["off"]["tpot"][i]["tpot_us"], r["mla_passes"]["tpot"][i]["tpot_us"]
-            vf = r["vllm_fusion"]["tpot"][i]["tpot_us"] if "tpot" in r["vllm_fusion"] else None
-            saving = (off - mp) / args.layers
-            table.append({"heads": h, "context": row["context"], "batch": row["batch"], "off": off,
-                          "vllm_fusion": vf, "mla_passes": mp, "saving_per_layer_us": round(saving, 2)})
-            vf_txt = "n/a" if vf is None else f"{vf:.1f}"
-            print(f"| {h} | {row['context']} | {row['batch']} | {off:.1f} | {vf_txt} | {mp:.1f} | "
-                  f"{saving:.2f} | {100 * (off - mp) / off:.1f} % |")
+            get = {c: (r[c]["tpot"][i] if "tpot" in r[c] else {}) for c in STEP_CONFIGS}
+            f = {c: get[c].get("forward_us") for c in STEP_CONFIGS}
+            t = {c: get[c].get("tpot_us") for c in STEP_CONFIGS}
+            per_layer = None if None in (f["off"], f["mla_passes"]) else (f["off"] - f["mla_passes"]) / L
+            vs_vllm = None if None in (f["vllm_fusion"], f["mla_passes"]) else (f["vllm_fusion"] - f["mla_passes"]) / L
+            share = None if per_layer is None or not t["off"] else 100 * per_layer * L / t["off"]
+            table.append({"heads": h, "context": row["context"], "batch": row["batch"], "forward_us": f, "tpot_us": t,
+                          "saving_per_layer_us": per_layer, "saving_vs_vllm_fusion_per_layer_us": vs_vllm,
+                          "saving_pct_of_tpot": share,
+                          "forward_spread_us": {c: get[c].get("forward_spread_us") for c in STEP_CONFIGS}})
+
+            def fmt(x, d=1):
+                return "n/a" if x is None else f"{x:.{d}f}"
+            print(f"| {h} | {row['context']} | {row['batch']} | {fmt(f['off'])} | {fmt(f['vllm_fusion'])} | "
+                  f"{fmt(f['mla_passes'])} | {fmt(per_layer, 2)}, {fmt(vs_vllm, 2)} | {fmt(t['off'])} | "
+                  f"{fmt(t['vllm_fusion'])} | {fmt(t['mla_passes'])} | {fmt(share)} % |")
     for e in errors:
         print(e)
-    (out / "step.json").write_text(json.dumps({"layers": args.layers, "rows": table, "errors": errors,
-                                               "startup_s": {k: v.get("startup_s") for k, v in results.items()}},
+    info = {k: {f: v.get(f) for f in ("startup_s", "pass_config", "attention_backend", "cudagraph_mode",
+                                      "use_inductor_graph_partition", "compile_ranges_endpoints")}
+            for k, v in results.items()}
+    for k, v in info.items():
+        print(f"[engine] {k}: {v}")
+    (out / "step.json").write_text(json.dumps({"layers": L, "rows": table, "errors": errors, "engines": info,
+                                               "checks": {h: {"ok": c[0], "text": c[1]} for h, c in checks.items()}},
                                               indent=1))
-    return 0 if table else 1
+    return 0 if table and all(c[0] for c in checks.values()) else 1
 
 
 def main(argv=None) -> int:
@@ -526,8 +656,8 @@ def main(argv=None) -> int:
     s.add_argument("--layers", type=int, default=16)
     s.add_argument("--decode-tokens", type=int, default=64)
     s.add_argument("--repeats", type=int, default=3)
-    s.add_argument("--kv-cache-gib", type=int, default=4)
-    s.add_argument("--jobs", type=int, default=9)
+    s.add_argument("--kv-cache-gib", type=int, default=0, help="0: what the largest batch and context need")
+    s.add_argument("--jobs", type=int, default=3)
     s.add_argument("--timeout", type=int, default=560)
     e = sub.add_parser("engine")
     e.add_argument("spec")
