@@ -83,6 +83,33 @@ def test_cache_rows_within_rounding_and_no_more(tmp_path, kv):
     assert ok  # one row may hold another token: the sequence differed at its last token
 
 
+def _graph_record(rng, outcomes):
+    return {"kind": "graph", "decision": {"ran": True, "range": rng},
+            "layers": [{"layer": f"model.layers.{i}.self_attn", "outcome": o, "reasons": []} for i, o in enumerate(outcomes)]}
+
+
+@pytest.mark.parametrize("records, ok", [
+    ([([1, 4], ["fused"] * 3), ([5, 8192], ["left alone"] * 3)], True),
+    ([(None, ["fused"] * 3)], True),  # a compile mode without ranges: its one graph
+    ([([1, 4], ["fused", "fused", "lifted"])], False),  # one layer short of fused
+    ([([1, 4], ["fused"] * 2)], False),  # a layer missing
+    ([([1, 4], ["fused"] * 3), ([5, 8192], ["left alone", "fused", "left alone"])], False),  # outside the range
+    ([], False),  # nothing compiled with the passes (a cache hit): nothing shown
+])
+def test_step_report_wants_every_layer_fused_in_the_decode_range_only(tmp_path, records, ok):
+    dump = tmp_path / "h16_mla_passes_dump" / "rank_0_dp_0"
+    dump.mkdir(parents=True)
+    (dump / "mla_passes_explain.1.jsonl").write_text("".join(json.dumps(_graph_record(*r)) + "\n" for r in records))
+    got, text = gpu_vllm.step_report({"_path": str(tmp_path / "h16_mla_passes.json"), "max_num_seqs": 4}, 3)
+    assert got is ok, text
+
+
+def test_step_kv_cache_holds_the_largest_batch_at_the_longest_context():
+    for layers, batch, ctx, n in ((16, 256, 4096, 64), (16, 1, 1024, 64), (2, 7, 100, 3)):
+        need = layers * gpu_vllm._FP8_CACHE_BYTES_PER_TOKEN * batch * (ctx + 1 + n)
+        assert need < gpu_vllm.step_kv_cache_bytes(layers, batch, ctx, n) <= max(1.3 * need, 256 << 20)
+
+
 @pytest.mark.gpu
 @pytest.mark.vllm
 def test_real_vllm_on_gpu(tmp_path):

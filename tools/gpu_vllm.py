@@ -152,15 +152,16 @@ def run_engine(spec: dict, out: Path) -> None:
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     if spec["kind"] == "check":
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the KV cache is read in process
-    # the passes run in every engine: no vLLM compile cache; in the check, no Inductor FX-graph / AOT
-    # cache hit from a neighbour that compiled the same graph (the passes would not run, nor write
-    # records). The step keeps Inductor's cache: its engines differ in pass configuration (part of
-    # the key), and the flag-off engine's 16 identical piecewise layers compile once, not 16 times.
+    # the passes run in every engine: no vLLM compile cache, and where their records are read (the
+    # check; the step's flag-on engine) no Inductor FX-graph / AOT cache hit from a neighbour or an
+    # earlier run that compiled the same graph (the passes would not run, nor write records). The
+    # step's other engines keep Inductor's cache: the flag-off engine's identical piecewise layers
+    # then compile once, not once per layer.
     os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
-    if spec["kind"] == "check":
+    if spec["kind"] == "check" or spec.get("flag"):
         os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
         os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
-    else:
+    if spec["kind"] == "step":
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the forward timer below is a function
     from vllm import LLM, SamplingParams
 
@@ -236,8 +237,18 @@ def _install_forward_timer(worker) -> None:
     inner = runner._model_forward
     runner._mla_forward_events = []
 
+    class _Clock:  # a host clock where there is no CUDA (a smoke run on vLLM's CPU build)
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, other):
+            return 1000.0 * (other.t - self.t)
+
+    def event():
+        return torch.cuda.Event(enable_timing=True) if torch.cuda.is_available() else _Clock()
+
     def timed(*args, **kwargs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = event(), event()
         ids = kwargs.get("input_ids")
         start.record()
         out = inner(*args, **kwargs)
@@ -252,7 +263,8 @@ def _take_forward_times(worker) -> list[tuple[int, float]]:
     """(tokens in the forward, padded; microseconds) per forward since the last call."""
     import torch
 
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     runner = worker.model_runner
     events, runner._mla_forward_events = runner._mla_forward_events, []
     return [(n, 1000.0 * s.elapsed_time(e)) for n, s, e in events]
@@ -312,9 +324,10 @@ def _time_steps(llm, spec: dict, vocab: int, out: Path) -> list[dict]:
                 tpot_us = best * 1e6
                 fwd = llm.collective_rpc(_take_forward_times)[0]
                 # decode steps: the forwards of the timed calls but their first (the prefix-cache hit
-                # recomputes each prompt's last token, with the batch's token count) and those of a
-                # smaller batch (requests finishing apart)
-                padded = max((n for n, _ in fwd), default=0)
+                # recomputes each prompt's last block) and any of another size (requests finishing
+                # apart): the most frequent token count
+                counts = [n for n, _ in fwd]
+                padded = max(set(counts), key=counts.count) if counts else 0  # the decode steps' (padded) size
                 steps = [us for n, us in fwd if n == padded]
                 forward_us = statistics.median(steps) if steps else None
                 rows.append({"context": ctx, "batch": b, "tpot_us": round(tpot_us, 1),
@@ -539,9 +552,9 @@ _FP8_CACHE_BYTES_PER_TOKEN = 656
 def step_kv_cache_bytes(layers: int, batch: int, context: int, decode_tokens: int, block: int = 64) -> int:
     """KV-cache bytes one step engine needs: ``batch`` sequences of ``context + 1 + decode_tokens``
     tokens, each rounded up to whole blocks, plus one block per sequence and 10 % (vLLM keeps a
-    null block and rounds the cache to its own block count)."""
+    null block and rounds the cache to its own block count); at least 256 MiB."""
     blocks = -(-(context + 1 + decode_tokens) // block) + 1
-    return int(1.1 * layers * _FP8_CACHE_BYTES_PER_TOKEN * batch * blocks * block)
+    return max(256 << 20, int(1.1 * layers * _FP8_CACHE_BYTES_PER_TOKEN * batch * blocks * block))
 
 
 def step_report(result: dict, layers: int) -> tuple[bool, str]:
@@ -552,10 +565,13 @@ def step_report(result: dict, layers: int) -> tuple[bool, str]:
 
     graphs = [r for r in read_records(dump) if r.get("kind") == "graph"] if dump.exists() else []
     threshold = result["max_num_seqs"]
-    fused = [g for g in graphs if (g["decision"].get("range") or [0, 1 << 62])[1] <= threshold
-             and [la["outcome"] for la in g.get("layers", [])] == ["fused"] * layers]
-    other = [g for g in graphs if (g["decision"].get("range") or [0, 1 << 62])[1] > threshold
-             and any(la["outcome"] != "left alone" for la in g.get("layers", []))]
+
+    def decode(g):  # a decode-range graph, or the one graph of a compile mode without ranges
+        rng = g["decision"].get("range")
+        return rng is None or rng[1] <= threshold
+
+    fused = [g for g in graphs if decode(g) and [la["outcome"] for la in g.get("layers", [])] == ["fused"] * layers]
+    other = [g for g in graphs if not decode(g) and any(la["outcome"] != "left alone" for la in g.get("layers", []))]
     ok = bool(fused) and not other
     return ok, (f"{len(graphs)} graph records: {len(fused)} decode-range graph(s) with all {layers} layers fused, "
                 f"{len(other)} rewritten outside the decode range")
@@ -572,7 +588,7 @@ def cmd_step(args) -> int:
     for h in args.heads:
         model = str(build_step_model(out / f"dsv3_h{h}", h, args.layers))
         for cfg in STEP_CONFIGS:
-            specs.append({"kind": "step", "name": f"h{h}_{cfg}", "model": model, "kv_cache_dtype": "fp8",
+            specs.append({"kind": "step", "name": f"h{h}_{cfg}", "model": model, "kv_cache_dtype": args.kv_cache_dtype,
                           "flag": cfg == "mla_passes", "vllm_fusion": cfg == "vllm_fusion", "load_format": "dummy",
                           "dump": cfg == "mla_passes",
                           "max_num_seqs": max(args.batches), "max_model_len": max(args.contexts) + args.decode_tokens + 64,
@@ -656,6 +672,8 @@ def main(argv=None) -> int:
     s.add_argument("--layers", type=int, default=16)
     s.add_argument("--decode-tokens", type=int, default=64)
     s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--kv-cache-dtype", default="fp8", choices=("fp8", "auto"),
+                   help="auto: the model dtype (bf16), for a smoke run on vLLM's CPU build, which has no fp8 MLA cache")
     s.add_argument("--kv-cache-gib", type=int, default=0, help="0: what the largest batch and context need")
     s.add_argument("--jobs", type=int, default=3)
     s.add_argument("--timeout", type=int, default=560)
