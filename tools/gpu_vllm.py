@@ -216,7 +216,7 @@ def run_engine(spec: dict, out: Path) -> None:
                                  if k.startswith("fuse_") and v}
         result["attention_backend"] = llm.collective_rpc(_attention_backends)[0]
         llm.collective_rpc(_install_forward_timer)
-        result["tpot"] = _time_steps(llm, spec, vcfg.model_config.get_vocab_size(), out)
+        result["tpot"] = _time_steps(llm, spec, vcfg.model_config.get_vocab_size(), out, result)
     out.write_text(json.dumps(result, indent=1))
 
 
@@ -270,7 +270,7 @@ def _take_forward_times(worker) -> list[tuple[int, float]]:
     return [(n, 1000.0 * s.elapsed_time(e)) for n, s, e in events]
 
 
-def _time_steps(llm, spec: dict, vocab: int, out: Path) -> list[dict]:
+def _time_steps(llm, spec: dict, vocab: int, out: Path, result: dict) -> list[dict]:
     """Per (context, batch), two numbers:
 
     - ``tpot_us``: time per output token as vLLM measures it, per request
@@ -337,6 +337,8 @@ def _time_steps(llm, spec: dict, vocab: int, out: Path) -> list[dict]:
                              [round(float(x), 1) for x in statistics.quantiles(steps, n=4)] if len(steps) > 1 else None})
                 print(f"[tpot] {spec['name']} ctx {ctx} batch {b}: {tpot_us:.1f} us per token, forward "
                       f"{forward_us} us over {len(steps)} steps of {padded} tokens", flush=True)
+                # the rows so far, in case the run is cut before this engine ends
+                out.write_text(json.dumps(dict(result, tpot=rows, partial=True), indent=1))
     return rows
 
 
@@ -627,7 +629,7 @@ def cmd_step(args) -> int:
         if "tpot" not in r["off"] or "tpot" not in r["mla_passes"]:
             continue
         for i, row in enumerate(r["off"]["tpot"]):
-            get = {c: (r[c]["tpot"][i] if "tpot" in r[c] else {}) for c in STEP_CONFIGS}
+            get = {c: (r[c]["tpot"][i] if len(r[c].get("tpot", [])) > i else {}) for c in STEP_CONFIGS}
             f = {c: get[c].get("forward_us") for c in STEP_CONFIGS}
             t = {c: get[c].get("tpot_us") for c in STEP_CONFIGS}
             per_layer = None if None in (f["off"], f["mla_passes"]) else (f["off"] - f["mla_passes"]) / L
