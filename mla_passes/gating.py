@@ -43,6 +43,9 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph
 
+from . import fx
+from .op_handles import op_handles
+
 NO_RANGE_POLICIES = ("infer", "apply", "skip")
 
 # Where vLLM keeps its pass context, newest first.
@@ -145,18 +148,15 @@ def token_count_bound(graph: Graph) -> int | None:
     """Upper bound of the token count of ``graph`` (the first dim of the first
     MLA attention's q, cache update's kv_c or fused-rope op's positions), or
     None when unbounded or when the graph holds no MLA op."""
-    from .op_handles import op_handles
-    from .passes import _fx
-
     handles = op_handles()
-    for call in _fx.find_op_calls(graph, handles.attention | handles.kv_cache_update | handles.fused_rope):
+    for call in fx.find_op_calls(graph, handles.attention | handles.kv_cache_update | handles.fused_rope):
         if call.op in handles.attention:
             first = call.arg("q")
         elif call.op in handles.fused_rope:
             first = call.arg("positions")
         else:
             first = call.arg("kv_c_normed")
-        v = _fx.val(first)
+        v = fx.val(first)
         if not isinstance(v, torch.Tensor) or v.dim() == 0:
             continue
         t = v.shape[0]

@@ -11,7 +11,7 @@ from torch.fx import Graph
 
 import mla_passes  # noqa: F401
 from mla_passes.ops import LAYER_NAME_TYPE
-from mla_passes.passes import _fx
+from mla_passes import fx
 from mla_passes.passes.lift import check_attention
 from mla_passes.testing import standins
 
@@ -25,12 +25,12 @@ _lib.define(
 ATTN_034 = torch.ops.mla_passes_test034.unified_mla_attention_with_output.default
 
 
-def _call(op, **kwargs) -> _fx.OpCall:
+def _call(op, **kwargs) -> fx.OpCall:
     g = Graph()
     q, kv_c, k_pe, out, ln, prep = (g.placeholder(n) for n in ("q", "kv_c", "k_pe", "out", "ln", "prep"))
     extra = {"mqa_q_prepared": prep} if kwargs.get("prepared") else {}
     g.call_function(op, (q, kv_c, k_pe, out, ln), extra)
-    (call,) = _fx.find_op_calls(g, {op})
+    (call,) = fx.find_op_calls(g, {op})
     return call
 
 

@@ -69,8 +69,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Graph, Node
 
+from .. import fx
+from ..kernels import validate
 from ..op_handles import op_handles
-from . import _fx
+from ..patterns import _engine, casts, qk_rope_kvcache, rope
 from .base import MLAGraphPass, logger
 from .lift import check_attention, describe_layer, layer_state_for, replace_attention
 
@@ -82,8 +84,8 @@ _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 @dataclass
 class FusionPlan:
     ln: Node
-    attn: _fx.OpCall
-    update: _fx.OpCall
+    attn: fx.OpCall
+    update: fx.OpCall
     q_orig: Node
     k_in: Node
     kv_c: Node
@@ -128,10 +130,10 @@ def _ss_args(n: Node):
 def _ss_region(n: Node):
     """Region that ``slice_scatter`` ``n`` writes, in its base's memory."""
     base, src, dim, start, end, step = _ss_args(n)
-    bv = _fx.val(base)
+    bv = fx.val(base)
     if step != 1 or not _last_dim(dim, bv.dim()):
         return None
-    rb = _fx.Region.of(base)
+    rb = fx.Region.of(base)
     return rb.slice_last(start or 0, end if end is not None else 2**63 - 1)
 
 
@@ -150,29 +152,24 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
     def source_modules(self) -> list:
         import sys
 
-        from ..kernels import validate
-        from ..patterns import _engine, casts, qk_rope_kvcache, rope
-
-        return super().source_modules() + [rope, casts, qk_rope_kvcache, _engine, _fx, validate,
+        return super().source_modules() + [rope, casts, qk_rope_kvcache, _engine, fx, validate,
                                            sys.modules[check_attention.__module__]]
 
     def apply(self, graph: Graph) -> int:
-        from ..patterns import qk_rope_kvcache as qk_patterns
-
         handles = op_handles()
         attns: dict = {}
         updates: dict = {}
         self.pattern_counts = Counter()
-        self._hits = qk_patterns.match(graph, handles)  # registered patterns first (DESIGN §3)
-        for c in qk_patterns.anchor_calls(self._hits, handles):
+        self._hits = qk_rope_kvcache.match(graph, handles)  # registered patterns first (DESIGN §3)
+        for c in qk_rope_kvcache.anchor_calls(self._hits, handles):
             if c.op in handles.attention:
                 attns.setdefault(c.arg("layer_name"), []).append(c)
             else:
                 updates.setdefault(c.arg("layer_name"), []).append(c)
         if not updates:
             return 0
-        order = _fx.NodeOrder()  # stays valid while earlier layers' rewrites insert nodes
-        mode = _fx.graph_fake_mode(graph)
+        order = fx.NodeOrder()  # stays valid while earlier layers' rewrites insert nodes
+        mode = fx.graph_fake_mode(graph)
         count = 0
         for ln, ups in updates.items():
             where = f"layer {describe_layer(ln)}"
@@ -186,7 +183,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             if plan is None:
                 continue
             self._rewrite(graph, plan, mode)
-            plan.patterns += (qk_patterns.anchor_name(up), qk_patterns.anchor_name(attn))
+            plan.patterns += (qk_rope_kvcache.anchor_name(up), qk_rope_kvcache.anchor_name(attn))
             self.pattern_counts.update(plan.patterns)
             logger.debug("%s: %s matched by %s", self.name, where, ", ".join(plan.patterns))
             count += 1
@@ -211,18 +208,15 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         fused op will get, so that a graph the kernel refuses at run time is
         not rewritten. A bf16/fp16 ``k_scale`` (``model.half()`` of a float32
         buffer) has an exact float32 copy: the plan passes that instead."""
-        from ..kernels import validate
-        from ..patterns import casts
-
-        q = _fx.val(plan.q_orig)
-        k_scale = _fx.val(plan.k_scale)
+        q = fx.val(plan.q_orig)
+        k_scale = fx.val(plan.k_scale)
         if (isinstance(k_scale, torch.Tensor) and k_scale.is_floating_point() and k_scale.dtype != torch.float32
                 and casts.holds(torch.float32, k_scale.dtype)):
             plan.k_scale_f32 = True
             mode = getattr(k_scale, "fake_mode", None)
             with mode if mode is not None else contextlib.nullcontext():
                 k_scale = k_scale.to(torch.float32)
-        operands = (q, _fx.val(plan.kv_c), _fx.val(plan.k_in), _fx.val(plan.positions), _fx.val(plan.cos_sin_cache))
+        operands = (q, fx.val(plan.kv_c), fx.val(plan.k_in), fx.val(plan.positions), fx.val(plan.cos_sin_cache))
         if not all(isinstance(v, torch.Tensor) for v in operands + (k_scale,)):
             self.refuse(where, "an operand of the fused op has no tensor value in the graph")
             return False
@@ -236,7 +230,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         return True
 
     # --- planning ----------------------------------------------------------------
-    def _common(self, attn: _fx.OpCall, ln, where, kv_c, kv_cache_dtype):
+    def _common(self, attn: fx.OpCall, ln, where, kv_c, kv_cache_dtype):
         """Checks both graph forms share; the layer's state, or None (refused)."""
         why = check_attention(attn)
         if why:
@@ -254,17 +248,17 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
     def _q_from_attention(self, attn, where, R):
         """(slice_scatter, base, P) behind the attention's q, or None."""
         q = attn.arg("q")
-        qv = _fx.val(q)
+        qv = fx.val(q)
         while not _is_slice_scatter(q) and q.op == "call_function" and q.target in _RESHAPES:
             q = q.args[0]  # view(view(slice_scatter)) back to the same shape
-        if _is_slice_scatter(q) and (tuple(_fx.val(q).shape) != tuple(qv.shape)
-                                     or tuple(_fx.val(q).stride()) != tuple(qv.stride())):
+        if _is_slice_scatter(q) and (tuple(fx.val(q).shape) != tuple(qv.shape)
+                                     or tuple(fx.val(q).stride()) != tuple(qv.stride())):
             q = None
         if not _is_slice_scatter(q):
             self.refuse(where, "attention q is not a slice_scatter of rotated q_pe into q")
             return None
         base, src, dim, start, end, step = _ss_args(q)
-        bv = _fx.val(base)
+        bv = fx.val(base)
         if step != 1 or not _last_dim(dim, bv.dim()) or bv.dim() != 3:
             self.refuse(where, "q slice_scatter is not along the last dim of [T, H, P+R]")
             return None
@@ -278,20 +272,17 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         """The rotated q_pe written by ``ss`` (through a ``copy`` into a slice of
         the same memory), and the copy node if any."""
         hit = self._hits.at(ss, "q_pe_scatter") if self._hits is not None else None
-        if hit is not None and _fx.Region.of(hit["q_pe_dest"]) == region:
+        if hit is not None and fx.Region.of(hit["q_pe_dest"]) == region:
             return hit["q_pe_rot"], hit.root.args[1]
         src = _ss_args(ss)[1]
         if isinstance(src, Node) and src.target is aten.copy.default:
             dest = src.args[0]
-            if _fx.Region.of(dest) != region or len(src.users) != 1:
+            if fx.Region.of(dest) != region or len(src.users) != 1:
                 return None, None
             return src.args[1], src
         return src, None
 
-    def _plan_raw(self, up: _fx.OpCall, attn: _fx.OpCall, ln, where, order=None) -> FusionPlan | None:
-        from ..patterns import casts, qk_rope_kvcache as qk_patterns
-        from ..patterns import rope
-
+    def _plan_raw(self, up: fx.OpCall, attn: fx.OpCall, ln, where, order=None) -> FusionPlan | None:
         kv_c, k_rot = up.arg("kv_c_normed"), up.arg("k_pe")
         state = self._common(attn, ln, where, kv_c, up.arg("kv_cache_dtype"))
         if state is None:
@@ -302,18 +293,18 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         if attn.arg("kv_cache_dummy_dep") is not up.node or set(up.node.users) != {attn.node}:
             self.refuse(where, "the cache update's token is not (only) the attention's kv_cache_dummy_dep")
             return None
-        R = int(_fx.val(k_rot).shape[-1])
+        R = int(fx.val(k_rot).shape[-1])
         got = self._q_from_attention(attn, where, R)
         if got is None:
             return None
         ss, base, P = got
-        q_pe_region = _fx.Region.of(base).slice_last(P, P + R)
+        q_pe_region = fx.Region.of(base).slice_last(P, P + R)
         q_rot, copy = self._src_value(ss, q_pe_region)
         if q_rot is None:
             self.refuse(where, "q slice_scatter source is not a copy into q[..., P:]")
             return None
         # other users of the rotated q (and of q_rot) are rewired to q after the fused op
-        m = qk_patterns.rope_for_layer(self._hits, q_rot, k_rot, q_pe_region, R)
+        m = qk_rope_kvcache.rope_for_layer(self._hits, q_rot, k_rot, q_pe_region, R)
         if m is not None:  # the patterns' user counts keep their intermediates private
             cone = m.cone | {q_rot, k_rot}
             used = m.pattern_names + (("q_pe_scatter",) if self._hits.at(ss, "q_pe_scatter") else ())
@@ -330,7 +321,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                     if u not in cone:
                         self.refuse(where, "RoPE intermediate %s has another user %s", n.name, u.name)
                         return None
-            q_root = _fx.root_of(base)
+            q_root = fx.root_of(base)
             m = rope.extract(cone, q_root, R, order)
             if isinstance(m, str):
                 self.refuse(where, "not RoPE at one positions value of one cos/sin table: %s", m)
@@ -358,14 +349,14 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         return FusionPlan(
             ln=ln, attn=attn, update=up, q_orig=base, k_in=m.k_in, kv_c=kv_c, positions=m.positions,
             cos_sin_cache=m.cos_sin_cache, is_neox=m.is_neox, kv_cache_dtype=up.arg("kv_cache_dtype"),
-            k_scale=up.arg("k_scale"), out_dtype=state.q_out_dtype(_fx.val(base).dtype),
+            k_scale=up.arg("k_scale"), out_dtype=state.q_out_dtype(fx.val(base).dtype),
             P=P, R=R, insert_before=up.node,
             q_value_nodes=[ss], q_pe_value_nodes=[q_rot], k_value_nodes=[k_rot],
             dead=[n for n in (copy, ss, up.node) if n is not None], cone=cone, patterns=used,
             q_scale=state.q_scale,
         )
 
-    def _plan_fused_rope(self, up: _fx.OpCall, attn: _fx.OpCall, ln, where) -> FusionPlan | None:
+    def _plan_fused_rope(self, up: fx.OpCall, attn: fx.OpCall, ln, where) -> FusionPlan | None:
         if up.form != "v1":
             self.refuse(where, "fused-rope op in %s form (only auto_functionalized v1 is handled)", up.form)
             return None
@@ -374,7 +365,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         if state is None:
             return None
         q_pe, k_in = up.arg("q_pe"), up.arg("k_pe")
-        R = int(_fx.val(k_in).shape[-1])
+        R = int(fx.val(k_in).shape[-1])
         dep, q_new, k_new = (up.output_users(i) for i in range(3))
         if attn.arg("kv_cache_dummy_dep") not in dep or any(set(d.users) - {attn.node} for d in dep):
             self.refuse(where, "the fused-rope token is not (only) the attention's kv_cache_dummy_dep")
@@ -383,19 +374,19 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         if got is None:
             return None
         ss, base, P = got
-        q_pe_region = _fx.Region.of(base).slice_last(P, P + R)
-        if _fx.Region.of(q_pe) != q_pe_region:
+        q_pe_region = fx.Region.of(base).slice_last(P, P + R)
+        if fx.Region.of(q_pe) != q_pe_region:
             self.refuse(where, "fused-rope q_pe is not q[..., P:] of the attention's q")
             return None
         q_orig = base
         if (q_pe.op == "call_function" and q_pe.target is aten.slice.Tensor
-                and _fx.Region.of(q_pe.args[0]) == _fx.Region.of(base)):
+                and fx.Region.of(q_pe.args[0]) == fx.Region.of(base)):
             q_orig = q_pe.args[0]  # the q the op read (defined before it; base may be regenerated after)
         src, copy = self._src_value(ss, q_pe_region)
         if src is None or src not in q_new:
             self.refuse(where, "attention q is not built from the fused-rope op's rotated q_pe")
             return None
-        k_region = _fx.Region.of(k_in)
+        k_region = fx.Region.of(k_in)
         root_values, dead = [], [n for n in (copy, ss, up.node) if n is not None]
         k_values = []
         for gi in k_new:
@@ -413,7 +404,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             ln=ln, attn=attn, update=up, q_orig=q_orig, k_in=k_in, kv_c=kv_c, positions=up.arg("positions"),
             cos_sin_cache=up.arg("cos_sin_cache"), is_neox=bool(up.arg("is_neox")),
             kv_cache_dtype=up.arg("kv_cache_dtype"), k_scale=up.arg("kv_cache_scale"),
-            out_dtype=state.q_out_dtype(_fx.val(base).dtype), P=P, R=R, insert_before=up.node,
+            out_dtype=state.q_out_dtype(fx.val(base).dtype), P=P, R=R, insert_before=up.node,
             q_value_nodes=[ss], q_pe_value_nodes=q_pe_values, k_value_nodes=k_values,
             root_value_nodes=root_values, dead=dead, cone=set(),
             patterns=("fused_rope_q_scatter",) if self._hits.at(ss, "fused_rope_q_scatter") else (),
@@ -427,18 +418,18 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         base regenerated by ``slice_scatter`` after the fused-rope op."""
         if not isinstance(k_attn, Node):
             return False
-        r = _fx.Region.of(k_attn)
+        r = fx.Region.of(k_attn)
         if r is None:
             return False
         for gi in k_values:
             if r.root is gi:
-                return r.same_elements(_fx.Region.of(gi))
+                return r.same_elements(fx.Region.of(gi))
         for ss, base in root_values:
             if r.root is ss:
-                rb, rs = _fx.Region.of(base), _fx.Region.of(ss)
+                rb, rs = fx.Region.of(base), fx.Region.of(ss)
                 if (rb.size, rb.stride, rb.offset) != (rs.size, rs.stride, rs.offset):
                     return False  # base and regenerated base laid out differently
-                return r.same_elements(_fx.Region(ss, k_region.size, k_region.stride, k_region.offset))
+                return r.same_elements(fx.Region(ss, k_region.size, k_region.stride, k_region.offset))
         return False
 
     # --- safety ---------------------------------------------------------------------
@@ -460,12 +451,12 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
             return False
         going = set(plan.dead) | plan.cone | {plan.attn.node, plan.update.node}
         going |= set(plan.q_value_nodes) | {n for n, _ in plan.root_value_nodes}
-        for target in (_fx.Region.of(plan.q_orig).slice_last(plan.P, plan.P + plan.R), _fx.Region.of(plan.k_in)):
+        for target in (fx.Region.of(plan.q_orig).slice_last(plan.P, plan.P + plan.R), fx.Region.of(plan.k_in)):
             root = target.root
             if root.op == "placeholder":
                 self.refuse(where, "would rotate graph input %s in place", root.name)
                 return False
-            shared = _fx.aliases(root)
+            shared = fx.aliases(root)
             alias_set = set(shared)
             for a in shared:
                 r = False  # Region.of(a), computed at the first reader that needs it
@@ -476,7 +467,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                         self.refuse(where, "rotated memory %s is a graph output", a.name)
                         return False
                     if r is False:
-                        r = _fx.Region.of(a)
+                        r = fx.Region.of(a)
                     if r is not None and r.disjoint_columns(target):
                         continue
                     self.refuse(where, "%s reads %s after the fusion point", u.name, a.name)
@@ -487,13 +478,13 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         """The rewrite replaces rotated values by views of the rotated q / k
         memory: refuse when a kept reader would get another dtype (an fp32
         RoPE result rounded to the model dtype is not the same value)."""
-        k_dtype, q_dtype = _fx.val(plan.k_in).dtype, _fx.val(plan.q_orig).dtype
+        k_dtype, q_dtype = fx.val(plan.k_in).dtype, fx.val(plan.q_orig).dtype
         keep = set(plan.dead) | set(plan.q_value_nodes) | plan.cone
         checks = [(n, k_dtype) for n in plan.k_value_nodes if set(n.users) - {plan.update.node}]
         checks.append((plan.attn.arg("k_pe"), k_dtype))
         checks += [(n, q_dtype) for n in plan.q_pe_value_nodes if set(n.users) - keep]
         for n, dtype in checks:
-            v = _fx.val(n)
+            v = fx.val(n)
             if not isinstance(v, torch.Tensor) or v.dtype != dtype:
                 self.refuse(where, "%s holds a rotated value as %s; after the rewrite it would be %s", n,
                             getattr(v, "dtype", v), dtype)
@@ -505,9 +496,9 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
         with graph.inserting_before(plan.insert_before):
             k_scale = plan.k_scale
             if plan.k_scale_f32:  # exact: every bf16/fp16 value is a float32 value
-                k_scale = _fx.call(graph, torch.ops.prims.convert_element_type.default, (k_scale, torch.float32),
+                k_scale = fx.call(graph, torch.ops.prims.convert_element_type.default, (k_scale, torch.float32),
                                    fake_mode=mode)
-            qp = _fx.call(graph, FUSED, (plan.q_orig, plan.kv_c, plan.k_in, plan.positions, plan.cos_sin_cache,
+            qp = fx.call(graph, FUSED, (plan.q_orig, plan.kv_c, plan.k_in, plan.positions, plan.cos_sin_cache,
                                         plan.is_neox, plan.ln, plan.out_dtype, self.backend, plan.kv_cache_dtype,
                                         k_scale), fake_mode=mode)
         views: dict = {}
@@ -515,22 +506,22 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
 
         def view_like(src: Node, like: Node) -> Node:
             """A view of (mutated) ``src`` shaped like ``like``, placed after the fused op."""
-            shape = tuple(_fx.val(like).shape)
+            shape = tuple(fx.val(like).shape)
             key = (src, tuple(map(str, shape)))
             if key in views:
                 return views[key]
-            sv = _fx.val(src)
+            sv = fx.val(src)
             if tuple(map(str, sv.shape)) == key[1]:
                 views[key] = src
                 return src
             with graph.inserting_after(cursor[0]):
                 if sv.dim() + 1 == len(shape) and shape[1] == 1:
-                    out = _fx.call(graph, aten.unsqueeze.default, (src, 1), fake_mode=mode)
+                    out = fx.call(graph, aten.unsqueeze.default, (src, 1), fake_mode=mode)
                 elif sv.dim() == len(shape) + 1 and sv.shape[1] == 1:
-                    out = _fx.call(graph, aten.squeeze.dim, (src, 1), fake_mode=mode)
+                    out = fx.call(graph, aten.squeeze.dim, (src, 1), fake_mode=mode)
                 else:
                     # token dim first, static trailing dims (a SymInt cannot be an FX constant)
-                    out = _fx.call(graph, aten.reshape.default, (src, [-1] + [int(d) for d in shape[1:]]),
+                    out = fx.call(graph, aten.reshape.default, (src, [-1] + [int(d) for d in shape[1:]]),
                                    fake_mode=mode)
             cursor[0] = out
             views[key] = out
@@ -553,7 +544,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                     continue
                 if q_pe_view is None:
                     with graph.inserting_after(cursor[0]):
-                        q_pe_view = _fx.call(graph, aten.slice.Tensor, (plan.q_orig, -1, plan.P, plan.P + plan.R),
+                        q_pe_view = fx.call(graph, aten.slice.Tensor, (plan.q_orig, -1, plan.P, plan.P + plan.R),
                                              fake_mode=mode)
                     cursor[0] = q_pe_view
                 u.replace_input_with(n, q_pe_view)
@@ -567,7 +558,7 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
                 for u in list(n.users):
                     if not u.users and u.target is operator.getitem:
                         graph.erase_node(u)
-        erased = _fx.erase_dead(graph, list(plan.dead) + [n for n, _ in plan.root_value_nodes] + list(plan.cone))
+        erased = fx.erase_dead(graph, list(plan.dead) + [n for n, _ in plan.root_value_nodes] + list(plan.cone))
         leftover = [n for n in plan.dead if n not in erased]
         if leftover:
             raise AssertionError(f"mla fusion left {leftover} in the graph")

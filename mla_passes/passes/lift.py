@@ -36,10 +36,11 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph
 
+from .. import fx
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.mla_passes)
 from ..layers import UnsupportedLayer, layer_name_str, resolve_layer
 from ..op_handles import op_handles
-from . import _fx
+from ..patterns import q_prep_lift
 from .base import MLAGraphPass
 
 Q_PREP = torch.ops.mla_passes.mla_decode_q_prep.default
@@ -55,7 +56,7 @@ _ARG_WHY = {"mqa_q_prepared": "the model code prepares the decode q itself (vLLM
 
 def layer_state_for(pass_: MLAGraphPass, ln_node, where):
     """The layer state behind a ``layer_name`` node, or None (refusal logged)."""
-    v = _fx.val(ln_node)
+    v = fx.val(ln_node)
     if v is None and not isinstance(ln_node, torch.fx.Node):
         v = ln_node  # a constant str / LayerName
     try:
@@ -78,20 +79,20 @@ def compile_time_facts(state) -> tuple:
 
 def describe_layer(ln_node) -> str:
     try:
-        return layer_name_str(_fx.val(ln_node) if isinstance(ln_node, torch.fx.Node) else ln_node)
+        return layer_name_str(fx.val(ln_node) if isinstance(ln_node, torch.fx.Node) else ln_node)
     except TypeError:
         return str(ln_node)
 
 
-def replace_attention(graph: Graph, attn: _fx.OpCall, q, q_prepped, kv_c, k_pe, dep, *,
+def replace_attention(graph: Graph, attn: fx.OpCall, q, q_prepped, kv_c, k_pe, dep, *,
                       fake_mode=None) -> torch.fx.Node:
     """Insert the in-place ``mla_attention_with_prepped_q`` before ``attn.node``,
     point users of the old output at ``output`` and erase the old call
-    (``fake_mode``: the graph's, see :func:`_fx.graph_fake_mode`)."""
+    (``fake_mode``: the graph's, see :func:`fx.graph_fake_mode`)."""
     output = attn.mutable_input("output")
     ln = attn.arg("layer_name")
     with graph.inserting_before(attn.node):
-        new = _fx.call(graph, ATTN_PREPPED, (q, q_prepped, kv_c, k_pe, output, ln, dep), fake_mode=fake_mode)
+        new = fx.call(graph, ATTN_PREPPED, (q, q_prepped, kv_c, k_pe, output, ln, dep), fake_mode=fake_mode)
     for gi in attn.mutated_value_getitems("output"):
         gi.replace_all_uses_with(output)
         graph.erase_node(gi)
@@ -104,7 +105,7 @@ def replace_attention(graph: Graph, attn: _fx.OpCall, q, q_prepped, kv_c, k_pe, 
     return new
 
 
-def check_attention(attn: _fx.OpCall):
+def check_attention(attn: fx.OpCall):
     """Why ``attn`` cannot take a prepped q (None when it can)."""
     for name in UNSUPPORTED_ARGS:
         try:
@@ -134,24 +135,22 @@ class MLADecodeQPrepLiftPass(MLAGraphPass):
         handles = op_handles()
         count = 0
         mode = None  # the graph's fake mode, found at the first rewrite
-        from ..patterns import q_prep_lift
-
         for attn in q_prep_lift.attention_calls(graph, handles):  # the registered anchor pattern
             where = f"attention {attn.node.name} ({describe_layer(attn.arg('layer_name'))})"
             plan = self.guarded(where, self._plan, attn, where)
             if plan is None:
                 continue
             if mode is None:
-                mode = _fx.graph_fake_mode(graph)
+                mode = fx.graph_fake_mode(graph)
             q, ln, L, R, out_dtype = plan
             with graph.inserting_before(attn.node):
-                qp = _fx.call(graph, Q_PREP, (q, ln, L, R, out_dtype), fake_mode=mode)
+                qp = fx.call(graph, Q_PREP, (q, ln, L, R, out_dtype), fake_mode=mode)
             replace_attention(graph, attn, q, qp, attn.arg("kv_c_normed"), attn.arg("k_pe"),
                               attn.arg("kv_cache_dummy_dep"), fake_mode=mode)
             count += 1
         return count
 
-    def _plan(self, attn: _fx.OpCall, where: str):
+    def _plan(self, attn: fx.OpCall, where: str):
         """``(q, layer_name, L, R, out_dtype)`` of the q-prep to insert, or None (refused)."""
         why = check_attention(attn)
         if why:
@@ -162,5 +161,5 @@ class MLADecodeQPrepLiftPass(MLAGraphPass):
         if state is None:
             return None
         q, kv_c, k_pe = attn.arg("q"), attn.arg("kv_c_normed"), attn.arg("k_pe")
-        L, R = _fx.val(kv_c).shape[-1], _fx.val(k_pe).shape[-1]
-        return q, ln, int(L), int(R), state.q_out_dtype(_fx.val(q).dtype)
+        L, R = fx.val(kv_c).shape[-1], fx.val(k_pe).shape[-1]
+        return q, ln, int(L), int(R), state.q_out_dtype(fx.val(q).dtype)
