@@ -239,7 +239,7 @@ def attention_forms(graph, handles=None) -> dict[str, int]:
 
 
 def _layer_str(ln) -> str:
-    from .passes.lift import describe_layer
+    from .passes.attention import describe_layer
 
     return describe_layer(ln)
 
@@ -254,8 +254,9 @@ def layers_after(graph) -> dict[str, str]:
     """layer name -> fused / lifted / left alone, read from the graph after the passes."""
     from .op_handles import op_handles
     from . import fx as _fx
-    from .passes.fusion import FUSED as FUSED_OP
-    from .passes.lift import ATTN_PREPPED, Q_PREP
+    from .passes.attention import ATTN_PREPPED
+    from .passes.fusion_rewrite import FUSED as FUSED_OP
+    from .passes.lift import Q_PREP
 
     out: dict[str, str] = {}
     for n in graph.find_nodes(op="call_function", target=ATTN_PREPPED, sort=True):

@@ -36,7 +36,7 @@ from .config import PassConfig, PassConfigError, check_int
 from .gating import DecodeGate, TokenRange, compile_range, current_compile_range  # noqa: F401 (re-exported)
 from .layers import local_layers
 from .passes import MLADecodeQPrepLiftPass, MLAQkRopeKVCacheFusionPass
-from .passes.lift import compile_time_facts
+from .passes.attention import compile_time_facts
 from .patterns import pattern_modules
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class MLAPassManager(CustomGraphPass):
 
 def _layer_facts() -> list:
     """What the passes read from each locally registered layer at compile
-    time (:func:`mla_passes.passes.lift.compile_time_facts`), by name. Layers
+    time (:func:`mla_passes.passes.attention.compile_time_facts`), by name. Layers
     resolved through vLLM are covered by vLLM's own compile-cache key (its
     config decides their cache dtype and q quantization)."""
     return sorted((name, compile_time_facts(state)) for name, state in local_layers.items())

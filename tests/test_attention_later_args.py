@@ -12,7 +12,7 @@ from torch.fx import Graph
 import mla_passes  # noqa: F401
 from mla_passes.ops import LAYER_NAME_TYPE
 from mla_passes import fx
-from mla_passes.passes.lift import check_attention
+from mla_passes.passes.attention import check_attention
 from mla_passes.testing import standins
 
 _lib = torch.library.Library("mla_passes_test034", "DEF")

@@ -137,7 +137,8 @@ def test_shardq_layer_left_to_vllm_at_compile_time(vllm_layer, monkeypatch, capl
     import vllm.config
     import vllm.forward_context as fc
 
-    from mla_passes.passes.lift import MLADecodeQPrepLiftPass, layer_state_for
+    from mla_passes.passes.attention import layer_state_for
+    from mla_passes.passes.lift import MLADecodeQPrepLiftPass
 
     layer = vllm_layer("auto")["layer"]
     layer.use_shardq = True

@@ -126,7 +126,7 @@ _LATER_ARGS = {"unified_mla_attention_with_output": {"mqa_q_prepared"}}
 @pytest.mark.parametrize("name", sorted(_VLLM_OPS))
 def test_standin_schema_matches_vllm(name):
     """The stand-in ops (what the passes are unit-tested on) take vLLM's arguments: names, types, mutation, defaults."""
-    from mla_passes.passes.lift import UNSUPPORTED_ARGS
+    from mla_passes.passes.attention import UNSUPPORTED_ARGS
     from mla_passes.testing import standins  # noqa: F401  (registers the stand-ins)
 
     _import_naming_missing_c_ops(_VLLM_OPS[name])
