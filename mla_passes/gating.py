@@ -45,11 +45,10 @@ from torch.fx import Graph
 
 from . import fx
 from .op_handles import op_handles
+from .vllm.tables import INDUCTOR_PASS_MODULES
 
 NO_RANGE_POLICIES = ("infer", "apply", "skip")
 
-# Where vLLM keeps its pass context, newest first.
-_VLLM_PASS_CONTEXT_MODULES = ("vllm.compilation.passes.inductor_pass", "vllm.compilation.inductor_pass")
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def compile_range(r):
 def vllm_compile_range():
     """The compile range vLLM is compiling for, or None (vLLM not loaded, or
     no pass context set: plain Inductor, vLLM on CPU)."""
-    for name in _VLLM_PASS_CONTEXT_MODULES:
+    for name in INDUCTOR_PASS_MODULES:  # where vLLM keeps its pass context, newest first
         mod = sys.modules.get(name)
         get = getattr(mod, "get_pass_context", None) if mod is not None else None
         if get is None:

@@ -16,8 +16,9 @@ import torch
 pytest.importorskip("vllm")
 
 import mla_passes  # noqa: E402,F401  (registers torch.ops.mla_passes)
-from mla_passes import layers, vllm_compat  # noqa: E402
+from mla_passes import layers  # noqa: E402
 from mla_passes.ops import LayerName  # noqa: E402
+from mla_passes.vllm import compat as vllm_compat  # noqa: E402
 
 NAME = "model.layers.0.self_attn.attn"
 H, P, L, R, V = 2, 8, 16, 8, 4

@@ -20,16 +20,10 @@ from torch.fx import Graph
 from .. import fx
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.mla_passes)
 from ..layers import UnsupportedLayer, layer_name_str, resolve_layer
+from ..vllm.tables import ATTENTION_ARG_WHY, UNSUPPORTED_ATTENTION_ARGS
 from .base import MLAGraphPass
 
 ATTN_PREPPED = torch.ops.mla_passes.mla_attention_with_prepped_q.default
-
-# Attention arguments the prepped-q path does not model: a call that sets
-# any of them is left alone.
-UNSUPPORTED_ARGS = ("output_scale", "output_block_scale", "quant_group_size", "q_dcp_replicated", "mqa_q_prepared")
-# Why, where a reason is more than "argument set". vLLM 0.34's mqa_q_prepared: the
-# model code already absorbed/concatenated q (and wrote the cache) outside the op.
-_ARG_WHY = {"mqa_q_prepared": "the model code prepares the decode q itself (vLLM's prepare_mqa_query)"}
 
 
 def layer_state_for(pass_: MLAGraphPass, ln_node, where):
@@ -85,13 +79,14 @@ def replace_attention(graph: Graph, attn: fx.OpCall, q, q_prepped, kv_c, k_pe, d
 
 def check_attention(attn: fx.OpCall):
     """Why ``attn`` cannot take a prepped q (None when it can)."""
-    for name in UNSUPPORTED_ARGS:
+    for name in UNSUPPORTED_ATTENTION_ARGS:  # every supported vLLM's (mla_passes.vllm.tables)
         try:
             value = attn.arg(name)
         except KeyError:  # not in this vLLM's schema (mqa_q_prepared before 0.34)
             continue
         if value is not None:
-            return f"argument {name!r} is set" + (f": {_ARG_WHY[name]}" if name in _ARG_WHY else "")
+            why = ATTENTION_ARG_WHY.get(name)
+            return f"argument {name!r} is set" + (f": {why}" if why else "")
     try:
         out = attn.mutable_input("output")
     except NotImplementedError:

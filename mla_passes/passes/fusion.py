@@ -6,16 +6,19 @@ q-prep inside the attention with one ``mla_passes::mla_fused_decode_prep``
 and the attention with ``mla_passes::mla_attention_with_prepped_q``::
 
     # raw form (vLLM on CPU)                      # fused-rope form (vLLM's own MLA rope/kv pass)
-    q_pe_rot, k_pe_rot = <RoPE aten ops>(q, k)   fr = auto_functionalized(fused_rope_unified_mla_kv_cache_update,
-    dep = unified_mla_kv_cache_update(                positions, q_pe=slice(q, P:), k_pe=k, kv_c, cos_sin, ...)
+    q_pe_rot, k_pe_rot = <RoPE aten ops>(q, k)   fr = auto_functionalized(FUSED_ROPE_KV_UPDATE,
+    dep = KV_UPDATE(                                  positions, q_pe=slice(q, P:), k_pe=k, kv_c, cos_sin, ...)
               kv_c, k_pe_rot, ln, dt, k_scale)    q_new = slice_scatter(q, copy(slice(q), fr[1]), -1, P)
     q_new = slice_scatter(q, copy(slice(q), q_pe_rot), -1, P)
-    af = auto_functionalized(unified_mla_attention_with_output, q=q_new, kv_c_normed=kv_c,
+    af = auto_functionalized(ATTENTION, q=q_new, kv_c_normed=kv_c,
              k_pe=k_pe_rot, output=out, layer_name=ln, kv_cache_dummy_dep=dep)
     # after
     qp = mla_passes.mla_fused_decode_prep(q, kv_c, k, positions, cos_sin, is_neox, ln, out_dtype, backend,
                                           kv_cache_dtype, k_scale)   # the graph's cache-update operands
     mla_passes.mla_attention_with_prepped_q(q, qp, kv_c, k.unsqueeze(1), out, ln, None)
+
+(``ATTENTION``, ``KV_UPDATE``, ``FUSED_ROPE_KV_UPDATE``: vLLM's ops in those
+roles, named per release in :mod:`mla_passes.vllm.tables`.)
 
 Both new calls are in place (defunctionalized, DESIGN §3): ``q[..., P:]`` and
 ``k`` are rotated in the projection outputs' memory, so the rotated q that

@@ -1,6 +1,6 @@
 """The fused-rope-form plan of the QK-RoPE / KV-cache fusion (DESIGN §3,
 "Fused-rope form"): vLLM's own MLA rope/kv pass has already put RoPE and
-the cache write into one ``fused_rope_unified_mla_kv_cache_update`` call
+the cache write into one call of its fused RoPE + cache update op
 (auto_functionalized v1), whose rotated q_pe the attention's q is built
 from by ``slice_scatter``.
 """

@@ -1,7 +1,6 @@
 """The raw-form plan of the QK-RoPE / KV-cache fusion (DESIGN §3, "Raw
-form"): RoPE written out in aten ops between q/k and vLLM's
-``unified_mla_kv_cache_update``, and the rotated q_pe copied back into q
-by ``slice_scatter``.
+form"): RoPE written out in aten ops between q/k and vLLM's KV-cache update
+op, and the rotated q_pe copied back into q by ``slice_scatter``.
 
 The RoPE is found by the registered patterns of
 :mod:`mla_passes.patterns.qk_rope_kvcache`; a RoPE none of them covers goes

@@ -8,7 +8,7 @@ which hands the prepped rows to the layer's decode path, instead of the
 attention op::
 
     # before (auto_functionalized v1; direct and v2 calls are handled alike)
-    af = auto_functionalized(vllm.unified_mla_attention_with_output, q=q,
+    af = auto_functionalized(ATTENTION, q=q,   # vLLM's MLA attention op (mla_passes.vllm.tables)
              kv_c_normed=kv_c, k_pe=k_pe, output=out, layer_name=ln, ...,
              kv_cache_dummy_dep=dep)
     y = getitem(af, 1)

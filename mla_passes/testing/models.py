@@ -7,9 +7,9 @@ to produce the graph forms of DESIGN §3 without vLLM:
   embedding writes them (``rope="native"``: ``index_select`` + ``chunk``;
   ``rope="deepseek"``: ``cos_sin_cache[positions]`` + ``repeat_interleave``/``cat``),
   NeoX or GPT-J pairing, the rotated ``q_pe`` assigned back into ``q``
-  (``q[..., P:] = ...``), then ``unified_mla_kv_cache_update`` and
-  ``unified_mla_attention_with_output(..., kv_cache_dummy_dep=...)``;
-* ``form="fused_rope"``: ``fused_rope_unified_mla_kv_cache_update`` on
+  (``q[..., P:] = ...``), then the stand-in KV-cache update and attention
+  (``kv_cache_dummy_dep=`` the update's token);
+* ``form="fused_rope"``: the stand-in fused RoPE + cache update on
   ``q[..., P:]`` and ``k_pe`` (the form vLLM's own MLA RoPE/KV-cache fusion
   leaves), then the attention.
 
