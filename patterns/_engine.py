@@ -47,7 +47,7 @@ from torch.fx import Graph, Node
 
 from mla_passes import fx
 
-logger = logging.getLogger("mla_passes.passes")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

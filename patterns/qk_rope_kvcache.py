@@ -58,7 +58,7 @@ from ._engine import Hits, PatternSet, register_op_anchor
 from ._engine import anchor_calls as _anchor_calls
 from .rope import RopeMatch
 
-logger = logging.getLogger("mla_passes.passes")
+logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 prims = torch.ops.prims
 VIEWS = [aten.view.default, aten.reshape.default, aten._unsafe_view.default]

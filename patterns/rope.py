@@ -64,7 +64,7 @@ from mla_passes import fx
 
 from . import casts
 
-logger = logging.getLogger("mla_passes.passes")
+logger = logging.getLogger(__name__)
 
 GATHER_OPS = frozenset({torch.ops.aten.index.Tensor, torch.ops.aten.index_select.default,
                         torch.ops.aten.embedding.default})

@@ -71,6 +71,7 @@ in :mod:`mla_passes.passes.attention`.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 from torch.fx import Graph
@@ -80,9 +81,11 @@ from ..kernels import validate
 from ..op_handles import op_handles
 from ..patterns import _engine, casts, qk_rope_kvcache, rope
 from . import attention, fusion_checks, fusion_fused_rope, fusion_plan, fusion_raw, fusion_rewrite
-from .base import MLAGraphPass, logger
 from .attention import describe_layer
+from .base import MLAGraphPass
 from .fusion_plan import FusionPlan
+
+logger = logging.getLogger(__name__)
 
 
 class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
