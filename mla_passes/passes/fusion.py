@@ -80,6 +80,7 @@ from .. import fx
 from ..kernels import validate
 from ..op_handles import op_handles
 from ..patterns import _engine, casts, qk_rope_kvcache, rope
+from ..vllm import tables as vllm_tables
 from . import attention, fusion_checks, fusion_fused_rope, fusion_plan, fusion_raw, fusion_rewrite
 from .attention import describe_layer
 from .base import MLAGraphPass
@@ -101,8 +102,8 @@ class MLAQkRopeKVCacheFusionPass(MLAGraphPass):
 
     def source_modules(self) -> list:
         return super().source_modules() + [rope, casts, qk_rope_kvcache, _engine, fx, validate, attention,
-                                           fusion_plan, fusion_raw, fusion_fused_rope, fusion_checks,
-                                           fusion_rewrite]
+                                           vllm_tables, fusion_plan, fusion_raw, fusion_fused_rope,
+                                           fusion_checks, fusion_rewrite]
 
     def apply(self, graph: Graph) -> int:
         handles = op_handles()

@@ -55,14 +55,17 @@ class FusionPlan:
 
 
 def last_dim(dim, ndim) -> bool:
+    """Whether ``dim`` is the last of ``ndim`` dims."""
     return dim == -1 or dim == ndim - 1
 
 
 def is_slice_scatter(n) -> bool:
+    """Whether ``n`` is an ``aten.slice_scatter`` node."""
     return isinstance(n, Node) and n.op == "call_function" and n.target is aten.slice_scatter.default
 
 
 def ss_args(n: Node):
+    """``(base, src, dim, start, end, step)`` of ``slice_scatter`` ``n``, defaults filled in."""
     a = list(n.args) + [None] * (6 - len(n.args))
     base, src, dim, start, end, step = a[:6]
     dim = n.kwargs.get("dim", 0 if dim is None else dim)

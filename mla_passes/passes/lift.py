@@ -40,6 +40,7 @@ from .. import fx
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.mla_passes)
 from ..op_handles import op_handles
 from ..patterns import q_prep_lift
+from ..vllm import tables as vllm_tables
 from . import attention
 from .attention import check_attention, describe_layer, layer_state_for, replace_attention
 from .base import MLAGraphPass
@@ -53,7 +54,7 @@ class MLADecodeQPrepLiftPass(MLAGraphPass):
     name = "mla_decode_q_prep_lift"
 
     def source_modules(self) -> list:
-        return super().source_modules() + [attention]
+        return super().source_modules() + [attention, vllm_tables]  # the attention check reads the tables
 
     def apply(self, graph: Graph) -> int:
         handles = op_handles()
