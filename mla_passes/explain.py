@@ -201,7 +201,7 @@ def _write(sinks: list[dict], record: dict, before: dict, graph) -> None:
 def mla_op_counts(graph) -> dict[str, int]:
     """How many MLA attention / cache-update / fused-rope calls ``graph`` holds."""
     from .op_handles import op_handles
-    from .passes import _fx
+    from . import fx as _fx
 
     h = op_handles()
     return {role: len(_fx.find_op_calls(graph, getattr(h, role)))
@@ -219,7 +219,7 @@ def attention_forms(graph, handles=None) -> dict[str, int]:
     another layer's cache). A later vLLM that moves the MLA fusion into model
     code shows up here rather than as "0 fused"."""
     from .op_handles import op_handles
-    from .passes import _fx
+    from . import fx as _fx
 
     h = handles or op_handles()
     writers = {id(c.arg("layer_name")) for role in (h.kv_cache_update, h.fused_rope)
@@ -239,7 +239,7 @@ def attention_forms(graph, handles=None) -> dict[str, int]:
 
 
 def _layer_str(ln) -> str:
-    from .passes.lift import describe_layer
+    from .passes.attention import describe_layer
 
     return describe_layer(ln)
 
@@ -253,9 +253,10 @@ def _producer(node):
 def layers_after(graph) -> dict[str, str]:
     """layer name -> fused / lifted / left alone, read from the graph after the passes."""
     from .op_handles import op_handles
-    from .passes import _fx
-    from .passes.fusion import FUSED as FUSED_OP
-    from .passes.lift import ATTN_PREPPED, Q_PREP
+    from . import fx as _fx
+    from .passes.attention import ATTN_PREPPED
+    from .passes.fusion_rewrite import FUSED as FUSED_OP
+    from .passes.lift import Q_PREP
 
     out: dict[str, str] = {}
     for n in graph.find_nodes(op="call_function", target=ATTN_PREPPED, sort=True):

@@ -43,10 +43,12 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph
 
+from . import fx
+from .op_handles import op_handles
+from .vllm.tables import INDUCTOR_PASS_MODULES
+
 NO_RANGE_POLICIES = ("infer", "apply", "skip")
 
-# Where vLLM keeps its pass context, newest first.
-_VLLM_PASS_CONTEXT_MODULES = ("vllm.compilation.passes.inductor_pass", "vllm.compilation.inductor_pass")
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def compile_range(r):
 def vllm_compile_range():
     """The compile range vLLM is compiling for, or None (vLLM not loaded, or
     no pass context set: plain Inductor, vLLM on CPU)."""
-    for name in _VLLM_PASS_CONTEXT_MODULES:
+    for name in INDUCTOR_PASS_MODULES:  # where vLLM keeps its pass context, newest first
         mod = sys.modules.get(name)
         get = getattr(mod, "get_pass_context", None) if mod is not None else None
         if get is None:
@@ -145,18 +147,15 @@ def token_count_bound(graph: Graph) -> int | None:
     """Upper bound of the token count of ``graph`` (the first dim of the first
     MLA attention's q, cache update's kv_c or fused-rope op's positions), or
     None when unbounded or when the graph holds no MLA op."""
-    from .op_handles import op_handles
-    from .passes import _fx
-
     handles = op_handles()
-    for call in _fx.find_op_calls(graph, handles.attention | handles.kv_cache_update | handles.fused_rope):
+    for call in fx.find_op_calls(graph, handles.attention | handles.kv_cache_update | handles.fused_rope):
         if call.op in handles.attention:
             first = call.arg("q")
         elif call.op in handles.fused_rope:
             first = call.arg("positions")
         else:
             first = call.arg("kv_c_normed")
-        v = _fx.val(first)
+        v = fx.val(first)
         if not isinstance(v, torch.Tensor) or v.dim() == 0:
             continue
         t = v.shape[0]

@@ -2,8 +2,8 @@
 
 Every pass asks :func:`op_handles` for the overloads that play three roles:
 the MLA attention, the KV-cache update and vLLM's fused RoPE + cache update.
-vLLM's own ops fill the roles once vLLM has registered them in this process;
-vLLM is never imported here (that costs seconds): a graph can only hold
+vLLM's own ops (named in :mod:`mla_passes.vllm.tables`) fill the roles once
+vLLM has registered them in this process; vLLM is never imported here (that costs seconds): a graph can only hold
 vLLM's ops once vLLM is loaded, so looking them up in the dispatcher is
 enough.
 
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .vllm import tables as vllm_tables
+
 ROLES = ("attention", "kv_cache_update", "fused_rope")
 
 
@@ -37,11 +39,6 @@ class MLAOpHandles:
         return any(getattr(op, "namespace", "") == "vllm" for op in self.attention)
 
 
-_VLLM_OPS = {
-    "attention": ("vllm", "unified_mla_attention_with_output"),
-    "kv_cache_update": ("vllm", "unified_mla_kv_cache_update"),
-    "fused_rope": ("vllm", "fused_rope_unified_mla_kv_cache_update"),
-}
 _registered: dict[str, set] = {role: set() for role in ROLES}
 _cache: dict[bool, MLAOpHandles] = {}
 
@@ -78,11 +75,10 @@ def op_handles() -> MLAOpHandles:
     for role in ROLES:
         found = set(_registered[role])
         if key:
-            op = _lookup(*_VLLM_OPS[role])
-            if op is None:
+            ops = [op for ns, name in vllm_tables.op_names(role) if (op := _lookup(ns, name)) is not None]
+            if not ops:
                 complete = False  # not registered yet (module not imported): look again next time
-            else:
-                found.add(op)
+            found.update(ops)
         sets[role] = frozenset(found)
     handles = MLAOpHandles(**sets)
     if complete:

@@ -34,7 +34,10 @@ from . import explain as _explain
 from . import op_handles as _op_handles
 from .config import PassConfig, PassConfigError, check_int
 from .gating import DecodeGate, TokenRange, compile_range, current_compile_range  # noqa: F401 (re-exported)
+from .layers import local_layers
 from .passes import MLADecodeQPrepLiftPass, MLAQkRopeKVCacheFusionPass
+from .passes.attention import compile_time_facts
+from .patterns import pattern_modules
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +159,6 @@ class MLAPassManager(CustomGraphPass):
         """Changes whenever the rewrite can change: config, threshold, compile
         range, pass and pattern sources, the matched op set, the registered
         layers' compile-time facts; stable otherwise."""
-        from .patterns import pattern_modules
-
         modules = {sys.modules[__name__], sys.modules[PassConfig.__module__], sys.modules[DecodeGate.__module__],
                    _op_handles, sys.modules[pattern_modules.__module__]}
         for p in self.passes:
@@ -177,10 +178,7 @@ class MLAPassManager(CustomGraphPass):
 
 def _layer_facts() -> list:
     """What the passes read from each locally registered layer at compile
-    time (:func:`mla_passes.passes.lift.compile_time_facts`), by name. Layers
+    time (:func:`mla_passes.passes.attention.compile_time_facts`), by name. Layers
     resolved through vLLM are covered by vLLM's own compile-cache key (its
     config decides their cache dtype and q quantization)."""
-    from .layers import local_layers
-    from .passes.lift import compile_time_facts
-
     return sorted((name, compile_time_facts(state)) for name, state in local_layers.items())

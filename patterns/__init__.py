@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import importlib
 
+from mla_passes.op_handles import op_handles
+
+from . import q_prep_lift, qk_rope_kvcache
+
 PATTERN_MODULES = ("_engine", "casts", "q_prep_lift", "qk_rope_kvcache", "rope")
 
 
@@ -31,10 +35,6 @@ def pattern_modules() -> list:
 
 def pattern_sets() -> list:
     """The registered pattern sets for the ops known now (stand-ins, plus vLLM's once loaded)."""
-    from mla_passes.op_handles import op_handles
-
-    from . import q_prep_lift, qk_rope_kvcache
-
     h = op_handles()
     return [q_prep_lift.patterns_for(h), qk_rope_kvcache.patterns_for(h)]
 

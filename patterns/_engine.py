@@ -45,9 +45,9 @@ from torch._inductor.pattern_matcher import (
 )
 from torch.fx import Graph, Node
 
-from mla_passes.passes import _fx
+from mla_passes import fx
 
-logger = logging.getLogger("mla_passes.passes")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def register_op_anchor(ps: PatternSet, name: str, doc: str, ops, *, direct: bool
     """Register a call of any op in ``ops`` as pattern ``name``: the
     ``auto_functionalized`` v1/v2 forms (guard: a ``layer_name`` is bound), and
     with ``direct`` the plain call (``CallFunctionVarArgs``: the op's arguments
-    are read through :class:`mla_passes.passes._fx.OpCall`)."""
+    are read through :class:`mla_passes.passes.fx.OpCall`)."""
     from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
     from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, CallFunctionVarArgs, KeywordArg
 
@@ -211,10 +211,10 @@ def register_op_anchor(ps: PatternSet, name: str, doc: str, ops, *, direct: bool
 
 
 def anchor_calls(hits: Hits, names, ops) -> list:
-    """The calls the anchors ``names`` matched, as :class:`mla_passes.passes._fx.OpCall`
+    """The calls the anchors ``names`` matched, as :class:`mla_passes.passes.fx.OpCall`
     views, in graph order."""
     roots = {h.root for name in names for h in hits.named(name)}
-    return [c for n in sorted(roots) if (c := _fx.as_op_call(n, ops)) is not None]
+    return [c for n in sorted(roots) if (c := fx.as_op_call(n, ops)) is not None]
 
 
 class _Shape:

@@ -34,7 +34,7 @@ which refuses it by name.
 
 Procedural on purpose, because a pattern cannot say it: that the q a
 scatter writes into is the memory the fused op will rotate in place (a
-question of aliasing: :class:`mla_passes.passes._fx.Region`), who else
+question of aliasing: :class:`mla_passes.passes.fx.Region`), who else
 reads that memory after the fusion point, the walk from the attention's q
 back through reshapes to the scatter, and the in-place emission.
 """
@@ -50,13 +50,15 @@ from torch._higher_order_ops.auto_functionalize import auto_functionalized
 from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, Ignored, KeywordArg
 from torch.fx import Node
 
-from mla_passes.passes import _fx
+from mla_passes import fx
+from mla_passes.op_handles import op_handles
 
 from . import casts
 from ._engine import Hits, PatternSet, register_op_anchor
 from ._engine import anchor_calls as _anchor_calls
+from .rope import RopeMatch
 
-logger = logging.getLogger("mla_passes.passes")
+logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 prims = torch.ops.prims
 VIEWS = [aten.view.default, aten.reshape.default, aten._unsafe_view.default]
@@ -81,8 +83,8 @@ def _last(d, nd) -> bool:
 def _shape(n):
     """``n``'s shape, sizes as ints or sympy expressions: comparing them is
     structural and never guards a SymInt."""
-    v = _fx.val(n)
-    return tuple(_fx._expr(d) for d in v.shape) if isinstance(v, torch.Tensor) else None
+    v = fx.val(n)
+    return tuple(fx._expr(d) for d in v.shape) if isinstance(v, torch.Tensor) else None
 
 
 def strip_casts(n, stored):
@@ -108,7 +110,7 @@ def _gather_of(n: Node, R: int, stored):
         table, pos = n.args[0], n.args[2]
     else:
         table, pos = n.args[0], n.args[1]
-    tv, pv = _fx.val(table), _fx.val(pos)
+    tv, pv = fx.val(table), fx.val(pos)
     root = strip_casts(table, stored)
     if not (isinstance(tv, torch.Tensor) and isinstance(pv, torch.Tensor) and tv.dim() == 2 and tv.shape[-1] == R
             and tv.is_floating_point() and not pv.is_floating_point() and pv.dim() == 1
@@ -282,9 +284,9 @@ def _same_x(k) -> bool:
     x = k["x"]
     others = [k[n] for n in X_READS if n in k and k[n] is not x]
     if not others:  # every read is the same node (a CSE'd graph): nothing to compare
-        return isinstance(_fx.val(x), torch.Tensor)
-    rx = _fx.Region.of(x)
-    return rx is not None and all(_fx.Region.of(o) == rx for o in others)
+        return isinstance(fx.val(x), torch.Tensor)
+    rx = fx.Region.of(x)
+    return rx is not None and all(fx.Region.of(o) == rx for o in others)
 
 
 def _rope_patterns(name):
@@ -341,13 +343,13 @@ def _scatter_check():
     def check(m) -> bool:
         k = m.kwargs
         base = k["q_base"]
-        bv = _fx.val(base)
+        bv = fx.val(base)
         if not isinstance(bv, torch.Tensor) or not _last(k["dim"], bv.dim()) or not isinstance(k["start"], int):
             return False
         if "q_pe_dest" in k:
             end = k["end"] if isinstance(k["end"], int) else 2**63 - 1
-            want = _fx.Region.of(base).slice_last(k["start"], end)
-            if _fx.Region.of(k["q_pe_dest"]) != want:
+            want = fx.Region.of(base).slice_last(k["start"], end)
+            if fx.Region.of(k["q_pe_dest"]) != want:
                 return False
         return True
 
@@ -423,8 +425,6 @@ def rope_for_layer(hits: Hits, q_rot: Node, k_rot: Node, q_pe_region, R: int):
     when registered RoPE patterns produce ``q_rot`` from ``q_pe_region`` and
     ``k_rot`` from a ``[T, R]``/``[T, 1, R]`` k, with one convention, one
     ``positions`` and one ``cos_sin_cache``; else None (semantic fallback)."""
-    from .rope import RopeMatch
-
     hq, hk = _rope_hit(hits, q_rot), _rope_hit(hits, k_rot)
     if hq is None or hk is None or ROPE_FORMS[hq.name][0] != ROPE_FORMS[hk.name][0]:
         return None
@@ -432,22 +432,22 @@ def rope_for_layer(hits: Hits, q_rot: Node, k_rot: Node, q_pe_region, R: int):
     if src is None or src != hk["cos_sin_source"]:
         return None
     xq, xk = strip_casts(hq["x"], stored_dtypes(hq["x"])), strip_casts(hk["x"], stored_dtypes(hk["x"]))
-    if _fx.Region.of(xq) != q_pe_region:
+    if fx.Region.of(xq) != q_pe_region:
         return None
-    kv = _fx.val(xk)
+    kv = fx.val(xk)
     if not isinstance(kv, torch.Tensor) or kv.shape[-1] != R or kv.dim() not in (2, 3) \
             or (kv.dim() == 3 and kv.shape[1] != 1):
         return None
     # the earliest [T, R] / [T, 1, R] view of k's memory, as the semantic path picks it
-    while _fx.is_view(xk):
-        up = _fx.view_source(xk)
-        uv = _fx.val(up)
-        if not (_fx.is_view(up) and isinstance(uv, torch.Tensor) and uv.dim() in (2, 3) and uv.shape[-1] == R
+    while fx.is_view(xk):
+        up = fx.view_source(xk)
+        uv = fx.val(up)
+        if not (fx.is_view(up) and isinstance(uv, torch.Tensor) and uv.dim() in (2, 3) and uv.shape[-1] == R
                 and _shape(up)[0] == _shape(xk)[0] and (uv.dim() == 2 or uv.shape[1] == 1)):
             break
         xk = up
     positions, table = src
-    m = RopeMatch(positions=positions, cos_sin_cache=table, q_root=_fx.root_of(xq), k_in=xk,
+    m = RopeMatch(positions=positions, cos_sin_cache=table, q_root=fx.root_of(xq), k_in=xk,
                   is_neox=ROPE_FORMS[hq.name][0], cone=set(hq.nodes) | set(hk.nodes))
     m.pattern_names = (hq.name, hk.name)
     return m
@@ -455,15 +455,13 @@ def rope_for_layer(hits: Hits, q_rot: Node, k_rot: Node, q_pe_region, R: int):
 
 def anchor_calls(hits: Hits, handles) -> list:
     """The attention / cache-update / fused-rope calls the anchors matched, as
-    :class:`mla_passes.passes._fx.OpCall` views, in graph order."""
+    :class:`mla_passes.passes.fx.OpCall` views, in graph order."""
     return _anchor_calls(hits, ("mla_attention", "mla_kv_cache_update", "fused_rope_kv_cache_update"),
                          handles.attention | handles.kv_cache_update | handles.fused_rope)
 
 
 def anchor_name(call) -> str:
     """The anchor pattern name of an OpCall (for the per-pattern counts)."""
-    from mla_passes.op_handles import op_handles
-
     h = op_handles()
     if call.op in h.attention:
         return "mla_attention"

@@ -60,11 +60,11 @@ import sympy
 import torch
 from torch.fx import Node
 
-from mla_passes.passes import _fx
+from mla_passes import fx
 
 from . import casts
 
-logger = logging.getLogger("mla_passes.passes")
+logger = logging.getLogger(__name__)
 
 GATHER_OPS = frozenset({torch.ops.aten.index.Tensor, torch.ops.aten.index_select.default,
                         torch.ops.aten.embedding.default})
@@ -160,7 +160,7 @@ def _is_gather(n: Node, R: int):
     if n.op != "call_function" or n.target not in GATHER_OPS:
         return None
     table, idx = _gather_args(n)
-    tv, iv = _fx.val(table), _fx.val(idx)
+    tv, iv = fx.val(table), fx.val(idx)
     if (isinstance(tv, torch.Tensor) and isinstance(iv, torch.Tensor) and tv.dim() == 2
             and tv.shape[-1] == R and tv.is_floating_point() and not iv.is_floating_point() and iv.dim() == 1):
         return n, table, idx
@@ -171,7 +171,7 @@ def rotation_op(n: Node) -> bool:
     """Whether ``n`` is one of the operations a rotation is built from
     (:data:`ROTATION_OPS`, any view, a piece of a multi-output view)."""
     return (n.op == "call_function"
-            and (n.target is operator.getitem or n.target in _ROTATION_TARGETS or _fx.is_view(n)))
+            and (n.target is operator.getitem or n.target in _ROTATION_TARGETS or fx.is_view(n)))
 
 
 def _find_gathers(cone, R, max_depth: int = 4) -> list:
@@ -276,12 +276,12 @@ def extract(cone: set[Node], q_root: Node, R: int, order: dict | None = None) ->
             leaves.append(b)
         elif isinstance(v, (torch.SymInt, int)):
             continue  # a size value, substituted at evaluation
-        elif _fx.is_view(b) or pos_only(b):
+        elif fx.is_view(b) or pos_only(b):
             eval_set.add(b)
             work.extend(b.all_input_nodes)
         else:
             leaves.append(b)
-    tensor_leaves = [x for x in leaves if isinstance(_fx.val(x), torch.Tensor)]
+    tensor_leaves = [x for x in leaves if isinstance(fx.val(x), torch.Tensor)]
     others = [x for x in tensor_leaves if x not in special and x is not q_root]
     if positions not in leaves and positions not in eval_set:
         return "positions is not an input of the subgraph"
@@ -386,11 +386,11 @@ def _signature(m: RopeMatch, q_pe_region, k_rot: Node, q_rot: Node):
         i = idx.get(a)
         if i is not None:
             return i
-        v = _fx.val(a)
+        v = fx.val(a)
         return ("sym", _s(v)) if isinstance(v, torch.SymInt) else ("ext", a.op, type(v).__name__)
 
     parts = [("leaf", leaf is m.q_root, leaf is m.positions, leaf is m.cos_sin_cache,
-              tuple(map(_s, _fx.val(leaf).shape)), tuple(map(_s, _fx.val(leaf).stride())), _fx.val(leaf).dtype)
+              tuple(map(_s, fx.val(leaf).shape)), tuple(map(_s, fx.val(leaf).stride())), fx.val(leaf).dtype)
              for leaf in m.leaves]
     map_arg = torch.fx.node.map_arg
     parts += [(n.target, map_arg(n.args, ref), map_arg(n.kwargs, ref)) for n in m.eval_nodes]
@@ -399,7 +399,7 @@ def _signature(m: RopeMatch, q_pe_region, k_rot: Node, q_rot: Node):
     return tuple(parts)  # map_arg returns fx's hashable immutable_list/dict
 
 
-def verify(m: RopeMatch, q_pe_region: "_fx.Region", q_rot: Node, k_rot: Node, R: int) -> bool:
+def verify(m: RopeMatch, q_pe_region: "fx.Region", q_rot: Node, k_rot: Node, R: int) -> bool:
     """Evaluate the subgraph and set ``m.is_neox`` and ``m.k_in``; False if it is not RoPE."""
     try:
         sig = _signature(m, q_pe_region, k_rot, q_rot)
@@ -424,8 +424,8 @@ def narrowing_cast(m: RopeMatch) -> Node | None:
     of the q and k inputs), or None. The fused op reads q, k and the table
     as they are and rounds once, to the stored dtype: a narrowing on any
     edge (input, cos/sin, output) is math it does not do."""
-    stored = {_fx.val(x).dtype for x in m.leaves
-              if x is not m.cos_sin_cache and x is not m.positions and _fx.val(x).is_floating_point()}
+    stored = {fx.val(x).dtype for x in m.leaves
+              if x is not m.cos_sin_cache and x is not m.positions and fx.val(x).is_floating_point()}
     for n in m.eval_nodes:
         if casts.is_cast(n) and not casts.cast_ok(n, stored):
             return n
@@ -518,16 +518,16 @@ def _evaluate_once(m: RopeMatch, q_pe_region, q_rot: Node, k_rot: Node, R: int, 
     matches RoPE for (an empty list if none)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    syms = _token_symbols(*(_fx.val(x) for x in m.leaves + m.eval_nodes))
+    syms = _token_symbols(*(fx.val(x) for x in m.leaves + m.eval_nodes))
     env = {s: 5 for s in syms}
     g = torch.Generator().manual_seed(seed)
     with unset_fake_temporarily(), torch.no_grad():
         values = {}
         for leaf in m.leaves:
-            v = _fx.val(leaf)
+            v = fx.val(leaf)
             shape = [_concrete(s, env) for s in v.shape]
             if leaf is m.positions:
-                hi = _concrete(_fx.val(m.cos_sin_cache).shape[0], env)
+                hi = _concrete(fx.val(m.cos_sin_cache).shape[0], env)
                 values[leaf] = torch.randint(0, hi, shape, generator=g).to(v.dtype)
             else:
                 values[leaf] = _leaf_value(leaf, v, shape, [_concrete(s, env) for s in v.stride()],
@@ -538,7 +538,7 @@ def _evaluate_once(m: RopeMatch, q_pe_region, q_rot: Node, k_rot: Node, R: int, 
             if isinstance(a, Node):
                 if a in values:
                     return values[a]
-                v = _fx.val(a)
+                v = fx.val(a)
                 if isinstance(v, (torch.SymInt, int)):
                     return _concrete(v, env)
                 raise KeyError(a)
@@ -577,7 +577,7 @@ def _evaluate_once(m: RopeMatch, q_pe_region, q_rot: Node, k_rot: Node, R: int, 
                 continue
             for j, n in enumerate(m.eval_nodes):
                 v = values.get(n)
-                if not _fx.is_view(n) or not isinstance(v, torch.Tensor) or v.numel() != T * R \
+                if not fx.is_view(n) or not isinstance(v, torch.Tensor) or v.numel() != T * R \
                         or v.shape[-1] != R or v.dim() not in (2, 3):
                     continue
                 ref_k, mag_k = _rope64(v.reshape(T, R), cos, sin, is_neox)

@@ -1,7 +1,8 @@
 """vLLM 0.34's attention op takes one more argument, ``mqa_q_prepared``: a
 decode q the model code already absorbed and concatenated (and, before it,
 wrote the cache). Such a call is refused by name; the same op without it is
-the 0.32/0.33 form. No vLLM needed: a test op carries the 0.34 schema.
+the 0.32/0.33 form. No vLLM needed: a test op carries the 0.34 schema (its
+table in :mod:`mla_passes.vllm.tables`).
 """
 
 from __future__ import annotations
@@ -10,27 +11,23 @@ import torch
 from torch.fx import Graph
 
 import mla_passes  # noqa: F401
+from mla_passes import fx
 from mla_passes.ops import LAYER_NAME_TYPE
-from mla_passes.passes import _fx
-from mla_passes.passes.lift import check_attention
+from mla_passes.passes.attention import check_attention
 from mla_passes.testing import standins
+from mla_passes.vllm.tables import V0_34
 
 _lib = torch.library.Library("mla_passes_test034", "DEF")
-_lib.define(
-    f"unified_mla_attention_with_output(Tensor q, Tensor kv_c_normed, Tensor k_pe, Tensor(a3!) output, "
-    f"{LAYER_NAME_TYPE} layer_name, Tensor? output_scale=None, Tensor(a6!)? output_block_scale=None, "
-    "Tensor? kv_cache_dummy_dep=None, SymInt? quant_group_size=None, bool? quant_scale_ue8m0=None, "
-    "bool? quant_col_major=None, bool? quant_tma_aligned=None, Tensor? q_dcp_replicated=None, "
-    "Tensor? mqa_q_prepared=None) -> ()")
-ATTN_034 = torch.ops.mla_passes_test034.unified_mla_attention_with_output.default
+_lib.define(V0_34.ops["attention"] + V0_34.schema("attention", LAYER_NAME_TYPE))
+ATTN_034 = getattr(torch.ops.mla_passes_test034, V0_34.ops["attention"]).default
 
 
-def _call(op, **kwargs) -> _fx.OpCall:
+def _call(op, **kwargs) -> fx.OpCall:
     g = Graph()
     q, kv_c, k_pe, out, ln, prep = (g.placeholder(n) for n in ("q", "kv_c", "k_pe", "out", "ln", "prep"))
     extra = {"mqa_q_prepared": prep} if kwargs.get("prepared") else {}
     g.call_function(op, (q, kv_c, k_pe, out, ln), extra)
-    (call,) = _fx.find_op_calls(g, {op})
+    (call,) = fx.find_op_calls(g, {op})
     return call
 
 

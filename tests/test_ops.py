@@ -165,7 +165,7 @@ print(sorted(m for m in sys.modules if m.startswith("mla_passes.testing")))
 """
 
 
-@pytest.mark.parametrize("module,uuid", [("mla_passes", False), ("mla_passes.vllm_plugin", False),
+@pytest.mark.parametrize("module,uuid", [("mla_passes", False), ("mla_passes.vllm.plugin", False),
                                          ("mla_passes", True)])
 def test_import_registers_only_our_ops(module, uuid):
     """`import mla_passes` used to register the mla_passes_standin test ops in every vLLM process."""

@@ -281,12 +281,12 @@ def test_layer_reading_previous_layers_rotated_k():
 
 def test_unexpected_error_becomes_refusal(monkeypatch, caplog):
     """Outside strict mode an exception while matching a layer refuses that layer with a warning naming it."""
-    from mla_passes.passes import fusion
+    from mla_passes.passes import fusion_raw
 
     def boom(*a, **k):
         raise RuntimeError("planted")
 
-    monkeypatch.setattr(fusion.MLAQkRopeKVCacheFusionPass, "_plan_raw", boom)
+    monkeypatch.setattr(fusion_raw.RawFormPlanner, "plan", boom)
     monkeypatch.setenv("MLA_PASSES_STRICT", "0")
     st = build_decode_stack(2, H=4, hidden=64)
     with caplog.at_level("WARNING", logger="mla_passes.passes"):

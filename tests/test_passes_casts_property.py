@@ -13,14 +13,11 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from conftest import make_pm  # noqa: E402
 from mla_passes.layers import local_layers  # noqa: E402
-from mla_passes.ops import LayerName  # noqa: E402
-from mla_passes.testing import standins  # noqa: E402
 from mla_passes.testing.backend import TestBackend  # noqa: E402
-from mla_passes.testing.models import build_decode_stack, set_step  # noqa: E402
+from mla_passes.testing.models import RopeLayer, build_decode_stack, set_step  # noqa: E402
 from test_passes_casts import cast_rope  # noqa: E402
 
 FUSION = "mla_qk_rope_kvcache_fusion"
@@ -29,29 +26,6 @@ CAST_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bflo
 NO_COARSER = {torch.bfloat16: {torch.bfloat16, torch.float32}, torch.float32: {torch.float32},
               torch.float16: {torch.float16, torch.float32}}
 EDGES = ("x_q", "x_k", "cs", "tb", "out_q", "out_k")
-
-
-class CastLayer(nn.Module):
-    """Layer 0 of a stack with RoPE ``fn``; returns the output and the rotated q_pe as q holds it."""
-
-    def __init__(self, stack, fn):
-        super().__init__()
-        self.ly = stack.module.layers[0]
-        self.cos_sin_cache = stack.module.cos_sin_cache
-        self.fn = fn
-
-    def forward(self, positions, hidden):
-        ly = self.ly
-        P, R, L, H = ly.P, ly.R, ly.L, ly.H
-        ln = LayerName(ly.layer_name)
-        q = (hidden @ ly.w_q).view(-1, H, P + R)
-        kv_c, k_pe = (hidden @ ly.w_kv).split([L, R], dim=-1)
-        kv_c = kv_c * torch.rsqrt(kv_c.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(kv_c.dtype)
-        q[..., P:], k_rot = self.fn(positions, q[..., P:], k_pe.unsqueeze(1), self.cos_sin_cache, ly.is_neox)
-        dep = standins.kv_cache_update(kv_c, k_rot, ln, ly.kv_cache_dtype, ly.k_scale)
-        out = torch.empty((hidden.shape[0], H * ly.V), dtype=q.dtype)
-        standins.attention_with_output(q, kv_c, k_rot, out, ln, kv_cache_dummy_dep=dep)
-        return hidden + out @ ly.w_o, q[..., P:] * 1
 
 
 def _rope_and_bound(x, pos, table, is_neox, u):
@@ -82,7 +56,7 @@ def test_fused_only_when_eager_is_rope_to_the_rounding(dtype, style, is_neox, ta
     T = 5
     stack = build_decode_stack(1, H=2, hidden=64, dtype=dtype, is_neox=is_neox, num_blocks=2, block_size=8,
                                cos_sin_dtype=torch.float32 if table_fp32 else None)
-    module = CastLayer(stack, cast_rope(style=style, **edges))
+    module = RopeLayer(stack, cast_rope(style=style, **edges))
     pm = make_pm()
     compiled = torch.compile(module, backend=TestBackend(pm, inductor=False), fullgraph=True)
     pos, h = stack.make_inputs(T, seed=7)

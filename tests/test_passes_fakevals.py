@@ -12,7 +12,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 from conftest import make_pm
 from mla_passes import ops
-from mla_passes.passes import _fx
+from mla_passes import fx
 
 FUSED = torch.ops.mla_passes.mla_fused_decode_prep.default
 
@@ -44,7 +44,7 @@ def test_fresh_fake_equals_dispatched_fake(dynamic, out_dtype):
     k_pe = _fake(mode, (8, 64), torch.bfloat16, "k_pe", dynamic)
     args = (q, kv_c, k_pe, None, None, False, None, out_dtype, "auto")
     like, shape, dtype = ops._fused_decode_prep_out_spec(*args)
-    got = _fx.fresh_fake(mode, like, shape, dtype)
+    got = fx.fresh_fake(mode, like, shape, dtype)
     with mode:
         want = ops._fused_decode_prep_fake(*args)
     _same(got, want)
@@ -57,7 +57,7 @@ def test_inserted_vals_own_storage_and_real_views():
 
     graph = copy_graph(capture_graph(3, H=4, T=5, form="raw"))
     before = set(graph.nodes)
-    mode = _fx.graph_fake_mode(graph)
+    mode = fx.graph_fake_mode(graph)
     pm = make_pm()
     pm(graph)
     assert pm.matched_counts["mla_qk_rope_kvcache_fusion"] == 3
@@ -73,11 +73,11 @@ def test_inserted_vals_own_storage_and_real_views():
         v = n.meta["val"]
         assert isinstance(v, FakeTensor) and v.fake_mode is mode
         with mode:
-            want = ops._fused_decode_prep_fake(*torch.fx.node.map_arg(n.args, _fx.val))
+            want = ops._fused_decode_prep_fake(*torch.fx.node.map_arg(n.args, fx.val))
         _same(v, want)
         assert storages[v.untyped_storage()._cdata] == [n], "a new output shares no storage"
-    views = [n for n in new if _fx.is_view(n) and isinstance(n.meta.get("val"), torch.Tensor)]
+    views = [n for n in new if fx.is_view(n) and isinstance(n.meta.get("val"), torch.Tensor)]
     assert len(views) == 3  # k_pe as the attention reads it, one per layer
     for n in views:
-        v, src = n.meta["val"], _fx.val(_fx.view_source(n))
+        v, src = n.meta["val"], fx.val(fx.view_source(n))
         assert v._is_view() and v.untyped_storage()._cdata == src.untyped_storage()._cdata

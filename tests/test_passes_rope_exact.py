@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import dequant_cache, make_pm
 from mla_passes.kernels.fp8 import KV_CACHE_DTYPES
-from mla_passes.ops import LayerName
 from mla_passes.testing import fp8_step, standins
 from mla_passes.testing.backend import TestBackend
-from mla_passes.testing.models import _rope_deepseek, _rope_native, build_decode_stack, set_step
+from mla_passes.testing.models import RopeLayer, _rope_deepseek, _rope_native, build_decode_stack, set_step
 from test_passes_adversarial import Variant, run_variant
 from test_passes_casts import cast_rope
 
@@ -27,30 +25,6 @@ FUSION = "mla_qk_rope_kvcache_fusion"
 LIFT = "mla_decode_q_prep_lift"
 MAX_POS = 2048
 T = 6
-
-
-class RopeLayer(nn.Module):
-    """Layer 0 of ``stack`` with the RoPE ``fn(positions, q_pe, k_pe, cos_sin_cache, is_neox)``;
-    returns the layer's output and the rotated q_pe as q holds it."""
-
-    def __init__(self, stack, fn):
-        super().__init__()
-        self.ly = stack.module.layers[0]
-        self.cos_sin_cache = stack.module.cos_sin_cache
-        self.fn = fn
-
-    def forward(self, positions, hidden):
-        ly = self.ly
-        P, R, L, H = ly.P, ly.R, ly.L, ly.H
-        ln = LayerName(ly.layer_name)
-        q = (hidden @ ly.w_q).view(-1, H, P + R)
-        kv_c, k_pe = (hidden @ ly.w_kv).split([L, R], dim=-1)
-        kv_c = kv_c * torch.rsqrt(kv_c.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(kv_c.dtype)
-        q[..., P:], k_rot = self.fn(positions, q[..., P:], k_pe.unsqueeze(1), self.cos_sin_cache, ly.is_neox)
-        dep = standins.kv_cache_update(kv_c, k_rot, ln, ly.kv_cache_dtype, ly.k_scale)
-        out = torch.empty((hidden.shape[0], H * ly.V), dtype=q.dtype)
-        standins.attention_with_output(q, kv_c, k_rot, out, ln, kv_cache_dummy_dep=dep)
-        return hidden + out @ ly.w_o, q[..., P:] * 1
 
 
 def biting_inputs(stack, *, seed=0):

@@ -17,8 +17,8 @@ import torch  # noqa: E402
 
 from conftest import make_pm  # noqa: E402
 from mla_passes.layers import local_layers  # noqa: E402
-from mla_passes.testing.models import build_decode_stack  # noqa: E402
-from test_passes_rope_exact import FUSION, MAX_POS, RopeLayer, compare, fusion_of  # noqa: E402
+from mla_passes.testing.models import RopeLayer, build_decode_stack  # noqa: E402
+from test_passes_rope_exact import FUSION, MAX_POS, compare, fusion_of  # noqa: E402
 
 VALUE_OPS = {
     "clamp": lambda x: x.clamp(-30, 30),

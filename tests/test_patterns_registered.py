@@ -111,7 +111,7 @@ def test_x_read_from_other_memory_is_not_rope(monkeypatch):
 def test_debug_log_names_the_pattern_of_each_layer(caplog):
     """The debug log says which patterns matched each layer."""
     pm = make_pm()
-    with caplog.at_level(logging.DEBUG, logger="mla_passes.passes"):
+    with caplog.at_level(logging.DEBUG, logger="mla_passes"):
         run_case(pm, num_layers=2, rope="deepseek", is_neox=True)
     lines = [r.getMessage() for r in caplog.records if "matched by" in r.getMessage()]
     assert len(lines) == 2

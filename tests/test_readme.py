@@ -202,7 +202,7 @@ def test_pip_extras_exist():
 
 def test_install_lines_and_version_gate_agree():
     """README's GPU install line, pyproject's vllm extra and the plugin's version gate name the same vLLM range."""
-    from mla_passes.vllm_compat import SUPPORTED_VLLM
+    from mla_passes.vllm.tables import SUPPORTED_VLLM
 
     extras = tomllib.loads(_text(ROOT / "pyproject.toml"))["project"]["optional-dependencies"]
     lo, hi = SUPPORTED_VLLM[0], SUPPORTED_VLLM[-1]

@@ -16,8 +16,9 @@ import torch
 pytest.importorskip("vllm")
 
 import mla_passes  # noqa: E402,F401  (registers torch.ops.mla_passes)
-from mla_passes import layers, vllm_compat  # noqa: E402
+from mla_passes import layers  # noqa: E402
 from mla_passes.ops import LayerName  # noqa: E402
+from mla_passes.vllm import compat as vllm_compat  # noqa: E402
 
 NAME = "model.layers.0.self_attn.attn"
 H, P, L, R, V = 2, 8, 16, 8, 4
@@ -137,7 +138,8 @@ def test_shardq_layer_left_to_vllm_at_compile_time(vllm_layer, monkeypatch, capl
     import vllm.config
     import vllm.forward_context as fc
 
-    from mla_passes.passes.lift import MLADecodeQPrepLiftPass, layer_state_for
+    from mla_passes.passes.attention import layer_state_for
+    from mla_passes.passes.lift import MLADecodeQPrepLiftPass
 
     layer = vllm_layer("auto")["layer"]
     layer.use_shardq = True

@@ -29,7 +29,7 @@ MLA_CACHE = "vllm::unified_mla_kv_cache_update"
 
 @pytest.fixture(scope="module")
 def plugin():
-    from mla_passes import vllm_plugin
+    from mla_passes.vllm import plugin as vllm_plugin
 
     vllm_plugin.register()
     return vllm_plugin
@@ -42,7 +42,7 @@ def config_only_triton(monkeypatch):
     finds no driver; these tests build configs and run no kernel, so they go on."""
     import vllm.triton_utils as triton_utils
 
-    from mla_passes.vllm_compat import vllm_version
+    from mla_passes.vllm.compat import vllm_version
 
     if not triton_utils.HAS_TRITON and (vllm_version() or (0, 0)) >= (0, 34):
         monkeypatch.setattr(triton_utils, "HAS_TRITON", True)
@@ -148,7 +148,7 @@ def test_flag_off_leaves_splitting_alone(gpu_like):
 
 def test_partition_choice_is_hashed(gpu_like):
     """vLLM's compile-cache hash tells partition-on-with-our-op from forced-off, and covers our op on the list."""
-    from mla_passes.vllm_patches import config_hash
+    from mla_passes.vllm.patches import config_hash
 
     on, off = _config(), _config(use_inductor_graph_partition=False)
     assert config_hash(on) != config_hash(off)
@@ -195,7 +195,7 @@ def test_log_lines_use_vllm_handlers(plugin):
     h = Keep(level=logging.INFO)
     vllm_logger.addHandler(h)
     try:
-        logging.getLogger("mla_passes.vllm_plugin").info("mla-passes: probe %d", 7)
+        logging.getLogger("mla_passes.vllm.plugin").info("mla-passes: probe %d", 7)
     finally:
         vllm_logger.removeHandler(h)
     assert [r.getMessage() for r in seen] == ["mla-passes: probe 7"]

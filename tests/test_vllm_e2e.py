@@ -187,7 +187,7 @@ def test_config_surface(runs):
 
 @pytest.fixture(scope="module")
 def plugin():
-    from mla_passes import vllm_plugin
+    from mla_passes.vllm import plugin as vllm_plugin
 
     vllm_plugin.register()
     return vllm_plugin
@@ -197,7 +197,7 @@ def test_flag_off_hash_unchanged(plugin):
     """With our keys at their defaults, PassConfig hashes exactly as vLLM's own recipe without them."""
     from vllm.config.compilation import PassConfig
 
-    from mla_passes.vllm_patches import config_hash, own_hash
+    from mla_passes.vllm.patches import config_hash, own_hash
 
     pc = PassConfig()
     assert config_hash(pc) == own_hash(pc, set(plugin.PASS_CONFIG_FIELDS))
@@ -254,7 +254,7 @@ def test_bridge_flag_off_untouched(plugin):
 
 def test_unsupported_vllm_version_refused(plugin, monkeypatch):
     """Flag on with a vLLM layout we do not know: a clear error at startup, never a run."""
-    from mla_passes import vllm_compat
+    from mla_passes.vllm import compat as vllm_compat
 
     monkeypatch.setattr(vllm, "__version__", "0.40.0")
     with pytest.raises(RuntimeError, match=r"needs vLLM 0\.32, 0\.33 or 0\.34; this is vLLM 0\.40\.0"):

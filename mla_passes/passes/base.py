@@ -17,7 +17,7 @@ import os
 
 from torch.fx import Graph
 
-logger = logging.getLogger("mla_passes.passes")
+logger = logging.getLogger(__name__)
 
 STRICT_ENV = "MLA_PASSES_STRICT"
 

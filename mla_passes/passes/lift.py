@@ -8,7 +8,7 @@ which hands the prepped rows to the layer's decode path, instead of the
 attention op::
 
     # before (auto_functionalized v1; direct and v2 calls are handled alike)
-    af = auto_functionalized(vllm.unified_mla_attention_with_output, q=q,
+    af = auto_functionalized(ATTENTION, q=q,   # vLLM's MLA attention op (mla_passes.vllm.tables)
              kv_c_normed=kv_c, k_pe=k_pe, output=out, layer_name=ln, ...,
              kv_cache_dummy_dep=dep)
     y = getitem(af, 1)
@@ -36,93 +36,16 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph
 
+from .. import fx
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.mla_passes)
-from ..layers import UnsupportedLayer, layer_name_str, resolve_layer
 from ..op_handles import op_handles
-from . import _fx
+from ..patterns import q_prep_lift
+from ..vllm import tables as vllm_tables
+from . import attention
+from .attention import check_attention, describe_layer, layer_state_for, replace_attention
 from .base import MLAGraphPass
 
 Q_PREP = torch.ops.mla_passes.mla_decode_q_prep.default
-ATTN_PREPPED = torch.ops.mla_passes.mla_attention_with_prepped_q.default
-
-# Attention arguments the prepped-q path does not model: a call that sets
-# any of them is left alone.
-UNSUPPORTED_ARGS = ("output_scale", "output_block_scale", "quant_group_size", "q_dcp_replicated", "mqa_q_prepared")
-# Why, where a reason is more than "argument set". vLLM 0.34's mqa_q_prepared: the
-# model code already absorbed/concatenated q (and wrote the cache) outside the op.
-_ARG_WHY = {"mqa_q_prepared": "the model code prepares the decode q itself (vLLM's prepare_mqa_query)"}
-
-
-def layer_state_for(pass_: MLAGraphPass, ln_node, where):
-    """The layer state behind a ``layer_name`` node, or None (refusal logged)."""
-    v = _fx.val(ln_node)
-    if v is None and not isinstance(ln_node, torch.fx.Node):
-        v = ln_node  # a constant str / LayerName
-    try:
-        return resolve_layer(v)
-    except (KeyError, TypeError) as e:
-        pass_.refuse(where, "layer state not resolvable at compile time (%s)", e)
-        return None
-    except UnsupportedLayer as e:  # a layout the resolver names (vLLM: ShardQ, sparse, KV sharing...)
-        pass_.refuse(where, "%s", e)
-        return None
-
-
-def compile_time_facts(state) -> tuple:
-    """What the passes read from a layer state at compile time: the cache
-    dtype (checked against the graph's) and the prepped q's dtype (fp8 when
-    the layer quantizes q; shown for an fp32 model). The pass manager hashes
-    these into its uuid."""
-    return (state.kv_cache_dtype, str(state.q_out_dtype(torch.float32)))
-
-
-def describe_layer(ln_node) -> str:
-    try:
-        return layer_name_str(_fx.val(ln_node) if isinstance(ln_node, torch.fx.Node) else ln_node)
-    except TypeError:
-        return str(ln_node)
-
-
-def replace_attention(graph: Graph, attn: _fx.OpCall, q, q_prepped, kv_c, k_pe, dep, *,
-                      fake_mode=None) -> torch.fx.Node:
-    """Insert the in-place ``mla_attention_with_prepped_q`` before ``attn.node``,
-    point users of the old output at ``output`` and erase the old call
-    (``fake_mode``: the graph's, see :func:`_fx.graph_fake_mode`)."""
-    output = attn.mutable_input("output")
-    ln = attn.arg("layer_name")
-    with graph.inserting_before(attn.node):
-        new = _fx.call(graph, ATTN_PREPPED, (q, q_prepped, kv_c, k_pe, output, ln, dep), fake_mode=fake_mode)
-    for gi in attn.mutated_value_getitems("output"):
-        gi.replace_all_uses_with(output)
-        graph.erase_node(gi)
-    for gi in list(attn.node.users):
-        if not gi.users:
-            graph.erase_node(gi)
-    if attn.node.users:
-        raise AssertionError(f"attention call {attn.node} still has users {list(attn.node.users)}")
-    graph.erase_node(attn.node)
-    return new
-
-
-def check_attention(attn: _fx.OpCall):
-    """Why ``attn`` cannot take a prepped q (None when it can)."""
-    for name in UNSUPPORTED_ARGS:
-        try:
-            value = attn.arg(name)
-        except KeyError:  # not in this vLLM's schema (mqa_q_prepared before 0.34)
-            continue
-        if value is not None:
-            return f"argument {name!r} is set" + (f": {_ARG_WHY[name]}" if name in _ARG_WHY else "")
-    try:
-        out = attn.mutable_input("output")
-    except NotImplementedError:
-        return "output is a view in an auto_functionalized_v2 call"
-    if not isinstance(out, torch.fx.Node):
-        return "output is not a graph value"
-    for gi in attn.node.users:
-        if attn.form != "direct" and gi not in attn.mutated_value_getitems("output") and gi.users:
-            return f"result {gi} of the attention call is used"
-    return None
 
 
 class MLADecodeQPrepLiftPass(MLAGraphPass):
@@ -130,28 +53,29 @@ class MLADecodeQPrepLiftPass(MLAGraphPass):
 
     name = "mla_decode_q_prep_lift"
 
+    def source_modules(self) -> list:
+        return super().source_modules() + [attention, vllm_tables]  # the attention check reads the tables
+
     def apply(self, graph: Graph) -> int:
         handles = op_handles()
         count = 0
         mode = None  # the graph's fake mode, found at the first rewrite
-        from ..patterns import q_prep_lift
-
         for attn in q_prep_lift.attention_calls(graph, handles):  # the registered anchor pattern
             where = f"attention {attn.node.name} ({describe_layer(attn.arg('layer_name'))})"
             plan = self.guarded(where, self._plan, attn, where)
             if plan is None:
                 continue
             if mode is None:
-                mode = _fx.graph_fake_mode(graph)
+                mode = fx.graph_fake_mode(graph)
             q, ln, L, R, out_dtype = plan
             with graph.inserting_before(attn.node):
-                qp = _fx.call(graph, Q_PREP, (q, ln, L, R, out_dtype), fake_mode=mode)
+                qp = fx.call(graph, Q_PREP, (q, ln, L, R, out_dtype), fake_mode=mode)
             replace_attention(graph, attn, q, qp, attn.arg("kv_c_normed"), attn.arg("k_pe"),
                               attn.arg("kv_cache_dummy_dep"), fake_mode=mode)
             count += 1
         return count
 
-    def _plan(self, attn: _fx.OpCall, where: str):
+    def _plan(self, attn: fx.OpCall, where: str):
         """``(q, layer_name, L, R, out_dtype)`` of the q-prep to insert, or None (refused)."""
         why = check_attention(attn)
         if why:
@@ -162,5 +86,5 @@ class MLADecodeQPrepLiftPass(MLAGraphPass):
         if state is None:
             return None
         q, kv_c, k_pe = attn.arg("q"), attn.arg("kv_c_normed"), attn.arg("k_pe")
-        L, R = _fx.val(kv_c).shape[-1], _fx.val(k_pe).shape[-1]
-        return q, ln, int(L), int(R), state.q_out_dtype(_fx.val(q).dtype)
+        L, R = fx.val(kv_c).shape[-1], fx.val(k_pe).shape[-1]
+        return q, ln, int(L), int(R), state.q_out_dtype(fx.val(q).dtype)

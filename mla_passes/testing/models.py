@@ -7,9 +7,9 @@ to produce the graph forms of DESIGN §3 without vLLM:
   embedding writes them (``rope="native"``: ``index_select`` + ``chunk``;
   ``rope="deepseek"``: ``cos_sin_cache[positions]`` + ``repeat_interleave``/``cat``),
   NeoX or GPT-J pairing, the rotated ``q_pe`` assigned back into ``q``
-  (``q[..., P:] = ...``), then ``unified_mla_kv_cache_update`` and
-  ``unified_mla_attention_with_output(..., kv_cache_dummy_dep=...)``;
-* ``form="fused_rope"``: ``fused_rope_unified_mla_kv_cache_update`` on
+  (``q[..., P:] = ...``), then the stand-in KV-cache update and attention
+  (``kv_cache_dummy_dep=`` the update's token);
+* ``form="fused_rope"``: the stand-in fused RoPE + cache update on
   ``q[..., P:]`` and ``k_pe`` (the form vLLM's own MLA RoPE/KV-cache fusion
   leaves), then the attention.
 
@@ -160,6 +160,31 @@ class MLADecodeStack(nn.Module):
         for layer in self.layers:
             hidden = layer(positions, hidden, self.cos_sin_cache)
         return hidden
+
+
+class RopeLayer(nn.Module):
+    """Layer 0 of ``stack`` with the RoPE ``fn(positions, q_pe, k_pe, cos_sin_cache, is_neox)``
+    in place of its own; returns the layer's output and the rotated q_pe as q holds it.
+    For tests that swap in a RoPE written another way (casts, edits, positions)."""
+
+    def __init__(self, stack, fn):
+        super().__init__()
+        self.ly = stack.module.layers[0]
+        self.cos_sin_cache = stack.module.cos_sin_cache
+        self.fn = fn
+
+    def forward(self, positions, hidden):
+        ly = self.ly
+        P, R, L, H = ly.P, ly.R, ly.L, ly.H
+        ln = LayerName(ly.layer_name)
+        q = (hidden @ ly.w_q).view(-1, H, P + R)
+        kv_c, k_pe = (hidden @ ly.w_kv).split([L, R], dim=-1)
+        kv_c = kv_c * torch.rsqrt(kv_c.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(kv_c.dtype)
+        q[..., P:], k_rot = self.fn(positions, q[..., P:], k_pe.unsqueeze(1), self.cos_sin_cache, ly.is_neox)
+        dep = standins.kv_cache_update(kv_c, k_rot, ln, ly.kv_cache_dtype, ly.k_scale)
+        out = torch.empty((hidden.shape[0], H * ly.V), dtype=q.dtype)
+        standins.attention_with_output(q, kv_c, k_rot, out, ln, kv_cache_dummy_dep=dep)
+        return hidden + out @ ly.w_o, q[..., P:] * 1
 
 
 @dataclass

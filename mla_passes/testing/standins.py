@@ -1,23 +1,24 @@
 """Stand-ins for vLLM's MLA ops, for graphs built without vLLM.
 
-The passes match vLLM's ``vllm::unified_mla_kv_cache_update``,
-``vllm::unified_mla_attention_with_output`` and
-``vllm::fused_rope_unified_mla_kv_cache_update``. Tests, the demo and the
-benchmarks need the same graph forms (DESIGN §3) on a machine without vLLM,
-and need them to compute real numbers, so this module defines ops with the
-same schemas (vLLM 0.32/0.33) under the ``mla_passes_standin`` namespace.
+The passes match vLLM's KV-cache update, MLA attention and fused RoPE +
+cache update ops (named, with their schemas, in
+:mod:`mla_passes.vllm.tables`). Tests, the demo and the benchmarks need the
+same graph forms (DESIGN §3) on a machine without vLLM, and need them to
+compute real numbers, so this module defines ops with the same names and
+schemas (vLLM 0.32/0.33, :data:`SCHEMAS_OF`) under the ``mla_passes_standin``
+namespace.
 Importing this module registers them and adds them to the roles of
 :mod:`mla_passes.op_handles` (:func:`mla_passes.op_handles.register_role`), so
 every pass matches them next to vLLM's own. Runtime code never imports it.
 
 Semantics (reference math; layer state through :mod:`mla_passes.layers`):
 
-* ``unified_mla_kv_cache_update`` writes ``[kv_c | k_pe]`` into the layer's
+* the KV-cache update writes ``[kv_c | k_pe]`` into the layer's
   cache at its slot mapping (``slot < 0`` skipped, fp8 caches as
   ``fp8(x / k_scale)``) and returns an empty dependency token.
-* ``fused_rope_unified_mla_kv_cache_update`` rotates ``q_pe`` and ``k_pe`` in
+* the fused RoPE + cache update rotates ``q_pe`` and ``k_pe`` in
   place and writes the cache like the op above.
-* ``unified_mla_attention_with_output`` does what vLLM's MLA attention does
+* the attention does what vLLM's MLA attention does
   with a :class:`StandinMLALayer`: rows ``[:num_decode_tokens]`` get the
   decode q-prep (q-absorb, q-concat, q-quant) INSIDE the op, opaque to
   torch.compile, then attend over the layer's cache rows
@@ -43,8 +44,13 @@ from ..kernels.fp8 import as_fp8_cache, is_fp8_kv_cache, platform_fp8_dtype, qua
 from ..kernels.reference import absorb_q_nope, cos_sin_for, finish_q, rope_fp32
 from ..layers import MLALayerState, layer_name_str, local_layers, resolve_layer
 from ..ops import LAYER_NAME_TYPE as _LN, define_op
+from ..vllm import tables as vllm_tables
 
 NAMESPACE = "mla_passes_standin"
+# The vLLM release whose op names and schemas the stand-ins copy (0.33's are the
+# same; 0.34 appends one optional attention argument, mqa_q_prepared, which the
+# passes refuse when set).
+SCHEMAS_OF = vllm_tables.V0_32
 
 @dataclass
 class StandinMLALayer(MLALayerState):
@@ -142,7 +148,7 @@ def _attention_impl(q, kv_c_normed, k_pe, output, layer_name, output_scale=None,
                     quant_col_major=None, quant_tma_aligned=None, q_dcp_replicated=None):
     if output_scale is not None or output_block_scale is not None or q_dcp_replicated is not None:
         raise NotImplementedError(
-            "mla_passes_standin.unified_mla_attention_with_output: output quantization and "
+            f"{NAMESPACE}.{SCHEMAS_OF.ops['attention']}: output quantization and "
             "DCP are not modelled by the stand-in")
     state = _state(layer_name)
     if not isinstance(state, StandinMLALayer):
@@ -176,30 +182,19 @@ def _fused_rope_fake(positions, q_pe, k_pe, kv_c, cos_sin_cache, is_neox, kv_cac
     return torch.empty(0, device=kv_c.device, dtype=kv_c.dtype)
 
 
-# Schemas as vLLM 0.32/0.33 defines them (0.34 appends one optional attention
-# argument, mqa_q_prepared, which the passes refuse when set; argument names, order, defaults and
-# alias marks), so the passes see the same graph form.
+# Schemas as vLLM defines them (argument names, order, defaults and alias
+# marks), so the passes see the same graph form.
 _lib = torch.library.Library(NAMESPACE, "DEF")
-define_op(
-    _lib, "unified_mla_kv_cache_update",
-    f"(Tensor kv_c_normed, Tensor k_pe, {_LN} layer_name, str kv_cache_dtype, Tensor k_scale) -> Tensor",
-    mutates=(), impl=_kv_cache_update_impl, fake=_kv_cache_update_fake)
-define_op(
-    _lib, "unified_mla_attention_with_output",
-    f"(Tensor q, Tensor kv_c_normed, Tensor k_pe, Tensor(a3!) output, {_LN} layer_name, "
-    "Tensor? output_scale=None, Tensor(a6!)? output_block_scale=None, Tensor? kv_cache_dummy_dep=None, "
-    "SymInt? quant_group_size=None, bool? quant_scale_ue8m0=None, bool? quant_col_major=None, "
-    "bool? quant_tma_aligned=None, Tensor? q_dcp_replicated=None) -> ()",
-    mutates=("output", "output_block_scale"), impl=_attention_impl, fake=_attention_fake)
-define_op(
-    _lib, "fused_rope_unified_mla_kv_cache_update",
-    f"(Tensor positions, Tensor(a1!) q_pe, Tensor(a2!) k_pe, Tensor kv_c, Tensor cos_sin_cache, "
-    f"bool is_neox, str kv_cache_dtype, Tensor kv_cache_scale, {_LN} layer_name) -> Tensor",
-    mutates=("q_pe", "k_pe"), impl=_fused_rope_impl, fake=_fused_rope_fake)
 
-kv_cache_update = torch.ops.mla_passes_standin.unified_mla_kv_cache_update.default
-attention_with_output = torch.ops.mla_passes_standin.unified_mla_attention_with_output.default
-fused_rope_kv_cache_update = torch.ops.mla_passes_standin.fused_rope_unified_mla_kv_cache_update.default
+
+def _define(role: str, mutates: tuple, impl, fake) -> torch._ops.OpOverload:
+    return define_op(_lib, SCHEMAS_OF.ops[role], SCHEMAS_OF.schema(role, _LN), mutates=mutates, impl=impl,
+                     fake=fake)
+
+
+kv_cache_update = _define("kv_cache_update", (), _kv_cache_update_impl, _kv_cache_update_fake)
+attention_with_output = _define("attention", ("output", "output_block_scale"), _attention_impl, _attention_fake)
+fused_rope_kv_cache_update = _define("fused_rope", ("q_pe", "k_pe"), _fused_rope_impl, _fused_rope_fake)
 
 op_handles.register_role("attention", attention_with_output)
 op_handles.register_role("kv_cache_update", kv_cache_update)

@@ -125,7 +125,8 @@ def instrument_mla_passes() -> None:
     """Record, from inside the worker, what the real MLAPassManager matched on
     each call and how the prepped-q attention split rows (decode vs prefill).
     Test instrumentation only: wraps, never changes, what runs."""
-    from mla_passes import pass_manager, vllm_compat
+    from mla_passes import pass_manager
+    from mla_passes.vllm import compat as vllm_compat
 
     if getattr(pass_manager.MLAPassManager, "_probe_wrapped", False):
         return

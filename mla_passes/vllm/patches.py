@@ -2,7 +2,7 @@
 
 vLLM has no public hook for a third-party pass to own a ``pass_config`` key
 or to take part in choosing ``splitting_ops``, so the plugin
-(:mod:`mla_passes.vllm_plugin`) changes four of vLLM's config classes at
+(:mod:`mla_passes.vllm.plugin`) changes four of vLLM's config classes at
 startup. What is changed, and why, lives here so that a new vLLM release is
 checked in one place (``tests/test_vllm_patches.py`` runs against the
 installed vLLM; ``tools/check_vllm_version.sh 0.33.0`` / ``0.34.0`` run it

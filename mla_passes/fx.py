@@ -1,5 +1,6 @@
-"""FX helpers shared by the passes: op calls in any form, aliasing regions,
-fake values for new nodes, local dead-code removal.
+"""FX helpers shared by the passes and the patterns (a layer below both,
+DESIGN §2): op calls in any form, aliasing regions, fake values for new
+nodes, local dead-code removal.
 
 An op that mutates its arguments appears in a post-grad graph in one of three
 forms: a direct call (after a defunctionalization), ``auto_functionalized``
@@ -18,6 +19,8 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.fx import Graph, Node
+
+from . import ops
 
 aten = torch.ops.aten
 
@@ -314,8 +317,6 @@ def graph_fake_mode(graph: Graph):
 def _fake_impls() -> dict:
     """Our ops' Python fake impls, called directly: going through the
     dispatcher in fake mode costs far more per node (cache keys over opaque args)."""
-    from .. import ops
-
     return {
         torch.ops.mla_passes.mla_decode_q_prep.default: ops._decode_q_prep_fake,
         torch.ops.mla_passes.mla_fused_decode_prep.default: ops._fused_decode_prep_fake,
@@ -331,8 +332,6 @@ def _fresh_outs() -> dict:
     """Ops whose one output is a new tensor (its own storage): target ->
     ``fn(*args) -> (like, shape, dtype)`` (the op's ``*_out_spec`` in ops.py,
     which its fake impl also uses)."""
-    from .. import ops
-
     return {
         torch.ops.mla_passes.mla_decode_q_prep.default: ops._decode_q_prep_out_spec,
         torch.ops.mla_passes.mla_fused_decode_prep.default: ops._fused_decode_prep_out_spec,

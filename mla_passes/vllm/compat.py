@@ -1,11 +1,12 @@
 """What mla-passes needs from vLLM's internals, in one place.
 
-Imported only inside vLLM processes (by :mod:`mla_passes.vllm_plugin` once
+Imported only inside vLLM processes (by :mod:`mla_passes.vllm.plugin` once
 the flag is on, and by pickled objects in engine-core/worker processes).
 It holds
 
-* the version gate (vLLM 0.32, 0.33 and 0.34 layouts; anything else is
-  refused at startup with the flag on, never run),
+* the version gate (the releases of :mod:`mla_passes.vllm.tables`: vLLM
+  0.32, 0.33 and 0.34; anything else is refused at startup with the flag on,
+  never run),
 * :class:`VllmLayerResolver`, the :mod:`mla_passes.layers` resolver that reads
   a layer's state from vLLM's forward context (or, at compile time, from the
   static forward context),
@@ -29,15 +30,14 @@ from typing import Any
 
 import torch
 
-from .gating import vllm_compile_range
-from .kernels.fp8 import KV_CACHE_DTYPES, is_fp8_kv_cache
-from .layers import MLALayerState, UnsupportedLayer, layer_name_str
+from ..gating import vllm_compile_range
+from ..kernels.fp8 import KV_CACHE_DTYPES, is_fp8_kv_cache
+from ..layers import MLALayerState, UnsupportedLayer, layer_name_str
+from ..pass_manager import MLAPassManager
+from . import patches
+from .tables import INDUCTOR_PASS_MODULES, SUPPORTED_VLLM
 
-logger = logging.getLogger(__name__)  # the mla_passes tree; shown through vLLM's handlers (vllm_patches)
-
-# The releases whose MLA layer, ops and config classes this module and
-# vllm_patches were checked against (pyproject's `vllm` extra pins the same range).
-SUPPORTED_VLLM = ((0, 32), (0, 33), (0, 34))
+logger = logging.getLogger(__name__)  # the mla_passes tree; shown through vLLM's handlers (patches)
 
 
 # --- version gate ------------------------------------------------------------
@@ -97,9 +97,7 @@ def check_supported() -> None:
         _get_attention_context()
     except ImportError as e:
         missing.append(f"get_attention_context ({e})")
-    from . import vllm_patches
-
-    missing += vllm_patches.missing_hooks()
+    missing += patches.missing_hooks()
     if missing:
         raise RuntimeError(
             f"mla-passes: this vLLM's MLA attention layout is not the one of vLLM {supported_range()} "
@@ -360,7 +358,7 @@ def attention_with_prepped_q(layer_name, q, q_prepped, kv_c_normed, k_pe, output
 # --- composing with a user's post-grad pass ------------------------------------
 
 def _inductor_pass_base():
-    for mod in ("vllm.compilation.passes.inductor_pass", "vllm.compilation.inductor_pass"):
+    for mod in INDUCTOR_PASS_MODULES:
         try:
             return __import__(mod, fromlist=["InductorPass"]).InductorPass
         except (ImportError, AttributeError):
@@ -399,6 +397,4 @@ class ComposedPostGradPass(_inductor_pass_base()):  # type: ignore[misc]
 
     @property
     def user_passes(self) -> list[Any]:
-        from .pass_manager import MLAPassManager
-
         return [p for p in self.passes if not isinstance(p, MLAPassManager)]

@@ -31,10 +31,11 @@ per process: main, engine core and workers. It
    it also turns on vLLM's ``fuse_rope_kvcache_cat_mla`` (the rope/kv-cache
    prerequisite, DESIGN §4.4) when our flag is on, the user left it unset and
    the platform runs it (CUDA/ROCm), with a log line;
-4. appends :class:`mla_passes.vllm_compat.VllmLayerResolver` to the layer
+4. appends :class:`mla_passes.vllm.compat.VllmLayerResolver` to the layer
    resolver chain.
 
-How each vLLM class is changed lives in :mod:`mla_passes.vllm_patches`.
+How each vLLM class is changed lives in :mod:`mla_passes.vllm.patches`; the
+ops and versions it knows, in :mod:`mla_passes.vllm.tables`.
 Log lines come from the ``mla_passes`` logger tree, which :func:`register`
 hands vLLM's log handlers.
 
@@ -44,7 +45,7 @@ hands vLLM's log handlers.
 (called while vLLM picks its platform, at import; it never claims a platform).
 vLLM skips platform plugins when ``VLLM_TARGET_DEVICE=cpu``; then only the
 CLI (which loads general plugins before parsing) and configs built after
-``import mla_passes.vllm_plugin; register()`` know the keys.
+``import mla_passes.vllm.plugin; register()`` know the keys.
 """
 
 from __future__ import annotations
@@ -53,8 +54,16 @@ import functools
 import logging
 from typing import Optional
 
-from . import explain as _explain
-from . import vllm_patches
+from .. import explain as _explain
+from .. import layers
+from ..config import PassConfig as MLAPassConfig
+from ..kernels import resolve_backend
+from ..pass_manager import MLAPassManager
+from . import patches, tables
+
+# .compat is imported inside the hooks below, never here: it imports vLLM's
+# compilation and MLA attention modules, and vLLM imports this module (for
+# early_register) while vLLM itself is still being imported.
 
 logger = logging.getLogger(__name__)  # the mla_passes tree; shown through vLLM's handlers (register())
 
@@ -74,9 +83,8 @@ PASS_KEY = "post_grad_custom_post_pass"
 
 # Ops by their splitting_ops names.
 PREPPED_ATTENTION_OP = "mla_passes::mla_attention_with_prepped_q"
-VLLM_MLA_ATTENTION_OP = "vllm::unified_mla_attention_with_output"
-VLLM_MLA_CACHE_OP = "vllm::unified_mla_kv_cache_update"
-VLLM_MLA_OPS = (VLLM_MLA_ATTENTION_OP, VLLM_MLA_CACHE_OP)
+VLLM_MLA_ATTENTION_OPS = tables.qualified_names("attention")
+VLLM_MLA_OPS = VLLM_MLA_ATTENTION_OPS + tables.qualified_names("kv_cache_update")
 
 
 # --- 1. PassConfig keys ----------------------------------------------------------
@@ -100,8 +108,8 @@ def _hash_ignored(pc) -> set[str]:
 
 def _extend_module(compilation) -> None:
     """Add our fields to ``compilation.PassConfig`` (idempotent)."""
-    vllm_patches.add_pass_config_fields(compilation, PASS_CONFIG_FIELDS)
-    vllm_patches.wrap_pass_config(compilation.PassConfig, _before_pass_config_init, _hash_ignored)
+    patches.add_pass_config_fields(compilation, PASS_CONFIG_FIELDS)
+    patches.wrap_pass_config(compilation.PassConfig, _before_pass_config_init, _hash_ignored)
 
 
 def extend_pass_config() -> None:
@@ -113,7 +121,7 @@ def extend_pass_config() -> None:
 def early_register() -> None:
     """``vllm.platform_plugins`` hook: make our PassConfig keys known before
     any config is built. Returns None: it never activates a platform."""
-    vllm_patches.when_compilation_loaded(_extend_module)
+    patches.when_compilation_loaded(_extend_module)
     return None
 
 
@@ -161,7 +169,7 @@ def _after_splitting_ops(cc) -> None:
     if not (_flag_on(cc) and _is_vllm_compile(cc) and getattr(cc, PARTITION_FLAG, False)):
         return
     ops = cc.splitting_ops
-    if ops is not None and VLLM_MLA_ATTENTION_OP in ops and PREPPED_ATTENTION_OP not in ops:
+    if ops is not None and any(op in ops for op in VLLM_MLA_ATTENTION_OPS) and PREPPED_ATTENTION_OP not in ops:
         ops.append(PREPPED_ATTENTION_OP)
 
 
@@ -171,7 +179,7 @@ def partition_state(cc) -> tuple[bool, str]:
         return True, f"compilation mode {getattr(cc.mode, 'name', cc.mode)}: one graph, no FX split"
     listed = getattr(cc, "splitting_ops", None) or []
     if getattr(cc, PARTITION_FLAG, False):
-        points = [op for op in (VLLM_MLA_ATTENTION_OP, PREPPED_ATTENTION_OP) if op in listed]
+        points = [op for op in (*VLLM_MLA_ATTENTION_OPS, PREPPED_ATTENTION_OP) if op in listed]
         return True, f"Inductor graph partition on (no FX split; partitions at {', '.join(points) or 'no MLA op'})"
     splits = [op for op in VLLM_MLA_OPS if op in listed]
     if splits:
@@ -196,12 +204,9 @@ def configure_vllm_config(vllm_config) -> None:
     if not getattr(pc, FLAG, False):
         _explain.note_vllm_config(vllm_config)  # "flag off", for mla-passes report
         return
-    from . import vllm_compat
-    from .config import PassConfig as MLAPassConfig
-    from .kernels import resolve_backend
-    from .pass_manager import MLAPassManager
+    from . import compat  # not at the top (see the imports), and only with the flag on
 
-    vllm_compat.check_supported()
+    compat.check_supported()
 
     whole, partition = partition_state(cc)
     if not whole:
@@ -231,11 +236,11 @@ def configure_vllm_config(vllm_config) -> None:
     _explain.note_vllm_config(vllm_config, manager)  # records (+ graphs on CPU) into debug_dump_path
 
     existing = cc.inductor_compile_config.get(PASS_KEY)
-    if isinstance(existing, vllm_compat.ComposedPostGradPass):
+    if isinstance(existing, compat.ComposedPostGradPass):
         user_passes = existing.user_passes
     else:
         user_passes = [] if existing is None else [existing]
-    cc.inductor_compile_config[PASS_KEY] = vllm_compat.ComposedPostGradPass([manager, *user_passes])
+    cc.inductor_compile_config[PASS_KEY] = compat.ComposedPostGradPass([manager, *user_passes])
 
     threshold = config.decode_max_tokens(max_num_seqs, num_spec)  # the rule lives in gating.py
     add_decode_endpoint(cc, threshold, getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None))
@@ -276,13 +281,13 @@ def _log_once(used, asked, threshold, max_num_seqs, num_spec, n_user, partition)
 
 def register() -> None:
     """``vllm.general_plugins`` entry point (once per vLLM process)."""
-    vllm_patches.share_vllm_log_handlers()
+    patches.share_vllm_log_handlers()
     extend_pass_config()
-    vllm_patches.wrap_vllm_config(_before_vllm_config, configure_vllm_config)
-    vllm_patches.wrap_set_splitting_ops(_before_splitting_ops, _after_splitting_ops)
-    from . import layers, vllm_compat
+    patches.wrap_vllm_config(_before_vllm_config, configure_vllm_config)
+    patches.wrap_set_splitting_ops(_before_splitting_ops, _after_splitting_ops)
+    from . import compat  # not at the top (see the imports)
 
-    layers.add_resolver(vllm_compat.VllmLayerResolver())
+    layers.add_resolver(compat.VllmLayerResolver())
 
 
 __all__ = ["PASS_CONFIG_FIELDS", "configure_vllm_config", "early_register",
