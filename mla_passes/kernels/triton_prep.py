@@ -512,7 +512,7 @@ def fused_decode_prep_triton(
 ):
     """The Triton backend of :func:`mla_passes.kernels.fused_decode_prep`.
 
-    Arguments as there; ``dims`` is the :class:`~.validate.PrepDims` the
+    Arguments as there (:mod:`.signature`); ``dims`` is the :class:`~.validate.PrepDims` the
     argument checks returned. One launch with :func:`launch_config`'s blocks,
     no allocation, no host sync. Returns Triton's compiled-kernel handle
     (registers, spills) or None.
