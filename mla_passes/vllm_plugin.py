@@ -53,7 +53,7 @@ import functools
 import logging
 from typing import Optional
 
-from . import explain as _explain
+from . import records as _explain
 from . import vllm_patches
 
 logger = logging.getLogger(__name__)  # the mla_passes tree; shown through vLLM's handlers (register())

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from mla_passes.tools import bench_step
+from mla_passes.bench import step as bench_step
 
 
 def test_mlp_stand_in_matches_active_expert_bytes():
@@ -53,8 +53,8 @@ def test_smoke_step_fuses_every_layer_and_matches(tmp_path, capsys):
 _INTERP_ATTENTION = r"""
 import math, os, sys
 import torch
-from mla_passes.tools import bench_step
-from mla_passes.tools.vllm_mla_stub import load_decode_attention_fwd
+from mla_passes.bench import step as bench_step
+from tools.loaders.vllm_mla_stub import load_decode_attention_fwd
 
 fn = load_decode_attention_fwd()
 StepLayer = bench_step._mla_state_cls()
@@ -86,14 +86,15 @@ def test_vllm_triton_attention_call_matches_torch_math_in_interpreter():
     import subprocess
     import sys
 
-    from mla_passes.tools import vllm_mla_stub
+    from tools.loaders import vllm_mla_stub
 
     if vllm_mla_stub._source_file() is None:
         pytest.skip("vLLM's triton_decode_attention.py not found (no vLLM, no .whl/vllm_triton)")
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/ is not installed: run in the checkout
     res = subprocess.run([sys.executable, "-c", _INTERP_ATTENTION], env=env, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, cwd=root)
     assert res.returncode == 0, res.stderr[-2000:]
     rel = float(res.stdout.split("REL")[-1])
     assert rel < 2e-3, rel

@@ -1,6 +1,6 @@
-"""``mla-passes bench-step`` (``python -m tools.bench_step``): what a decode step gains.
+"""``mla-passes bench-step`` (``python -m mla_passes.bench.step``): what a decode step gains.
 
-The kernel bench (:mod:`tools.bench`) times the fused decode prep alone. This
+The kernel bench (:mod:`mla_passes.bench.kernel`) times the fused decode prep alone. This
 tool times what a user turns the flag on for: a decode step of a stack of
 DeepSeek-V3 decoder layers at the dims of one tensor-parallel rank (hidden
 7168, q_lora 1536, kv_lora 512, qk_nope 128, qk_rope 64, v 128; H heads per
@@ -20,7 +20,7 @@ Each layer, as vLLM runs it for decode:
   token-major buffer), the concat + static fp8 quant of q (one kernel), then
   **vLLM's Triton MLA decode kernel** (``decode_attention_fwd`` from
   ``vllm/v1/attention/ops/triton_decode_attention.py``, loaded from a copy of
-  vLLM's file by :mod:`tools.vllm_mla_stub`) over the paged fp8 cache, then
+  vLLM's file by :mod:`tools.loaders.vllm_mla_stub`) over the paged fp8 cache, then
   the W_UV absorb (bmm);
 * o_proj, the residual, RMSNorm and a dense gated MLP **stand-in** whose bf16
   weight bytes equal those of DeepSeek-V3's active experts per token at that
@@ -70,6 +70,8 @@ from unittest import mock
 import torch
 from torch import nn
 
+from . import kernel as kernel_bench
+
 HELP = "time a DeepSeek-V3 decode step (N layers, vLLM's Triton MLA attention) with the passes off and on"
 
 DSV3 = dict(hidden=7168, q_lora=1536, P=128, L=512, R=64, V=128)
@@ -101,7 +103,7 @@ MIN_CONTEXT = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .argtypes import device, int_in, json_file, output_file, positive_int
+    from ..diagnostics.argtypes import device, int_in, json_file, output_file, positive_int
 
     parser.add_argument("--heads", type=positive_int, nargs="+", default=[8, 16, 128])
     parser.add_argument("--tokens", type=positive_int, nargs="+", default=None,
@@ -131,14 +133,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_args(args) -> int | None:
     """The rules between options (each value alone was checked when parsed); the exit status of a usage error."""
-    from .argtypes import usage_error
+    from ..diagnostics.argtypes import usage_error
 
     for name, value in (SMOKE_DEFAULTS if args.smoke else GPU_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, list(value) if isinstance(value, list) else value)
     if args.device is None:
         args.device = "cpu" if args.smoke else "cuda"
-    bad = _bench_module().check_device("bench-step", args.device)
+    bad = kernel_bench.check_device("bench-step", args.device)
     if bad is not None:
         if not torch.cuda.is_available():
             print("mla-passes bench-step: use --smoke for the CPU check", file=sys.stderr)
@@ -586,21 +588,14 @@ def compare(model, off: Captured, on: Captured, T: int) -> dict:
     return res
 
 
-def _bench_module():
-    try:
-        from tools import bench
-    except ImportError:
-        from mla_passes.tools import bench
-    return bench
 
 
 def _load_attention(device, smoke):
     if smoke or device.type != "cuda":
         return "torch", None
-    try:
-        from tools.vllm_mla_stub import load_decode_attention_fwd
-    except ImportError:
-        from mla_passes.tools.vllm_mla_stub import load_decode_attention_fwd
+    # tools/ of a checkout (not installed): the loader reads vLLM's kernel file from its .whl/
+    from tools.loaders.vllm_mla_stub import load_decode_attention_fwd
+
     return "vllm-triton", load_decode_attention_fwd()
 
 
@@ -619,7 +614,7 @@ def _predictions(args, heads, tokens, device, bw):
                                              source=args.predict_from)
     missing = [(H, T) for H in heads for T in tokens if (H, T) not in out]
     if missing and device.type == "cuda":
-        bench = _bench_module()
+        bench = kernel_bench
 
         ns = argparse.Namespace(dtype="bfloat16", block_size=args.block_size, pad_every=0, layers=8)
         case = "fp8" if args.attn_q == "fp8" else "fp8kv"
@@ -678,7 +673,7 @@ def run(args) -> int:
 
     from mla_passes import MLAPassManager, PassConfig
 
-    bench = _bench_module()
+    bench = kernel_bench
     _ops()
     attn_impl, attn_fn = _load_attention(device, smoke)
     if attn_fn is not None:  # the kernel as we call it, against torch math on the same pages
