@@ -23,10 +23,9 @@ import logging
 from dataclasses import asdict, dataclass
 
 from .gating import NO_RANGE_POLICIES, decode_threshold
+from .kernels.backends import CHOICES as BACKENDS  # "auto" and the backend table's names
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "reference", "triton", "aiter")
 
 
 class PassConfigError(TypeError, ValueError):

@@ -30,7 +30,7 @@ import time
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph
 
-from . import explain as _explain
+from . import records as _explain
 from . import op_handles as _op_handles
 from .config import PassConfig, PassConfigError, check_int
 from .gating import DecodeGate, TokenRange, compile_range, current_compile_range  # noqa: F401 (re-exported)

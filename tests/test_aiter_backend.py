@@ -11,6 +11,7 @@ unrotated). A conversion that the backend forgets fails an assertion here.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import types
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 import mla_passes.kernels as kernels
-from mla_passes.kernels import aiter_prep, fp8 as fp8_mod
+from mla_passes.kernels import aiter_prep, backends, fp8 as fp8_mod
 from mla_passes.kernels.aiter_prep import fused_decode_prep_aiter
 from mla_passes.kernels.fp8 import fp8_max
 from mla_passes.kernels.reference import rope_fp32
@@ -245,7 +246,8 @@ def test_other_fp8_flavour_falls_back_with_a_warning(fake_aiter, caplog):
 def test_dispatcher_runs_the_aiter_backend(fake_aiter, monkeypatch):
     """fused_decode_prep(backend='aiter') reaches the op where AITER is available."""
     fake = fake_aiter()
-    monkeypatch.setitem(kernels._AVAILABLE, "aiter", lambda device: True)
+    aiter_row = dataclasses.replace(backends.BY_NAME["aiter"], available=lambda device: True)
+    monkeypatch.setitem(backends.BY_NAME, "aiter", aiter_row)
     case = make_case(4, 4, P=32, L=512, R=64, kv_cache_dtype="fp8", q_fp8_dtype=torch.float8_e4m3fn, seed=9)
     check_case(case, lambda c: kernels.fused_decode_prep(*c.kernel_args(), backend="aiter"))
     assert len(fake.calls) == 1

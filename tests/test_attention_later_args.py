@@ -49,7 +49,7 @@ def test_033_schema_has_no_prepared_q_and_is_accepted():
 
 def test_forms_census_counts_model_code_prepared_q():
     """The report's census: an attention with mqa_q_prepared, and one without any cache/RoPE op of its layer."""
-    from mla_passes.explain import attention_forms
+    from mla_passes.records import attention_forms
     from mla_passes.op_handles import MLAOpHandles
 
     g = Graph()

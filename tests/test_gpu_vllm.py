@@ -1,4 +1,4 @@
-"""Real vLLM on a GPU with the flag on (``mla_passes.tools.gpu_vllm``).
+"""Real vLLM on a GPU with the flag on (``tools/gpu_vllm.py``).
 
 The GPU test runs the whole check grid (tiny DeepSeek-V2/V3; FLASH_ATTN_MLA, FLASHMLA, TRITON_MLA;
 bf16 and fp8 caches; FULL_AND_PIECEWISE and FULL_DECODE_ONLY), flag off vs on, in vLLM's default
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from mla_passes.tools import gpu_vllm  # noqa: E402
+from tools import gpu_vllm  # noqa: E402
 
 N = gpu_vllm.MAX_TOKENS
 

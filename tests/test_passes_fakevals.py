@@ -53,7 +53,7 @@ def test_fresh_fake_equals_dispatched_fake(dynamic, out_dtype):
 
 def test_inserted_vals_own_storage_and_real_views():
     """Each inserted tensor node has its own fake of the graph's mode; views share their base's storage."""
-    from mla_passes.tools.bench_passes import capture_graph, copy_graph
+    from mla_passes.bench.passes import capture_graph, copy_graph
 
     graph = copy_graph(capture_graph(3, H=4, T=5, form="raw"))
     before = set(graph.nodes)

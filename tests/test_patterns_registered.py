@@ -121,7 +121,7 @@ def test_debug_log_names_the_pattern_of_each_layer(caplog):
 
 def test_lift_finds_attentions_through_the_anchor():
     """The lift's attentions come from the registered ``mla_attention`` anchor, one per layer."""
-    from mla_passes.tools.bench_passes import capture_graph
+    from mla_passes.bench.passes import capture_graph
 
     graph = capture_graph(3, H=4, T=5, form="raw")
     calls = q_prep_lift.attention_calls(graph, op_handles())
@@ -139,7 +139,7 @@ def test_patterns_registered_once_per_process():
 
 def test_rope_guard_refuses_cos_sin_of_two_gathers():
     """cos and sin from different gathers (or swapped halves) fail the pattern's extra_check."""
-    from mla_passes.tools.bench_passes import capture_graph
+    from mla_passes.bench.passes import capture_graph
 
     graph = capture_graph(1, H=4, T=5, form="raw")
     hits = qk_rope_kvcache.match(graph, op_handles())

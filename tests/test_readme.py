@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from mla_passes.tools import cli
+from mla_passes import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -105,7 +105,7 @@ def test_dev_commands_are_the_ones_the_dev_script_and_tests_run():
     # ./dev demo is `mla-passes demo`, the console script is cli.main, and that is what the demo tests call
     assert re.search(r'demo\) setup; exec "\$VENV/bin/mla-passes" demo', dev)
     scripts = tomllib.loads(_text(ROOT / "pyproject.toml"))["project"]["scripts"]
-    assert scripts["mla-passes"] == "mla_passes.tools.cli:main"
+    assert scripts["mla-passes"] == "mla_passes.cli:main"
     demo_tests = _text(ROOT / "tests" / "test_tools_demo.py")
     assert 'cli.main(["demo"' in demo_tests and "demo.run_demo(" in demo_tests
     assert "./dev test" in _text(ROOT / ".ci" / "run") and re.search(r"test\) setup; exec .*pytest", dev)
@@ -113,7 +113,7 @@ def test_dev_commands_are_the_ones_the_dev_script_and_tests_run():
 
 def test_readme_demo_output_is_the_demo_default_run():
     """The pasted `mla-passes demo` header is what the demo's default (no --short) config prints."""
-    from mla_passes.tools import demo
+    from mla_passes.diagnostics import demo
 
     args = cli.build_parser().parse_args(["demo"])
     assert not args.short
@@ -155,9 +155,9 @@ def _module_commands():
 
 
 def _module(name: str):
-    for cand in (name, "mla_passes." + name if name.startswith("tools.") else None):
-        if cand and importlib.util.find_spec(cand.split(".")[0]) and importlib.util.find_spec(cand):
-            return cand
+    """``name`` if it is a module (``tools.X``: of the checkout, not installed), else None."""
+    if importlib.util.find_spec(name.split(".")[0]) and importlib.util.find_spec(name):
+        return name
     return None
 
 
@@ -178,7 +178,7 @@ def test_shown_python_modules_exist_and_parse(cmd):
 def test_inline_python_modules_exist():
     """`python -m X` named in the prose exists."""
     names = set(re.findall(r"python -m ([\w.]+)", "\n".join(_text(p) for p in PAGES)))
-    assert "tools.bench_step" in names  # the step bench the README's headline cites
+    assert "mla_passes.bench.step" in names  # the step bench the README's headline cites
     missing = [n for n in names if not _module(n)]
     assert not missing, missing
 

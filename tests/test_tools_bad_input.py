@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from mla_passes import explain
+from mla_passes.diagnostics import report
 from mla_passes.gating import TokenRange, compile_range
-from mla_passes.tools import cli
+from mla_passes import cli
 
 LAYER = "model.layers.0.self_attn.attn"
 GOOD = {"kind": "graph", "graph": 0, "pid": 1, "source": "test",
@@ -73,8 +73,8 @@ def test_report_all_malformed_records_at_once(tmp_path, capsys):
 def test_read_records_warns_through_the_logger(tmp_path, caplog):
     """Outside the CLI a skipped line is a logged warning, and only the good record comes back."""
     d, f = _folder(tmp_path, [BAD_LINES["json_list"]])
-    with caplog.at_level("WARNING", logger="mla_passes.explain"):
-        recs = explain.read_records(d)
+    with caplog.at_level("WARNING", logger="mla_passes.diagnostics.report"):
+        recs = report.read_records(d)
     assert [r["kind"] for r in recs] == ["graph"]
     assert any(f"{f}:2" in r.getMessage() for r in caplog.records)
 
@@ -302,7 +302,7 @@ def test_bench_on_cpu_without_the_interpreter_is_a_usage_error(monkeypatch, caps
 def test_bench_step_smoke_keeps_the_sizes_given(monkeypatch):
     """`bench-step --smoke` dropped the --tokens/--context it was given (above 4 / 128) for its own, silently;
     it now takes what is given and only fills in what is not."""
-    from mla_passes.tools import bench_step
+    from mla_passes.bench import step as bench_step
 
     def parse(*words):
         args = cli.build_parser().parse_args(["bench-step", *words])

@@ -10,9 +10,10 @@ import re
 import pytest
 import torch
 
-from mla_passes.lint import lint_path
-from mla_passes.tools import cli, demo
-from mla_passes.tools.graphdiff import compare_paths
+from mla_passes.diagnostics.lint import lint_path
+from mla_passes import cli
+from mla_passes.diagnostics import demo
+from mla_passes.diagnostics.diff import compare_paths
 
 LAYERS, HEADS, TOKENS = demo.SHORT["layers"], demo.SHORT["heads"], demo.SHORT["tokens"]
 FUSION, LIFT = "mla_qk_rope_kvcache_fusion", "mla_decode_q_prep_lift"

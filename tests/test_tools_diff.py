@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import re
 
-from mla_passes.tools import cli
-from mla_passes.tools.graphdiff import (
+from mla_passes import cli
+from mla_passes.diagnostics.diff import compare_paths
+from mla_passes.diagnostics.graph_files import (
     GraphKey,
     collect_graph_files,
-    compare_paths,
     normalize_graph_source,
     parse_graph_source,
 )

@@ -9,8 +9,9 @@ import textwrap
 
 import pytest
 
-from mla_passes.tools import cli
-from mla_passes.tools.graphdiff import collect_graph_files, compare_paths
+from mla_passes import cli
+from mla_passes.diagnostics.diff import compare_paths
+from mla_passes.diagnostics.graph_files import collect_graph_files
 
 SCRIPT = textwrap.dedent('''
     import sys
@@ -94,8 +95,8 @@ def test_dump_summary_line(dumps, capsys, tmp_path):
 
 def test_dump_summary_counts_recorded_layers(dumps):
     """The summary reads the records in the dump (any manager, any process), not a counter of its own manager."""
-    from mla_passes.explain import read_records
-    from mla_passes.tools.dump import summary_line
+    from mla_passes.diagnostics.report import read_records
+    from mla_passes.diagnostics.dump import summary_line
 
     _, _, out = dumps
     line = summary_line(out["on"])
@@ -137,7 +138,7 @@ def test_dump_manager_steps_aside_for_vllm():
     import torch
     import torch.fx
 
-    from mla_passes.tools.dump import make_pass
+    from mla_passes.diagnostics.dump import make_pass
 
     p = make_pass("on", max_num_seqs=8)
     calls = []

@@ -1,4 +1,4 @@
-"""``mla_passes.lint`` / ``mla-passes lint``: planted CUDA-graph breakers are
+"""``mla_passes.diagnostics.lint`` / ``mla-passes lint``: planted CUDA-graph breakers are
 found (live graph and dumped text), clean graphs are clean."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from mla_passes.lint import (
+from mla_passes.diagnostics.lint import (
     DYNAMIC_SHAPE,
     FAKE_SHAPE,
     HOST_SYNC,
@@ -20,7 +20,7 @@ from mla_passes.lint import (
     lint_path,
     lint_source,
 )
-from mla_passes.tools import cli
+from mla_passes import cli
 
 _STATE = {"rows": 3}
 _lib = torch.library.Library("mla_lint_test", "DEF")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from mla_passes.patterns import registered_patterns
-from mla_passes.tools import cli
+from mla_passes import cli
 
 
 def _registered() -> list[tuple[str, str, int]]:
@@ -66,7 +66,7 @@ def test_fresh_process_lists_the_anchors():
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "mla_passes.tools.cli", "patterns", "--list"],
+    r = subprocess.run([sys.executable, "-m", "mla_passes.cli", "patterns", "--list"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     names = {ln.split("  (")[0].split(": ", 1)[1] for ln in r.stdout.splitlines()}

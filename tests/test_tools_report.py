@@ -1,7 +1,7 @@
 """``mla-passes report``: per layer fused / lifted / left alone, each refusal's
 reason, each graph's gating decision, and the likely cause when nothing was
 rewritten, read from the records the pass manager writes
-(:mod:`mla_passes.explain`). Real compiles of the stand-in decode stack."""
+(:mod:`mla_passes.records`, read back by :mod:`mla_passes.diagnostics.report`). Real compiles of the stand-in decode stack."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch._inductor.config as inductor_config
 
-from mla_passes import explain
+from mla_passes import records
 from mla_passes.config import PassConfig
 from mla_passes.ops import LayerName
 from mla_passes.testing.models import build_decode_stack, set_step
 from mla_passes.pass_manager import MLAPassManager
-from mla_passes.tools import cli
-from mla_passes.tools.report import likely_cause, summarize
+from mla_passes import cli
+from mla_passes.diagnostics.report import likely_cause, read_records, summarize
 
 PREFIX = "reporttest.layers"
 
@@ -43,7 +43,7 @@ def _report(capsys, folder, *extra):
 def test_fused_layers_listed_with_gating(tmp_path, capsys):
     """Each layer of a decode graph is reported fused, with the graph's range, threshold and policy."""
     m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=8)
-    explain.attach(m, tmp_path)
+    records.attach(m, tmp_path)
     _compile_stack(m, 3)
     rc, out = _report(capsys, tmp_path)
     assert rc == 0
@@ -68,7 +68,7 @@ def test_lifted_layer_carries_the_fusion_refusal(tmp_path, capsys):
     """A layer the fusion refused but the lift took is 'lifted', with the fusion's recorded reason."""
     m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True, fuse_rope_kvcache_cat_mla=False),
                        max_num_seqs=8)
-    explain.attach(m, tmp_path)
+    records.attach(m, tmp_path)
     _compile_stack(m, 3, num_layers=1)
     rc, out = _report(capsys, tmp_path)
     assert rc == 0
@@ -81,7 +81,7 @@ def test_lifted_layer_carries_the_fusion_refusal(tmp_path, capsys):
 def test_outside_decode_range_says_so(tmp_path, capsys):
     """A graph larger than the decode bucket: layers left alone, the gating reason shown, cause in words."""
     m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=2)
-    explain.attach(m, tmp_path)
+    records.attach(m, tmp_path)
     _compile_stack(m, 5, num_layers=1)
     rc, out = _report(capsys, tmp_path)
     assert rc == 1
@@ -103,7 +103,7 @@ def test_split_graph_is_named_as_the_cause(tmp_path, capsys):
         return standins.kv_cache_update(kv_c, k_pe, LayerName(name), state.kv_cache_dtype, state.k_scale)
 
     m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=8)
-    explain.attach(m, tmp_path)
+    records.attach(m, tmp_path)
     torch._dynamo.reset()
     try:
         with inductor_config.patch(post_grad_custom_post_pass=m, fx_graph_cache=False), torch.no_grad():
@@ -137,9 +137,9 @@ def test_report_exit_status_without_records(tmp_path, capsys):
 
 def test_no_record_folder_means_no_work(monkeypatch):
     """Without a record folder the recorder computes nothing and leaves the passes' refusals alone."""
-    monkeypatch.delenv(explain.ENV_DIR, raising=False)
+    monkeypatch.delenv(records.ENV_DIR, raising=False)
     m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=8)
-    assert explain.sinks_of(m) == []
+    assert records.sinks_of(m) == []
     _compile_stack(m, 3, num_layers=1)
     assert m.matched_counts["mla_qk_rope_kvcache_fusion"] == 1
     assert all(p.refusals == [] for p in m.passes)
@@ -150,7 +150,7 @@ def test_unwritable_record_folder_never_fails_the_compile(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=8)
-    explain.attach(m, blocker / "sub", write_graphs=True)
+    records.attach(m, blocker / "sub", write_graphs=True)
     _compile_stack(m, 3, num_layers=1)
     assert m.matched_counts["mla_qk_rope_kvcache_fusion"] == 1
 
@@ -158,9 +158,9 @@ def test_unwritable_record_folder_never_fails_the_compile(tmp_path):
 def test_attached_graph_files_pair_for_diff(tmp_path, capsys):
     """With write_graphs the before/after graphs land beside the record and `mla-passes diff` shows the rewrite."""
     m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=8)
-    explain.attach(m, tmp_path, write_graphs=True)
+    records.attach(m, tmp_path, write_graphs=True)
     _compile_stack(m, 3, num_layers=1)
-    rec = [r for r in explain.read_records(tmp_path) if r["kind"] == "graph"][0]
+    rec = [r for r in read_records(tmp_path) if r["kind"] == "graph"][0]
     rc = cli.main(["diff", "--no-text", str(tmp_path / rec["before_file"]), str(tmp_path / rec["after_file"])])
     out = capsys.readouterr().out
     assert rc == 1
@@ -173,14 +173,14 @@ def test_records_go_to_attached_and_env_folders(tmp_path, monkeypatch, env_too):
     """The attached folder gets the record; $MLA_PASSES_EXPLAIN_DIR gets it too when set (no duplicate)."""
     a, e = tmp_path / "attached", tmp_path / "env"
     if env_too:
-        monkeypatch.setenv(explain.ENV_DIR, str(e))
+        monkeypatch.setenv(records.ENV_DIR, str(e))
     else:
-        monkeypatch.delenv(explain.ENV_DIR, raising=False)
+        monkeypatch.delenv(records.ENV_DIR, raising=False)
     m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=8)
-    explain.attach(m, a)
+    records.attach(m, a)
     _compile_stack(m, 3, num_layers=1)
-    assert len(explain.read_records(a)) == 1
-    assert len(explain.read_records(e)) == (1 if env_too else 0)
+    assert len(read_records(a)) == 1
+    assert len(read_records(e)) == (1 if env_too else 0)
 
 
 def _fake_vllm_config(tmp_path, *, flag: bool, mode: str, dump: bool = True):
@@ -203,24 +203,24 @@ def _fake_vllm_config(tmp_path, *, flag: bool, mode: str, dump: bool = True):
 @pytest.mark.parametrize("mode,writes_graphs", [("VLLM_COMPILE", False), ("DYNAMO_TRACE_ONCE", True)])
 def test_vllm_debug_dump_path_routes(tmp_path, monkeypatch, mode, writes_graphs):
     """debug_dump_path: records go to <path>/rank_0_dp_0; we write graphs only where vLLM runs no depyf (not VLLM_COMPILE)."""
-    monkeypatch.delenv(explain.ENV_DIR, raising=False)
+    monkeypatch.delenv(records.ENV_DIR, raising=False)
     cfg = _fake_vllm_config(tmp_path, flag=True, mode=mode)
     m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=4)
-    explain.note_vllm_config(cfg, m)
-    [sink] = explain.sinks_of(m)
+    records.note_vllm_config(cfg, m)
+    [sink] = records.sinks_of(m)
     assert sink["dir"] == str(tmp_path / "dbg" / "rank_0_dp_0")
     assert sink["write_graphs"] is writes_graphs and sink["source"] == "vLLM plugin"
-    [rec] = explain.read_records(tmp_path / "dbg")
+    [rec] = read_records(tmp_path / "dbg")
     assert rec["kind"] == "vllm_config" and rec["flag"] is True and rec["mode"] == mode
 
 
 def test_vllm_without_dump_path_writes_nothing(tmp_path, monkeypatch):
     """No debug_dump_path and no $MLA_PASSES_EXPLAIN_DIR: the plugin attaches nothing and writes nothing."""
-    monkeypatch.delenv(explain.ENV_DIR, raising=False)
+    monkeypatch.delenv(records.ENV_DIR, raising=False)
     monkeypatch.chdir(tmp_path)
     m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=4)
-    explain.note_vllm_config(_fake_vllm_config(tmp_path, flag=True, mode="VLLM_COMPILE", dump=False), m)
-    assert explain.sinks_of(m) == [] and list(tmp_path.iterdir()) == []
+    records.note_vllm_config(_fake_vllm_config(tmp_path, flag=True, mode="VLLM_COMPILE", dump=False), m)
+    assert records.sinks_of(m) == [] and list(tmp_path.iterdir()) == []
 
 
 def test_split_vllm_compile_config_named_when_nothing_seen():
@@ -233,14 +233,14 @@ def test_split_vllm_compile_config_named_when_nothing_seen():
 
 def test_vllm_config_noted_into_dump_folder(tmp_path, monkeypatch, capsys):
     """Under `mla-passes dump` ($MLA_PASSES_EXPLAIN_DIR, no debug_dump_path) a flag-off vLLM config is recorded: report says flag off."""
-    monkeypatch.setenv(explain.ENV_DIR, str(tmp_path / "dump"))
-    explain.note_vllm_config(_fake_vllm_config(tmp_path, flag=False, mode="DYNAMO_TRACE_ONCE", dump=False))
+    monkeypatch.setenv(records.ENV_DIR, str(tmp_path / "dump"))
+    records.note_vllm_config(_fake_vllm_config(tmp_path, flag=False, mode="DYNAMO_TRACE_ONCE", dump=False))
     rc, out = _report(capsys, tmp_path / "dump")
     assert rc == 1
     assert "flag off, mode DYNAMO_TRACE_ONCE" in out and "-- no MLA layer seen: the flag is off" in out
     m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=4)
-    explain.note_vllm_config(_fake_vllm_config(tmp_path, flag=True, mode="DYNAMO_TRACE_ONCE", dump=False), m)
-    assert [(s["dir"], s["source"], s["write_graphs"]) for s in explain.sinks_of(m)] == [
+    records.note_vllm_config(_fake_vllm_config(tmp_path, flag=True, mode="DYNAMO_TRACE_ONCE", dump=False), m)
+    assert [(s["dir"], s["source"], s["write_graphs"]) for s in records.sinks_of(m)] == [
         (str(tmp_path / "dump"), "vLLM plugin", False)]
 
 
@@ -255,7 +255,7 @@ def test_attention_backend_named_per_graph_and_in_summary(tmp_path, capsys, monk
     monkeypatch.setattr(layers, "resolve_layer",
                         lambda name: dataclasses.replace(resolve(name), attention_backend="TEST_MLA"))
     m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=8)
-    explain.attach(m, tmp_path / "named")
+    records.attach(m, tmp_path / "named")
     _compile_stack(m, 3)
     rc, out = _report(capsys, tmp_path / "named")
     assert rc == 0
@@ -268,7 +268,7 @@ def test_attention_backend_named_per_graph_and_in_summary(tmp_path, capsys, monk
 
     monkeypatch.setattr(layers, "resolve_layer", resolve)
     m = MLAPassManager(PassConfig(fuse_aiter_qk_rope_kvcache_mla=True), max_num_seqs=8)
-    explain.attach(m, tmp_path / "unnamed")
+    records.attach(m, tmp_path / "unnamed")
     _compile_stack(m, 3)
     rc, out = _report(capsys, tmp_path / "unnamed")
     assert rc == 0 and "attention backend" not in out
@@ -278,16 +278,16 @@ def test_vllm_config_line_shows_what_vllm_derived(tmp_path, monkeypatch, capsys)
     """The config line shows the block size, token budget and backend asked for, as vLLM's config holds them."""
     from types import SimpleNamespace
 
-    monkeypatch.setenv(explain.ENV_DIR, str(tmp_path / "dump"))
+    monkeypatch.setenv(records.ENV_DIR, str(tmp_path / "dump"))
     cfg = _fake_vllm_config(tmp_path, flag=False, mode="VLLM_COMPILE", dump=False)
     cfg.cache_config = SimpleNamespace(block_size=128)
     cfg.scheduler_config = SimpleNamespace(max_num_seqs=4, max_num_batched_tokens=16, enable_chunked_prefill=True)
     cfg.attention_config = SimpleNamespace(backend=SimpleNamespace(name="CPU_MLA"))
-    explain.note_vllm_config(cfg)
+    records.note_vllm_config(cfg)
     rc, out = _report(capsys, tmp_path / "dump")
     assert "max_num_seqs 4, threshold override None, block size 128, max_num_batched_tokens 16, " \
            "attention backend asked CPU_MLA\n" in out, out
-    [rec] = explain.read_records(tmp_path / "dump")
+    [rec] = read_records(tmp_path / "dump")
     assert rec["enable_chunked_prefill"] is True and rec["block_size"] == 128
 
 

@@ -151,7 +151,7 @@ def test_index_checks_run_before_any_backend(case, monkeypatch):
     def must_not_run(*a):
         raise AssertionError("the backend ran on out-of-range indices")
 
-    monkeypatch.setattr(kernels, "_impl", lambda name: must_not_run)
+    monkeypatch.setattr(kernels, "implementation", lambda name: must_not_run)
     bad = case.slot_mapping.clone()
     bad[0] = 10**6
     with pytest.raises(AssertionError, match="backend ran"):  # off by default: the backend decides

@@ -52,7 +52,8 @@ sys.path.insert(0, str(HERE))
 from vllm_harness import count, records, run  # noqa: E402
 from vllm_tiny_model import NUM_MLA_LAYERS, build_tiny_deepseek_v2  # noqa: E402
 
-from mla_passes.explain import VLLM_CPU_KERNEL_BUILDS, describe_vllm_cpu_kernels, machine_facts  # noqa: E402
+from mla_passes.diagnostics.report import VLLM_CPU_KERNEL_BUILDS, describe_vllm_cpu_kernels  # noqa: E402
+from mla_passes.records import machine_facts  # noqa: E402
 
 OURS = "mla_passes::mla_attention_with_prepped_q"
 CPU_HAS_AMX = bool(torch.cpu._is_amx_tile_supported())
@@ -267,7 +268,7 @@ def test_user_post_grad_pass_runs(runs):
 
 def test_decode_graph_capturable(runs):
     """The rewritten decode-range graph holds nothing that breaks CUDA-graph capture
-    (mla_passes.lint: no host sync, no data-dependent shape, every custom op's
+    (mla_passes.diagnostics.lint: no host sync, no data-dependent shape, every custom op's
     fake shape re-derived from its inputs equals the recorded one)."""
     decode_range, _ = _ranges(runs["compile_on"])
     graphs = {r["compile_range"]: r for r in records(runs["compile_on"], "user")}

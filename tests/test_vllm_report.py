@@ -44,7 +44,7 @@ def _run(cmd: list[str], work: Path, name: str) -> str:
 
 
 def _cli(*args: str) -> tuple[int, str]:
-    p = subprocess.run([sys.executable, "-m", "mla_passes.tools.cli", *args], stdout=subprocess.PIPE,
+    p = subprocess.run([sys.executable, "-m", "mla_passes.cli", *args], stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, timeout=300)
     return p.returncode, p.stdout.decode(errors="replace")
 
@@ -53,7 +53,7 @@ def _cli(*args: str) -> tuple[int, str]:
 def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm_report")
     model = build_tiny_deepseek_v2(work / "tiny")
-    on = _run([sys.executable, "-m", "mla_passes.tools.cli", "dump", "--out", "dump", "--",
+    on = _run([sys.executable, "-m", "mla_passes.cli", "dump", "--out", "dump", "--",
                str(SCRIPT), str(model), "on", "dbg_on"], work, "on")
     off = _run([sys.executable, str(SCRIPT), str(model), "off", "dbg_off"], work, "off")
     return work, on, off

@@ -10,16 +10,16 @@
 #   tools/gpu_check.sh kbench-step - the kernel bench at the step's shapes (GPT-J, H 8 16 64 128, PDL column)
 #   tools/gpu_check.sh sweep-small-h - launch-config sweep of the fused kernel at H 8 and 16
 #   tools/gpu_check.sh step    - `mla-passes bench-step`: a DeepSeek-V3 decode step with the passes off and on
-#                                (needs vLLM's Triton MLA decode file in .whl/vllm_triton: python -m tools.vllm_mla_stub)
+#                                (needs vLLM's Triton MLA decode file in .whl/vllm_triton: python -m tools.loaders.vllm_mla_stub)
 #   tools/gpu_check.sh vllm    - real vLLM (../shared/gpu-vllm kit): flag off vs on per MLA backend, KV-cache
-#                                dtype and cudagraph mode: tokens, KV-cache rows, report (mla_passes.tools.gpu_vllm)
+#                                dtype and cudagraph mode: tokens, KV-cache rows, report (tools/gpu_vllm.py)
 #   tools/gpu_check.sh vllm-step - real vLLM time per output token: off / vLLM's own MLA fusion / mla-passes
 #   tools/gpu_check.sh all     - all of the above but vllm* (longer than one device call)
 # (the engine folders stay in /tmp: $OUT takes 8 files at most)
 # Logs, JSON and PNGs go under $OUT (the device tool's result folder) or ./gpu_out.
 # Needs: torch with CUDA, triton, pytest (matplotlib for the PNG); AITER's Triton sources under
-# .whl/aiter_py (python -m tools.aiter_stub AMD_AITER_WHEEL) for the AITER column; for the FlashInfer
-# column (fp8 case), .whl/flashinfer_rope/flashinfer_rope_sm90a.so (python -m tools.flashinfer_stub
+# .whl/aiter_py (python -m tools.loaders.aiter_stub AMD_AITER_WHEEL) for the AITER column; for the FlashInfer
+# column (fp8 case), .whl/flashinfer_rope/flashinfer_rope_sm90a.so (python -m tools.loaders.flashinfer_stub
 # FLASHINFER_WHEEL, built where nvcc is) and an apache_tvm_ffi cp312 wheel in .whl/ (installed below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,10 +43,9 @@ tests|all)
     tests/test_triton_kernel.py >"$OUT/gpu_tests.log" 2>&1 || rc=1
   tail -n 12 "$OUT/gpu_tests.log"
   echo "== GPU pass tests (Inductor on CUDA, CUDA-graph replay of the fused op)"
-  # mla_passes.patterns / mla_passes.tools live in patterns/ and tools/: stage the
-  # installed layout (no pip there) and run from outside the repo so it is the one imported.
-  pkg=$(mktemp -d) && cp -r mla_passes "$pkg/" && cp -r patterns "$pkg/mla_passes/patterns" \
-    && cp -r tools "$pkg/mla_passes/tools"
+  # mla_passes.patterns lives in patterns/: stage the installed layout (no pip there)
+  # and run from outside the repo so it is the one imported.
+  pkg=$(mktemp -d) && cp -r mla_passes "$pkg/" && cp -r patterns "$pkg/mla_passes/patterns"
   repo=$PWD
   (cd "$(mktemp -d)" && PYTHONPATH=$pkg timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider -rfE \
     --rootdir="$repo" -c "$repo/pyproject.toml" "$repo/tests/test_gpu_passes.py" \
@@ -55,11 +54,11 @@ tests|all)
   ;;&
 diag|all)
   echo "== variant cross-check (bf16, fp8 cache, fp8 q; GPT-J and NeoX)"
-  timeout ${CHECK_TIMEOUT:-200} python3 -m tools.bench --check-only --rope gptj,neox --heads 16 128 --tokens 1 64 256 \
+  timeout ${CHECK_TIMEOUT:-200} python3 -m mla_passes.bench.kernel --check-only --rope gptj,neox --heads 16 128 --tokens 1 64 256 \
     --json "$OUT/check.json" >"$OUT/check.log" 2>&1 || rc=1
   grep -c '"other_cache_rows_untouched": true' "$OUT/check.log"; tail -n 3 "$OUT/check.log"
   echo "== where the time goes (kernel parts on/off), GPT-J vs NeoX"
-  timeout ${DIAG_TIMEOUT:-200} python3 -m tools.bench --rope gptj,neox --cases fp8 --heads 16 128 --tokens 1 64 256 \
+  timeout ${DIAG_TIMEOUT:-200} python3 -m mla_passes.bench.kernel --rope gptj,neox --cases fp8 --heads 16 128 --tokens 1 64 256 \
     --variants fused,fused_rope,fused_absorb,fused_cache --json "$OUT/diag.json" 2>&1 \
     | grep -v '^\[row\]' | tee "$OUT/diag.log" || rc=1
   ;;&
@@ -73,14 +72,14 @@ kbench-step|all)
   # KBENCH_CASES (default fp8; fp8kv = fp8 cache + bf16 q, bf16), KBENCH_HEADS, KBENCH_VARIANTS, KBENCH_ARGS
   kc=${KBENCH_CASES:-fp8}; tag=kbench_${kc//,/_}
   echo "== kernel bench at the step's shapes (cases $kc, GPT-J)"
-  timeout ${KBENCH_TIMEOUT:-200} python3 -m tools.bench --rope gptj --cases "$kc" --heads ${KBENCH_HEADS:-8 16 64 128} \
+  timeout ${KBENCH_TIMEOUT:-200} python3 -m mla_passes.bench.kernel --rope gptj --cases "$kc" --heads ${KBENCH_HEADS:-8 16 64 128} \
     --variants ${KBENCH_VARIANTS:-fused,compile,fused_pdl,aiter,flashinfer} ${KBENCH_ARGS-} --json "$OUT/$tag.json" \
     --plot "$OUT/$tag.png" >"$OUT/$tag.log" 2>&1 || rc=1
   grep -v '^\[' "$OUT/$tag.log"
   ;;&
 sweep-small-h)
   echo "== launch-config sweep at small H (fp8, GPT-J): more absorb programs, other side blocks"
-  timeout ${SWEEP_TIMEOUT:-150} python3 -m tools.bench --rope gptj --cases fp8 --heads 8 16 --tokens ${SWEEP_TOKENS:-1 8 64 128 256 512} \
+  timeout ${SWEEP_TIMEOUT:-150} python3 -m mla_passes.bench.kernel --rope gptj --cases fp8 --heads 8 16 --tokens ${SWEEP_TOKENS:-1 8 64 128 256 512} \
     --variants fused --sweep --reps 10 --json "$OUT/sweep.json" >"$OUT/sweep.log" 2>&1 || rc=1
   grep -A40 '^sweep: best' "$OUT/sweep.log"
   ;;&
@@ -89,19 +88,21 @@ step|all)
   st=${STEP_TAG:-step}
   echo "== decode step (DeepSeek-V3 layers, vLLM Triton MLA attention), passes off vs on: $st ${STEP_ARGS-}"
   # mla_passes.patterns lives in patterns/: stage the installed layout (as for the pass tests)
-  pkg=$(mktemp -d) && cp -r mla_passes "$pkg/" && cp -r patterns "$pkg/mla_passes/patterns" \
-    && cp -r tools "$pkg/mla_passes/tools"
-  # run from outside the repo, so that the staged package is the one imported
-  (src=$PWD/.whl/vllm_triton/triton_decode_attention.py && cd "$(mktemp -d)" && MLA_PASSES_VLLM_MLA_SRC=$src \
-    PYTHONPATH=$pkg timeout ${STEP_TIMEOUT:-400} python3 -m mla_passes.tools.bench_step --pdl ${STEP_ARGS-} \
+  pkg=$(mktemp -d) && cp -r mla_passes "$pkg/" && cp -r patterns "$pkg/mla_passes/patterns"
+  # run from outside the repo, so that the staged package is the one imported; the repo after it
+  # on the path for tools.loaders.vllm_mla_stub (not installed), which loads vLLM's attention kernel
+  (src=$PWD/.whl/vllm_triton/triton_decode_attention.py && repo=$PWD && cd "$(mktemp -d)" && MLA_PASSES_VLLM_MLA_SRC=$src \
+    PYTHONPATH=$pkg:$repo timeout ${STEP_TIMEOUT:-400} python3 -m mla_passes.bench.step --pdl ${STEP_ARGS-} \
     --json "$OUT/$st.json" --plot "$OUT/$st.png" >"$OUT/$st.log" 2>&1) || rc=1
   grep -v '^\[' "$OUT/$st.log"; grep -c '^\[row\]' "$OUT/$st.log"
   ;;&
 vllm)
   # Real vLLM (the ../shared/gpu-vllm kit installed into /tmp/site, mla-passes installed there
-  # too: its plugin entry point must be visible). VLLM_ARGS adds options (e.g. --only v2_TRITON).
+  # too: its plugin entry point must be visible; tools/ is not installed: the checkout comes after
+  # /tmp/site on the path). VLLM_ARGS adds options (e.g. --only v2_TRITON).
   echo "== real vLLM, flag off vs on: MLA backends x KV-cache dtypes x cudagraph modes"
-  (cd "$(mktemp -d)" && PYTHONPATH=${VLLM_SITE:-/tmp/site} TORCHINDUCTOR_COMPILE_THREADS=1 timeout ${VLLM_TIMEOUT:-560} python3 -P -m mla_passes.tools.gpu_vllm \
+  repo=$PWD
+  (cd "$(mktemp -d)" && PYTHONPATH=${VLLM_SITE:-/tmp/site}:$repo TORCHINDUCTOR_COMPILE_THREADS=1 timeout ${VLLM_TIMEOUT:-560} python3 -P -m tools.gpu_vllm \
     check --out /tmp/mla_vllm_check ${VLLM_ARGS-} >"$OUT/vllm_check.log" 2>&1) || rc=1
   cp /tmp/mla_vllm_check/check.json "$OUT/vllm_check.json" 2>/dev/null
   grep -v '^\[' "$OUT/vllm_check.log" | tail -n 60
@@ -109,7 +110,8 @@ vllm)
 vllm-step)
   # VLLM_STEP_ARGS: e.g. --heads 16 --batches 1 16 64 256 --contexts 1024 4096
   echo "== real vLLM decode step: time per output token, off / vLLM's own fusion / mla-passes"
-  (cd "$(mktemp -d)" && PYTHONPATH=${VLLM_SITE:-/tmp/site} timeout ${VLLM_STEP_TIMEOUT:-560} python3 -P -m mla_passes.tools.gpu_vllm \
+  repo=$PWD
+  (cd "$(mktemp -d)" && PYTHONPATH=${VLLM_SITE:-/tmp/site}:$repo timeout ${VLLM_STEP_TIMEOUT:-560} python3 -P -m tools.gpu_vllm \
     step --out /tmp/mla_vllm_step ${VLLM_STEP_ARGS-} >"$OUT/vllm_step.log" 2>&1) || rc=1
   cp /tmp/mla_vllm_step/step.json "$OUT/vllm_step.json" 2>/dev/null
   grep -v '^\[engine\]' "$OUT/vllm_step.log" | tail -n 60
@@ -118,7 +120,7 @@ bench-fp8|bench-bf16|all)
   cases=${what#bench-}; [ "$what" = all ] && cases="fp8 bf16"
   for c in $cases; do
     echo "== bench: $c case (fp8: fp8 cache + fp8 q; bf16: bf16 model, kv_cache_dtype=auto)"
-    timeout ${BENCH_TIMEOUT:-560} python3 -m tools.bench --rope gptj,neox --cases "$c" ${BENCH_ARGS-} \
+    timeout ${BENCH_TIMEOUT:-560} python3 -m mla_passes.bench.kernel --rope gptj,neox --cases "$c" ${BENCH_ARGS-} \
       --json "$OUT/bench_$c.json" --plot "$OUT/bench_$c.png" >"$OUT/bench_$c.log" 2>&1 || rc=1
     grep -v '^\[' "$OUT/bench_$c.log"
   done

@@ -1,7 +1,7 @@
 """Real vLLM on a GPU with the flag on: correctness across MLA backends, and time per output token.
 
-    python -m mla_passes.tools.gpu_vllm check --out DIR [--jobs N] [--only SUBSTR]
-    python -m mla_passes.tools.gpu_vllm step  --out DIR [--heads 16 8 128] [--batches ...] [--contexts ...]
+    python -m tools.gpu_vllm check --out DIR [--jobs N] [--only SUBSTR]
+    python -m tools.gpu_vllm step  --out DIR [--heads 16 8 128] [--batches ...] [--contexts ...]
 
 Both run vLLM in its default GPU compile mode (``VLLM_COMPILE``, Inductor, CUDA graphs), one
 engine per subprocess (``engine SPEC OUT``), several engines at once on one GPU where only
@@ -354,7 +354,7 @@ def _launch(specs: list[dict], out: Path, jobs: int, timeout_s: int) -> dict[str
             s = pending.pop(0)
             path = out / f"{s['name']}.json"
             log = open(out / f"{s['name']}.log", "wb")
-            proc = subprocess.Popen([sys.executable, "-m", "mla_passes.tools.gpu_vllm", "engine",
+            proc = subprocess.Popen([sys.executable, "-m", "tools.gpu_vllm", "engine",
                                      json.dumps(s), str(path)], stdout=log, stderr=subprocess.STDOUT)
             running.append((s, path, proc))
         time.sleep(2)
@@ -465,7 +465,7 @@ def compare_caches(off_path: Path, on_path: Path, kv_dtype: str, first: list[int
 
 
 def check_report(result: dict, flag: bool) -> tuple[bool, str]:
-    from mla_passes.explain import read_records
+    from mla_passes.diagnostics.report import read_records
 
     dump = Path(result["_path"]).parent / (Path(result["_path"]).stem + "_dump")
     graphs = [r for r in read_records(dump) if r.get("kind") == "graph"] if dump.exists() else []
@@ -563,7 +563,7 @@ def step_report(result: dict, layers: int) -> tuple[bool, str]:
     """The flag-on step engine: every layer fused in a decode-range graph (records of the graphs
     Inductor compiled; a graph it took from its cache writes none)."""
     dump = Path(result["_path"]).parent / (Path(result["_path"]).stem + "_dump")
-    from mla_passes.explain import read_records
+    from mla_passes.diagnostics.report import read_records
 
     graphs = [r for r in read_records(dump) if r.get("kind") == "graph"] if dump.exists() else []
     threshold = result["max_num_seqs"]
@@ -659,7 +659,7 @@ def cmd_step(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mla_passes.tools.gpu_vllm", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.gpu_vllm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check")
     c.add_argument("--out", required=True)

@@ -2,8 +2,8 @@
 
     python tools/import_graph.py [--level module|package] [--json]
 
-Reads the source (nothing is imported): ``mla_passes/``, plus ``patterns/`` and ``tools/`` under
-the names they are installed as (``mla_passes.patterns``, ``mla_passes.tools``). Prints the edge
+Reads the source (nothing is imported): ``mla_passes/``, plus ``patterns/`` under the name it is
+installed as (``mla_passes.patterns``) and ``tools/`` (not installed) as ``tools``. Prints the edge
 count (how many of them are imports inside a function), every cycle (strongly connected set of
 two or more modules or packages) and exits 1 if there is one. A module-level drawing misses the
 arrows of imports inside functions; this one does not.
@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = {"mla_passes": ROOT / "mla_passes", "mla_passes.patterns": ROOT / "patterns",
-           "mla_passes.tools": ROOT / "tools"}
+SOURCES = {"mla_passes": ROOT / "mla_passes", "mla_passes.patterns": ROOT / "patterns", "tools": ROOT / "tools"}
 
 
 def modules() -> dict[str, Path]:
@@ -31,7 +30,7 @@ def modules() -> dict[str, Path]:
             if rel[-1] == "__init__":
                 rel = rel[:-1]
             name = ".".join((prefix, *rel))
-            if name.startswith("mla_passes.") and name.split(".")[1] in ("patterns", "tools") and prefix == "mla_passes":
+            if name.startswith("mla_passes.") and name.split(".")[1] == "patterns" and prefix == "mla_passes":
                 continue  # installed from the top-level folders, not mla_passes/ (none there today)
             found[name] = path
     return found

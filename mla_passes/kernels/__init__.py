@@ -1,11 +1,9 @@
 """Kernel entry points for the fused MLA decode prep (DESIGN §4.1).
 
-One signature for every backend:
-
-* ``"reference"`` - torch ops, any device (:mod:`.reference`);
-* ``"triton"``    - one Triton kernel, CUDA and ROCm (:mod:`.triton_prep`);
-* ``"aiter"``     - AITER's HIP kernel on ROCm (:mod:`.aiter_prep`);
-* ``"auto"``      - the best one available for the tensors' device.
+One signature for every backend (the arguments: :mod:`.signature`); the
+backends, their availability and their fallbacks: the table in
+:mod:`.backends` (reference, triton, aiter; ``"auto"`` picks the best one
+available for the tensors' device).
 
 A backend that is asked for but cannot run here falls back to the next one
 (aiter -> triton -> reference) with a single warning per (asked, used) pair.
@@ -14,47 +12,16 @@ A backend that is asked for but cannot run here falls back to the next one
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
-from typing import Callable
 
 import torch
 
+from .backends import AUTO_ORDER, BACKENDS, BY_NAME, CHOICES, first_available, implementation
 from .fp8 import is_fp8_kv_cache, platform_fp8_dtype
-from .reference import fused_decode_prep_reference, gather_cache_rows_reference
+from .reference import gather_cache_rows_reference
 from .validate import check_fused_decode_prep_args, check_index_ranges, check_kv_cache, index_checks_requested
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("reference", "triton", "aiter")
-_FALLBACK = {"aiter": "triton", "triton": "reference"}
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
-
-
-def _triton_available(device: torch.device) -> bool:
-    """Our Triton kernels run on CUDA and ROCm devices where triton imports."""
-    return device.type == "cuda" and _triton_importable()
-
-
-def _aiter_available(device: torch.device) -> bool:
-    if device.type != "cuda" or torch.version.hip is None:
-        return False
-    return importlib.util.find_spec("aiter") is not None
-
-
-_AVAILABLE: dict[str, Callable[[torch.device], bool]] = {
-    "reference": lambda device: True,
-    "triton": _triton_available,
-    "aiter": _aiter_available,
-}
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,25 +33,15 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The backend that will run for ``backend`` on ``device``."""
     device = torch.device(device)
     if backend == "auto":
-        for name in ("aiter", "triton", "reference"):
-            if _AVAILABLE[name](device):
+        for name in AUTO_ORDER:
+            if BY_NAME[name].available(device):
                 return name
     if backend not in BACKENDS:
-        raise ValueError(f"fused_decode_prep: argument 'backend' must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    used = backend
-    while not _AVAILABLE[used](device):
-        used = _FALLBACK[used]
+        raise ValueError(f"fused_decode_prep: argument 'backend' must be one of {CHOICES}, got {backend!r}")
+    used = first_available(backend, device)
     if used != backend:
         _warn_fallback_once(backend, used, str(device))
     return used
-
-
-def _impl(name: str) -> Callable:
-    if name == "reference":
-        return fused_decode_prep_reference
-    if name == "triton":
-        return importlib.import_module(".triton_prep", __name__).fused_decode_prep_triton
-    return importlib.import_module(".aiter_prep", __name__).fused_decode_prep_aiter
 
 
 def fused_decode_prep(
@@ -106,6 +63,8 @@ def fused_decode_prep(
 ) -> None:
     """RoPE + KV-cache write + q-absorb + q-concat + q-quant in one call.
 
+    The arguments (shapes, dtypes, meaning): :mod:`mla_passes.kernels.signature`.
+
     ``q_out[t, h] = quant([q[t, h, :P] @ w_uk_t[h] | rope(q[t, h, P:])], q_scale)``
     for every row t; cache row ``slot_mapping[t]`` gets
     ``quant([kv_c[t] | rope(k_pe[t])], k_scale)`` where the slot is >= 0;
@@ -125,7 +84,7 @@ def fused_decode_prep(
     )
     if index_checks_requested():
         check_index_ranges(positions, slot_mapping, cos_sin_cache.shape[0], dims.num_blocks * dims.block_size)
-    impl = _impl(resolve_backend(backend, q.device))
+    impl = implementation(resolve_backend(backend, q.device))
     impl(q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, is_neox, slot_mapping,
          kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims)
 
@@ -152,9 +111,10 @@ def gather_cache_rows(
         raise ValueError("gather_cache_rows: argument 'k_scale' must be a tensor of one element")
     if dtype is None:
         dtype = torch.bfloat16 if is_fp8_kv_cache(kv_cache_dtype) else kv_cache.dtype
-    if slots.numel() > 0 and _triton_available(kv_cache.device):
+    if slots.numel() > 0 and BY_NAME["triton"].available(kv_cache.device):
         # one launch, no host sync (the reference's index_select/where are several)
-        triton_prep = importlib.import_module(".triton_prep", __name__)
+        from . import triton_prep  # imports triton: only where the triton backend is available
+
         return triton_prep.gather_cache_rows_triton(kv_cache, slots, kv_cache_dtype, k_scale, dtype)
     return gather_cache_rows_reference(kv_cache, slots, kv_cache_dtype, k_scale, dtype)
 

@@ -37,8 +37,9 @@ import logging
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from .backends import BY_NAME, first_available, implementation
 from .fp8 import is_fp8_kv_cache, platform_fp8_dtype, quantize_fp8
-from .reference import absorb_q_nope, cos_sin_for, fused_decode_prep_reference, rope_fp32
+from .reference import absorb_q_nope, cos_sin_for, rope_fp32
 
 logger = logging.getLogger(__name__)
 
@@ -140,15 +141,10 @@ def _warn_unsupported_once(reason: str, used: str) -> None:
 
 
 def _next_backend(device: torch.device):
-    """(impl, name) of the backend after AITER on ``device`` (DESIGN §4.4)."""
-    from . import _triton_available
-
-    if _triton_available(device):
-        from .triton_prep import fused_decode_prep_triton as impl
-        used = "triton"
-    else:
-        impl, used = fused_decode_prep_reference, "reference"
-    return impl, used
+    """(impl, name) of the backend after AITER on ``device``: the first
+    available one down AITER's fallback chain (DESIGN §4.4, :mod:`.backends`)."""
+    used = first_available(BY_NAME["aiter"].fallback, device)
+    return implementation(used), used
 
 
 def _unsupported_reason(q, kv_c, k_pe, q_out, cache) -> str | None:
@@ -164,7 +160,8 @@ def fused_decode_prep_aiter(
     q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, is_neox, slot_mapping,
     kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims,
 ) -> None:
-    """The AITER backend of :func:`mla_passes.kernels.fused_decode_prep`."""
+    """The AITER backend of :func:`mla_passes.kernels.fused_decode_prep`
+    (arguments: :mod:`.signature`, then ``dims``)."""
     T, H, P, L, R = dims.T, dims.H, dims.P, dims.L, dims.R
     if T == 0:
         return

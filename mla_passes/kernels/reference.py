@@ -50,7 +50,7 @@ def fused_decode_prep_reference(
     q, kv_c, k_pe, w_uk_t, positions, cos_sin_cache, is_neox, slot_mapping,
     kv_cache, kv_cache_dtype, k_scale, q_scale, q_out, dims, *, q_rows: int | None = None,
 ) -> None:
-    """The reference backend. ``q_rows``: absorb/concat/quant q only for rows
+    """The reference backend (arguments: :mod:`.signature`, then ``dims``). ``q_rows``: absorb/concat/quant q only for rows
     ``[:q_rows]`` and zero the rest of ``q_out`` (RoPE and the cache write
     still cover every row); used on CPU only, see ``ops._decode_rows``."""
     P = dims.P

@@ -459,7 +459,7 @@ def launch_config(T: int, H: int, L: int, device: torch.device, P: int = 128) ->
     programs: ``SIDE_T`` tokens x ``SIDE_H`` heads of q RoPE, plus a slice of
     those tokens' cache rows.
 
-    From H200 sweeps of both RoPE conventions (``tools/kernel_sweep.py`` and
+    From H200 sweeps of both RoPE conventions (``tools/sweeps/kernel_sweep.py`` and
     ``mla-passes bench --sweep``, DeepSeek-V3 dims, bf16, fp8 cache and q, 8
     layers per CUDA graph): one token -> GEMV over 64-column tiles (a GEMV
     over 2-4 tokens lost to a 16-row tl.dot at 128 heads); otherwise one
@@ -512,7 +512,7 @@ def fused_decode_prep_triton(
 ):
     """The Triton backend of :func:`mla_passes.kernels.fused_decode_prep`.
 
-    Arguments as there; ``dims`` is the :class:`~.validate.PrepDims` the
+    Arguments as there (:mod:`.signature`); ``dims`` is the :class:`~.validate.PrepDims` the
     argument checks returned. One launch with :func:`launch_config`'s blocks,
     no allocation, no host sync. Returns Triton's compiled-kernel handle
     (registers, spills) or None.

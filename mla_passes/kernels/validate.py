@@ -1,4 +1,5 @@
-"""Argument checks for :func:`mla_passes.kernels.fused_decode_prep`.
+"""Argument checks for :func:`mla_passes.kernels.fused_decode_prep`
+(the arguments, in order, with shapes and meaning: :mod:`.signature`).
 
 Every backend runs these before touching memory, so a bad call fails with an
 error that names the argument and what was expected instead of a garbage

@@ -19,6 +19,8 @@ POISON = 7.0  # what untouched cache rows / q_out margins hold (dequantized)
 
 @dataclass
 class DecodePrepCase:
+    """The kernel's arguments (:mod:`mla_passes.kernels.signature`), in order, then ``meta``."""
+
     q: torch.Tensor
     kv_c: torch.Tensor
     k_pe: torch.Tensor

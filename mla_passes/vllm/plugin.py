@@ -54,7 +54,7 @@ import functools
 import logging
 from typing import Optional
 
-from .. import explain as _explain
+from .. import records as _explain
 from .. import layers
 from ..config import PassConfig as MLAPassConfig
 from ..kernels import resolve_backend

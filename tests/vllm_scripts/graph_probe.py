@@ -70,7 +70,7 @@ def op_counts(graph: torch.fx.Graph) -> dict[str, int]:
 
 def _machine() -> dict:
     """The platform, the CPU features and the vLLM kernel libraries this process loaded."""
-    from mla_passes.explain import machine_facts
+    from mla_passes.records import machine_facts
 
     return machine_facts()
 
@@ -91,8 +91,8 @@ class GraphProbePass(_PassBase):
                 lines.append(f"{node.name}: {node.op} {node.target} val={_val_str(node.meta.get('val'))}")
         with open(text_path, "w") as f:
             f.write("\n".join(lines))
-        try:  # what would break CUDA-graph capture of this graph (mla_passes.lint; never changes it)
-            from mla_passes.lint import lint_graph
+        try:  # what would break CUDA-graph capture of this graph (mla_passes.diagnostics.lint; never changes it)
+            from mla_passes.diagnostics.lint import lint_graph
 
             lint = [f"{f.kind}: {f.op}" for f in lint_graph(graph)]
         except Exception as e:  # recorded, so a test sees it

@@ -1,5 +1,5 @@
 """What the passes decided, written down per graph: the record behind
-``mla-passes report``.
+``mla-passes report`` (which reads it back: :mod:`mla_passes.diagnostics.report`).
 
 "I turned the flag on: did it fuse, and if not, why not?" The pass manager
 answers that at debug level in the log; this module writes the same answer
@@ -299,14 +299,6 @@ def _attention_backend(name: str) -> str | None:
         return None
 
 
-# vLLM's CPU wheel carries one kernel library per x86 instruction set and loads
-# the one the CPU can run (``CpuPlatform.import_kernels``); the library's file
-# name says which. Read from the process's own mappings, so it is what ran.
-VLLM_CPU_KERNEL_BUILDS = {
-    "_C": "AVX-512 with bf16",
-    "_C_AVX512": "AVX-512",
-    "_C_AVX2": "AVX2",
-}
 _CPU_FEATURES = (("avx2", "_is_avx2_supported"), ("avx512", "_is_avx512_supported"),
                  ("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_tile", "_is_amx_tile_supported"))
 
@@ -345,15 +337,6 @@ def machine_facts() -> dict:
         except Exception:
             platform = None
     return {"platform": platform, "cpu_features": cpu_features(), "vllm_kernels": vllm_kernel_libraries()}
-
-
-def describe_vllm_cpu_kernels(machine: dict) -> str | None:
-    """``"_C_AVX2 (the AVX2 build), CPU: avx2"`` for a record's machine facts on vLLM's CPU platform, else None."""
-    if not machine or machine.get("platform") != "cpu" or not machine.get("vllm_kernels"):
-        return None
-    libs = ", ".join(f"{k} (the {VLLM_CPU_KERNEL_BUILDS[k]} build)" if k in VLLM_CPU_KERNEL_BUILDS else k
-                     for k in machine["vllm_kernels"])
-    return f"{libs}; CPU has {' '.join(machine.get('cpu_features') or []) or 'none of avx2/avx512/amx'}"
 
 
 def explain_graph(manager, graph, before: dict) -> dict:
@@ -488,75 +471,3 @@ def note_vllm_config(vllm_config, manager=None) -> None:
 
 
 _noted: set = set()
-
-
-# --- reading records back ---------------------------------------------------------------
-
-def record_problem(rec) -> str | None:
-    """Why ``rec`` (one decoded JSON line) is not a record the report can
-    read, or None. Checks the fields the report reads, not every field
-    (records may carry more)."""
-    if not isinstance(rec, dict):
-        return f"not a JSON object (a {type(rec).__name__})"
-    kind = rec.get("kind")
-    if not isinstance(kind, str):
-        return "no 'kind' string"
-    if kind != "graph":
-        return None
-    d = rec.get("decision")
-    if not isinstance(d, dict):
-        return "graph record without a 'decision' object"
-    r = d.get("range")
-    if r is not None and not (isinstance(r, list) and len(r) == 2):
-        return "graph record whose decision 'range' is not [start, end]"
-    for key in ("matched_counts", "pattern_counts", "ops_before", "forms_before", "pass_ms"):
-        d = rec.get(key, {})
-        if not (isinstance(d, dict)
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.values())):
-            return f"graph record whose {key!r} is not an object of numbers"
-    if not isinstance(rec.get("other_refusals", []), list):
-        return "graph record whose 'other_refusals' is not a list"
-    layers = rec.get("layers", [])
-    if not isinstance(layers, list):
-        return "graph record whose 'layers' is not a list"
-    for lay in layers:
-        if not (isinstance(lay, dict) and isinstance(lay.get("layer"), str) and isinstance(lay.get("outcome"), str)
-                and isinstance(lay.get("reasons", []), list)):
-            return "graph record with a layer entry that is not {layer, outcome, reasons}"
-    return None
-
-
-def read_records(folder, warn=None) -> list[dict]:
-    """Every record under ``folder`` (any depth: vLLM writes per-rank folders),
-    in file then line order. A line that is not a readable record (not JSON,
-    not UTF-8, not an object, a graph record missing what the report reads:
-    :func:`record_problem`) is skipped with one warning naming ``file:line``,
-    passed to ``warn`` (default: this module's logger); an unreadable file
-    likewise."""
-    if warn is None:
-        warn = logger.warning
-    out = []
-    for path in sorted(Path(folder).rglob(RECORD_GLOB)):
-        try:
-            lines = path.read_bytes().splitlines()
-        except OSError as e:
-            warn(f"skipped {path}: cannot read it ({e.strerror or e})")
-            continue
-        for i, raw in enumerate(lines, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                warn(f"skipped {path}:{i}: not UTF-8")
-                continue
-            except ValueError:
-                warn(f"skipped {path}:{i}: not JSON")
-                continue
-            problem = record_problem(rec)
-            if problem is not None:
-                warn(f"skipped {path}:{i}: {problem}")
-                continue
-            rec["_file"] = str(path)
-            out.append(rec)
-    return out

@@ -1,6 +1,6 @@
 """Time ``MLAPassManager`` on synthetic DeepSeek-V3 decode graphs.
 
-    python -m mla_passes.tools.bench_passes [--layers 8 61 122] [--repeats 5]
+    python -m mla_passes.bench.passes [--layers 8 61 122] [--repeats 5]
 
 Builds a decode stack per layer count (DeepSeek-V3 attention dims, 16 heads =
 128 / TP8, raw RoPE form, GPT-J), captures its post-grad-like graph once

@@ -12,11 +12,11 @@ captured in a CUDA graph and timed by replay:
   one small Triton kernel, the stand-in for vLLM's ``concat_and_cache_mla``),
   the absorb bmm, cat and quant;
 * ``aiter``   - AITER's own Triton kernel ``fused_qk_rope_cat_and_cache_mla``
-  (loaded through :mod:`tools.aiter_stub`) + torch bmm + a compiled quant;
+  (loaded through :mod:`tools.loaders.aiter_stub`) + torch bmm + a compiled quant;
 * ``flashinfer`` - FlashInfer's CUDA kernel behind
   ``flashinfer.rope.rope_quantize_fp8_append_paged_kv_cache`` (RoPE, fp8
   quant of q and of the cache row, paged MLA append; built and loaded by
-  :mod:`tools.flashinfer_stub`) + torch bmm: two launches. fp8 case only (its
+  :mod:`tools.loaders.flashinfer_stub`) + torch bmm: two launches. fp8 case only (its
   kernel writes fp8 q into an fp8 cache); it skips padding tokens (slot -1)
   entirely, so it is checked on the other q rows;
 * the floor: the bytes that must move over the measured copy bandwidth, and
@@ -65,7 +65,7 @@ VARIANTS = ("fused", "compile", "aiter", "flashinfer", "fused_pdl",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .argtypes import comma_list, device, nonnegative_int, output_file, positive_int
+    from ..diagnostics.argtypes import comma_list, device, nonnegative_int, output_file, positive_int
 
     parser.add_argument("--heads", type=positive_int, nargs="+", default=list(DEFAULT_HEADS))
     parser.add_argument("--tokens", type=positive_int, nargs="+", default=list(DEFAULT_TOKENS))
@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_device(command: str, text: str) -> int | None:
     """None when ``--device`` names a device this machine has, else the usage error's exit status."""
-    from .argtypes import usage_error
+    from ..diagnostics.argtypes import usage_error
 
     d = torch.device(text)
     if d.type == "cuda":
@@ -207,10 +207,9 @@ def _variants(names, is_neox, device, case="fp8"):
             ly.case.slot_mapping, ly.case.kv_cache, ly.case.k_scale, ly.case.q_scale, ly.case.q_out)
     if "aiter" in names:
         try:
-            from tools.aiter_stub import load_fused_qk_rope_cat_and_cache_mla
-        except ImportError:
-            from mla_passes.tools.aiter_stub import load_fused_qk_rope_cat_and_cache_mla
-        try:
+            # tools/ of a checkout (not installed): the loader reads AITER's sources from its .whl/
+            from tools.loaders.aiter_stub import load_fused_qk_rope_cat_and_cache_mla
+
             aiter_fn = load_fused_qk_rope_cat_and_cache_mla()
         except Exception as e:  # noqa: BLE001 - reported, the rest still runs
             print(f"[bench] AITER Triton path unavailable: {type(e).__name__}: {e}", file=sys.stderr)
@@ -247,10 +246,9 @@ def _flashinfer_variant(kvd, q_fp8, device):
               file=sys.stderr)
         return None
     try:
-        try:
-            from tools import flashinfer_stub
-        except ImportError:
-            from mla_passes.tools import flashinfer_stub
+        # tools/ of a checkout (not installed): the loader reads FlashInfer's kernel from its .whl/
+        from tools.loaders import flashinfer_stub
+
         fi_fn = flashinfer_stub.load()
     except Exception as e:  # noqa: BLE001 - reported, the rest still runs
         print(f"[bench] FlashInfer column absent: {type(e).__name__}: {e}", file=sys.stderr)
@@ -533,7 +531,7 @@ def write_plot(path, tables, meta) -> None:
 
 
 def run(args) -> int:
-    from .argtypes import usage_error
+    from ..diagnostics.argtypes import usage_error
 
     names, ropes = args.variants, args.rope  # lists: argparse parses string defaults too
     cases = list(DEFAULT_CASES) if args.cases is None else args.cases

@@ -9,7 +9,7 @@ custom pass at all (``--passes off``). DIR then holds depyf's files for every
 compiled function, among them ``AFTER_POST_GRAD`` and, with the passes on, the
 ``mla_passes_before_<pass>`` / ``mla_passes_after_<pass>`` graphs each pass
 logs, and the passes' records (``mla_passes_explain.<pid>.jsonl``, see
-:mod:`mla_passes.explain`): ``mla-passes report DIR`` reads them. Compare two
+:mod:`mla_passes.records`): ``mla-passes report DIR`` reads them. Compare two
 dumps with ``mla-passes diff``.
 
 Inductor's and AOTAutograd's caches are turned off for the run: a cache hit
@@ -41,7 +41,10 @@ from pathlib import Path
 
 from mla_passes.config import BACKENDS
 
+from ..records import ENV_DIR, attach
 from .argtypes import output_dir, positive_int
+from .graph_files import collect_graph_files
+from .report import read_records, summarize
 
 HELP = "run a script under depyf.prepare_debug with the mla-passes pass manager on (or off), dumping every graph"
 
@@ -64,7 +67,7 @@ def add_arguments(parser) -> None:
 def make_pass(passes: str, *, max_num_seqs: int | None = None, backend: str = "auto"):
     """The custom post-grad pass for ``--passes on|off`` (None for off): the
     pass manager (``.manager``), wrapped so that it leaves vLLM's graphs to
-    vLLM's own config. What it did is in the records (:mod:`mla_passes.explain`)."""
+    vLLM's own config. What it did is in the records (:mod:`mla_passes.records`)."""
     if passes == "off":
         return None
     from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -116,8 +119,6 @@ ENGINE_IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
 def _environment(out: Path):
     """Export the record folder (inherited by child processes) and keep
     vLLM's engine in this process unless the user chose otherwise."""
-    from mla_passes.explain import ENV_DIR
-
     saved = {k: os.environ.get(k) for k in (ENV_DIR, ENGINE_IN_PROCESS)}
     os.environ[ENV_DIR] = str(out.resolve())
     engine_set_here = ENGINE_IN_PROCESS not in os.environ
@@ -170,8 +171,6 @@ def dumping(out: str | os.PathLike, custom_pass):
 
 
 def graph_files(out: str | os.PathLike) -> list[Path]:
-    from mla_passes.graph_files import collect_graph_files
-
     return sorted(collect_graph_files(out).values())
 
 
@@ -190,8 +189,6 @@ def run(args) -> int:
         return 2
     custom_pass = make_pass(args.passes, max_num_seqs=args.max_num_seqs, backend=args.backend)
     if custom_pass is not None:
-        from mla_passes.explain import attach
-
         attach(custom_pass.manager, out.resolve(), source="mla-passes dump")
 
     old_argv, old_path0 = sys.argv, sys.path[0] if sys.path else None
@@ -232,10 +229,6 @@ def run(args) -> int:
 def summary_line(out) -> str:
     """What the recorded pass-manager calls in ``out`` did, whichever manager
     (ours, the vLLM plugin's, any process) made them."""
-    from mla_passes.explain import read_records
-
-    from .report import summarize
-
     records = read_records(out, warn=lambda msg: print(f"mla-passes dump: {msg}", file=sys.stderr))
     s = summarize(records)
     graphs = s["graphs"]

@@ -1,6 +1,6 @@
 """Read and pair FX graph files: what ``print_readable`` writes and depyf
-dumps hold. Used by ``mla-passes diff`` (:mod:`mla_passes.tools.graphdiff`)
-and by the CUDA-graph lint in text mode (:mod:`mla_passes.lint`).
+dumps hold. Used by ``mla-passes diff`` (:mod:`.diff`), ``mla-passes dump``
+(:mod:`.dump`) and the CUDA-graph lint in text mode (:mod:`.lint`).
 
 A *graph file* is what ``GraphModule.print_readable`` writes and what depyf
 leaves in its dump folder (``depyf.prepare_debug``) - one ``def forward`` whose
@@ -293,7 +293,7 @@ def collect_graph_files(folder: str | os.PathLike) -> dict[GraphKey, Path]:
         m = _DEPYF_NAME.match(p.name)
         ours = _OUR_NAME.match(p.name)
         if ours:
-            # mla_passes_graph.<pid>.<n>.<before|after>.py (mla_passes.explain):
+            # mla_passes_graph.<pid>.<n>.<before|after>.py (mla_passes.records):
             # keyed like a depyf function, (pid, n) ranked together with depyf's <N>.
             n = int(ours.group("pid")) * 1_000_000 + int(ours.group("n"))
             found.append((n, f"mla_passes_{ours.group('side')}", 0, p))

@@ -1,7 +1,7 @@
 """Launch-config sweep of the fused Triton decode-prep kernel, for one device call.
 
 Times, per (H, T) of the bench grid (DeepSeek-V3 dims, bf16, fp8 cache and q,
-8 layers per CUDA graph, as ``tools/bench.py``): the kernel with its launch
+8 layers per CUDA graph, as ``mla_passes/bench/kernel.py``): the kernel with its launch
 heuristic, with only its absorb programs (``parts=ABSORB``) or only its side
 programs (``parts=CACHE_AND_K_ROPE | Q_ROPE``) under candidate configs, and the best absorb x side
 combinations. ``--baseline MODULE`` adds another kernel module's
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     ROUND = args.round
 
     from mla_passes.kernels import triton_prep
-    from tools import bench
+    from mla_passes.bench import kernel as bench
 
     bargs = argparse.Namespace(dtype="bfloat16", block_size=64)
     dev = torch.device(os.environ.get("SWEEP_DEVICE", "cuda"))

@@ -236,7 +236,7 @@ class _PassesThenLint:
     (findings kept); quacks like the manager for ``TestBackend``."""
 
     def __init__(self, manager):
-        from mla_passes.lint import lint_graph
+        from .lint import lint_graph
 
         self.manager = manager
         self._lint = lint_graph

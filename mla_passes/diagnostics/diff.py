@@ -1,7 +1,14 @@
-"""Compare FX graph dumps: the library behind ``mla-passes diff``.
+"""``mla-passes diff A B``: what a rewrite changed, graph by graph.
+
+A and B are two depyf dump folders (``mla-passes dump``) or two graph files.
+Graphs are paired by name across depyf's naming schemes; for each pair that
+differs it prints an op-count table per target (ops inside
+``auto_functionalized`` counted as the op) and a unified diff of the
+normalized text. Graphs present on one side only are listed. Exit status as
+diff(1): 0 same, 1 different, 2 trouble.
 
 Parsing, normalizing and pairing graph files live in
-:mod:`mla_passes.graph_files` (shared with the lint); this module compares
+:mod:`.graph_files` (shared with the lint and the dump); this module compares
 paired graphs (op counts per target, then a unified diff of the normalized
 text) and formats the report.
 """
@@ -11,20 +18,30 @@ from __future__ import annotations
 import collections
 import dataclasses
 import difflib
+import json
 import os
+import sys
 from pathlib import Path
 
-from mla_passes.graph_files import (  # noqa: F401  (re-exported for the CLI and tests)
-    _NONE_TAIL,
-    GraphKey,
-    GraphNode,
-    ParsedGraph,
-    collect_graph_files,
-    is_graph_source,
-    normalize_graph_source,
-    parse_graph_file,
-    parse_graph_source,
-)
+from .argtypes import nonnegative_int, usage_error
+from .graph_files import GraphKey, collect_graph_files, normalize_graph_source, parse_graph_source
+
+HELP = "compare two depyf dump folders or two graph files: op counts per target, then a unified diff"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("a", metavar="A", help="dump folder or graph file (before)")
+    parser.add_argument("b", metavar="B", help="dump folder or graph file (after)")
+    parser.add_argument("--stage", default=None,
+                        help="only graphs whose stage name contains STAGE (e.g. AFTER_POST_GRAD, mla_passes_)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--all-ops", action="store_true", help="list unchanged targets in the op tables too")
+    parser.add_argument("--no-text", action="store_true", help="op tables only, no text diff")
+    parser.add_argument("-U", "--context", type=nonnegative_int, default=3,
+                        help="lines of context in the text diff (default 3)")
+    parser.add_argument("--show-identical", action="store_true", help="also list graphs that are identical")
+
+
 
 # --- comparing ---------------------------------------------------------------
 
@@ -124,3 +141,29 @@ def format_report(pairs: list[GraphPair], *, all_ops: bool = False, show_identic
         f"{counts['only_a']} only in A, {counts['only_b']} only in B\n"
     )
     return "".join(out)
+
+
+# --- the command ----------------------------------------------------------------
+
+def run(args) -> int:
+    for name, path in (("A", args.a), ("B", args.b)):
+        if not Path(path).exists():
+            return usage_error("diff", name, f"{path}: no such file or folder")
+    try:
+        pairs = compare_paths(args.a, args.b, stage=args.stage, context=args.context)
+    except (ValueError, OSError) as e:
+        print(f"mla-passes diff: {e}", file=sys.stderr)
+        return 2
+    if not pairs:  # nothing compared is not "the same"
+        if args.stage is not None:
+            return usage_error("diff", "--stage", f"{args.stage!r} matches no graph in {args.a} or {args.b}")
+        print(f"mla-passes diff: no graph files in {args.a} or {args.b}", file=sys.stderr)
+        return 2
+    if args.json:
+        counts = {s: sum(p.status == s for p in pairs) for s in ("changed", "identical", "only_a", "only_b")}
+        print(json.dumps({"a": args.a, "b": args.b, "summary": counts,
+                          "graphs": [p.to_json() for p in pairs]}, indent=2))
+    else:
+        sys.stdout.write(format_report(pairs, all_ops=args.all_ops, show_identical=args.show_identical,
+                                       text_diff=not args.no_text))
+    return 0 if all(p.status == "identical" for p in pairs) else 1

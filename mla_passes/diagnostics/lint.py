@@ -27,20 +27,28 @@ the text of a dumped graph file (``print_readable`` / depyf; it reads the
 Inductor post-grad pass (``CustomGraphPass``, so also vLLM's
 ``post_grad_custom_post_pass``): it logs findings, keeps them in
 ``.findings``, and raises with ``strict=True``. It never changes the graph.
+
+``mla-passes lint DUMP_OR_GRAPH...`` (:func:`run`) checks one graph file or
+every graph file of a depyf dump folder with :func:`lint_path`. Exit status:
+0 clean, 1 findings, 2 bad input.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Iterable
 
 import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from .graph_files import _split_top_level, collect_graph_files, is_graph_source, parse_graph_source
 
 logger = logging.getLogger(__name__)
 
@@ -371,8 +379,6 @@ def lint_graph(graph: fx.Graph | fx.GraphModule) -> list[Finding]:
 # --- dumped graph files ------------------------------------------------------
 
 def _text_views(parsed) -> Iterable[_View]:
-    from mla_passes.graph_files import _split_top_level
-
     anns = {n.name: n.val for n in parsed.nodes}
     for n in parsed.nodes:
         if n.target in ("placeholder", "alias"):
@@ -424,16 +430,12 @@ def _text_call_args(n, anns: dict, split) -> tuple[tuple, dict]:
 def lint_source(src: str) -> list[Finding]:
     """Findings for the text of one graph file (``print_readable`` output or a
     depyf dump file)."""
-    from mla_passes.graph_files import parse_graph_source
-
     return [f for v in _text_views(parse_graph_source(src)) for f in _check(v)]
 
 
 def lint_path(path: str | Path) -> dict[str, list[Finding]]:
     """Lint one graph file, or every graph file of a dump folder (kernel and
     bytecode files skipped): ``{file: findings}``."""
-    from mla_passes.graph_files import collect_graph_files, is_graph_source
-
     path = Path(path)
     if path.is_dir():
         files = sorted(collect_graph_files(path).values())
@@ -480,3 +482,52 @@ class CudaGraphLintPass(CustomGraphPass):
         h = hashlib.sha256(Path(__file__).read_bytes())
         h.update(repr(self.strict).encode())
         return h.hexdigest()
+
+
+# --- the command ----------------------------------------------------------------
+
+HELP = "flag ops that break CUDA-graph capture (dynamic shapes, host syncs) in a dumped graph or dump folder"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="DUMP_OR_GRAPH",
+                        help="a graph file (print_readable / depyf) or a depyf dump folder")
+    parser.add_argument("--stage", default=None,
+                        help="in dump folders, only files whose name contains STAGE (e.g. AFTER_POST_GRAD)")
+    parser.add_argument("--json", action="store_true", help="print findings as JSON")
+
+
+def run(args) -> int:
+    results: dict[str, list] = {}
+    for p in args.paths:
+        if not Path(p).exists():
+            print(f"mla-passes lint: error: argument DUMP_OR_GRAPH: {p}: no such file or folder", file=sys.stderr)
+            return 2
+        try:
+            found = lint_path(p)
+        except (ValueError, UnicodeDecodeError) as e:
+            print(f"mla-passes lint: {e}", file=sys.stderr)
+            return 2
+        for f, findings in found.items():
+            if args.stage is None or args.stage in Path(f).name:
+                results[f] = findings
+    if not results:  # nothing linted is not "clean"
+        where = " ".join(args.paths)
+        if args.stage is not None:
+            print(f"mla-passes lint: error: argument --stage: {args.stage!r} matches no graph file in {where}",
+                  file=sys.stderr)
+        else:
+            print(f"mla-passes lint: error: argument DUMP_OR_GRAPH: no graph file in {where}", file=sys.stderr)
+        return 2
+    n = sum(len(v) for v in results.values())
+    if args.json:
+        print(json.dumps({
+            "files": {f: [vars(x) for x in v] for f, v in results.items()},
+            "num_files": len(results), "num_findings": n,
+        }, indent=2))
+    else:
+        for f, findings in results.items():
+            for x in findings:
+                print(f"{f}: {x}")
+        print(f"{n} finding{'s' if n != 1 else ''} in {len(results)} graph file{'s' if len(results) != 1 else ''}")
+    return 1 if n else 0
