@@ -47,6 +47,7 @@ def _ops():
     from mla_passes import op_handles
     from mla_passes.layers import resolve_layer
     from mla_passes.ops import LAYER_NAME_TYPE as LN, define_op
+    from mla_passes.vllm import tables as vllm_tables
 
     lib = torch.library.Library("mla_passes_bench_step", "DEF")
 
@@ -67,16 +68,12 @@ def _ops():
         return None
 
     _OPS["lib"] = lib
+    schemas = vllm_tables.V0_32  # the release the stand-in stack mirrors
     _OPS["kv_cache_update"] = define_op(
-        lib, "unified_mla_kv_cache_update",
-        f"(Tensor kv_c_normed, Tensor k_pe, {LN} layer_name, str kv_cache_dtype, Tensor k_scale) -> Tensor",
+        lib, schemas.ops["kv_cache_update"], schemas.schema("kv_cache_update", LN),
         mutates=(), impl=cache_update, fake=cache_update_fake)
     _OPS["attention"] = define_op(
-        lib, "unified_mla_attention_with_output",
-        f"(Tensor q, Tensor kv_c_normed, Tensor k_pe, Tensor(a3!) output, {LN} layer_name, "
-        "Tensor? output_scale=None, Tensor(a6!)? output_block_scale=None, Tensor? kv_cache_dummy_dep=None, "
-        "SymInt? quant_group_size=None, bool? quant_scale_ue8m0=None, bool? quant_col_major=None, "
-        "bool? quant_tma_aligned=None, Tensor? q_dcp_replicated=None) -> ()",
+        lib, schemas.ops["attention"], schemas.schema("attention", LN),
         mutates=("output", "output_block_scale"), impl=attention, fake=attention_fake)
     op_handles.register_role("kv_cache_update", _OPS["kv_cache_update"])
     op_handles.register_role("attention", _OPS["attention"])

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from ..records import RECORD_GLOB
+from ..vllm import tables as vllm_tables
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +237,7 @@ def likely_cause(graphs: list[dict], configs: list[dict]) -> str:
             version = sorted({str(c.get("vllm_version")) for c in configs if c.get("vllm_version")})
             return ("no layer of the expected form found: vLLM runs this model as MLA (model_config.use_mla)"
                     f"{' (vLLM ' + ', '.join(version) + ')' if version else ''}, but no graph the passes ran on "
-                    "holds vllm::unified_mla_attention_with_output, vllm::unified_mla_kv_cache_update or "
-                    "vllm::fused_rope_unified_mla_kv_cache_update: this vLLM runs its MLA attention, RoPE and "
+                    f"holds {', '.join(_known_vllm_ops())}: this vLLM runs its MLA attention, RoPE and "
                     "cache write through other ops or in the model code, which the passes do not know; "
                     "nothing was fused")
         return "the graphs the passes ran on hold no MLA attention, cache update or fused-RoPE op (not an MLA model?)"
@@ -347,3 +347,8 @@ def run(args) -> int:
         return 2
     t = summary["totals"]
     return 0 if t.get("fused") or t.get("lifted") else 1
+
+
+def _known_vllm_ops() -> list[str]:
+    """``vllm::name`` of every MLA op the passes know, across the supported releases."""
+    return [q for role in ("attention", "kv_cache_update", "fused_rope") for q in vllm_tables.qualified_names(role)]
