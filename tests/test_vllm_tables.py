@@ -100,3 +100,31 @@ def test_every_unsupported_argument_is_refused(version, arg):
     (call,) = fx.find_op_calls(g, {op})
     why = check_attention(call)
     assert why is not None and why.startswith(f"argument {arg!r} is set"), why
+
+
+def _arg_names_read_by_the_passes() -> set[str]:
+    """Every ``.arg("name")`` the passes and patterns read off a node by argument name."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    names = set()
+    for path in [*(root / "mla_passes" / "passes").glob("*.py"), root / "mla_passes" / "fx.py", *(root / "patterns").glob("*.py")]:
+        names.update(re.findall(r'\.arg\("([a-z_]+)"', path.read_text()))
+    return names
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_argument_names_the_passes_read_are_in_every_table(version):
+    """The passes read vLLM's op arguments by name; each such name is an argument of some op of
+    every supported release (a release that renamed one needs its table and the code changed)."""
+    names = _arg_names_read_by_the_passes()
+    assert {"kv_c_normed", "k_pe", "layer_name", "cos_sin_cache"} <= names  # the scan sees the code
+    from mla_passes import ops
+
+    ours = {a.name for op in (ops.decode_q_prep_op, ops.fused_decode_prep_op, ops.attention_with_prepped_q_op)
+            for a in op._schema.arguments}  # arguments of our own ops, read the same way
+    table = tables.TABLES[version]
+    in_table = {a[0] for role in ROLES for a in _args(_schema(table, role))}
+    missing = names - in_table - ours
+    assert not missing, f"vLLM {version}: the passes read {sorted(missing)}, which no op of its table takes"
