@@ -294,9 +294,11 @@ def _time_steps(llm, spec: dict, vocab: int, out: Path, result: dict) -> list[di
     # the same GPU (both disturb the timing); an engine that failed to start counts as arrived.
     (out.parent / f"{spec['name']}.ready").touch()
     deadline = time.time() + spec.get("barrier_s", 400)
-    while time.time() < deadline and any(
+    # MLA_STEP_WAIT_FOR: a file whose existence says other GPU work of the same device call ended
+    wait_for = os.environ.get("MLA_STEP_WAIT_FOR")
+    while time.time() < deadline and (any(
             not (out.parent / f"{name}.ready").exists() and not (out.parent / f"{name}.json").exists()
-            for name in spec.get("group", [])):
+            for name in spec.get("group", [])) or (wait_for and not Path(wait_for).exists())):
         time.sleep(1)
     with open(out.parent / "timing.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
