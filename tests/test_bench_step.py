@@ -54,7 +54,7 @@ _INTERP_ATTENTION = r"""
 import math, os, sys
 import torch
 from mla_passes.bench import step_harness, step_model
-from tools.loaders.vllm_mla_stub import load_decode_attention_fwd
+from mla_passes.bench.loaders.vllm_mla_stub import load_decode_attention_fwd
 
 fn = load_decode_attention_fwd()
 StepLayer = step_model._mla_state_cls()
@@ -86,7 +86,7 @@ def test_vllm_triton_attention_call_matches_torch_math_in_interpreter():
     import subprocess
     import sys
 
-    from tools.loaders import vllm_mla_stub
+    from mla_passes.bench.loaders import vllm_mla_stub
 
     if vllm_mla_stub._source_file() is None:
         pytest.skip("vLLM's triton_decode_attention.py not found (no vLLM, no .whl/vllm_triton)")

@@ -10,7 +10,7 @@
 #   tools/gpu_check.sh kbench-step - the kernel bench at the step's shapes (GPT-J, H 8 16 64 128, PDL column)
 #   tools/gpu_check.sh sweep-small-h - launch-config sweep of the fused kernel at H 8 and 16
 #   tools/gpu_check.sh step    - `mla-passes bench-step`: a DeepSeek-V3 decode step with the passes off and on
-#                                (needs vLLM's Triton MLA decode file in .whl/vllm_triton: python -m tools.loaders.vllm_mla_stub)
+#                                (needs vLLM's Triton MLA decode file in .whl/vllm_triton: python -m mla_passes.bench.loaders.vllm_mla_stub)
 #   tools/gpu_check.sh vllm    - real vLLM (../shared/gpu-vllm kit): flag off vs on per MLA backend, KV-cache
 #                                dtype and cudagraph mode: tokens, KV-cache rows, report (tools/gpu_vllm.py)
 #   tools/gpu_check.sh vllm-step - real vLLM time per output token: off / vLLM's own MLA fusion / mla-passes
@@ -18,8 +18,8 @@
 # (the engine folders stay in /tmp: $OUT takes 8 files at most)
 # Logs, JSON and PNGs go under $OUT (the device tool's result folder) or ./gpu_out.
 # Needs: torch with CUDA, triton, pytest (matplotlib for the PNG); AITER's Triton sources under
-# .whl/aiter_py (python -m tools.loaders.aiter_stub AMD_AITER_WHEEL) for the AITER column; for the FlashInfer
-# column (fp8 case), .whl/flashinfer_rope/flashinfer_rope_sm90a.so (python -m tools.loaders.flashinfer_stub
+# .whl/aiter_py (python -m mla_passes.bench.loaders.aiter_stub AMD_AITER_WHEEL) for the AITER column; for the FlashInfer
+# column (fp8 case), .whl/flashinfer_rope/flashinfer_rope_sm90a.so (python -m mla_passes.bench.loaders.flashinfer_stub
 # FLASHINFER_WHEEL, built where nvcc is) and an apache_tvm_ffi cp312 wheel in .whl/ (installed below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -89,8 +89,8 @@ step|all)
   echo "== decode step (DeepSeek-V3 layers, vLLM Triton MLA attention), passes off vs on: $st ${STEP_ARGS-}"
   # mla_passes.patterns lives in patterns/: stage the installed layout (as for the pass tests)
   pkg=$(mktemp -d) && cp -r mla_passes "$pkg/" && cp -r patterns "$pkg/mla_passes/patterns"
-  # run from outside the repo, so that the staged package is the one imported; the repo after it
-  # on the path for tools.loaders.vllm_mla_stub (not installed), which loads vLLM's attention kernel
+  # run from outside the repo, so that the staged package is the one imported; the loader of vLLM's
+  # attention kernel (mla_passes.bench.loaders.vllm_mla_stub) is told where the kernel file is
   (src=$PWD/.whl/vllm_triton/triton_decode_attention.py && repo=$PWD && cd "$(mktemp -d)" && MLA_PASSES_VLLM_MLA_SRC=$src \
     PYTHONPATH=$pkg:$repo timeout ${STEP_TIMEOUT:-400} python3 -m mla_passes.bench.step --pdl ${STEP_ARGS-} \
     --json "$OUT/$st.json" --plot "$OUT/$st.png" >"$OUT/$st.log" 2>&1) || rc=1

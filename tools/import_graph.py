@@ -5,7 +5,8 @@
 Reads the source (nothing is imported): ``mla_passes/``, plus ``patterns/`` under the name it is
 installed as (``mla_passes.patterns``) and ``tools/`` (not installed) as ``tools``. Prints the edge
 count (how many of them are imports inside a function), every cycle (strongly connected set of
-two or more modules or packages) and exits 1 if there is one. A module-level drawing misses the
+two or more modules or packages) and every import running up the layers (:data:`LAYERS`), and
+exits 1 if there is either. A module-level drawing misses the
 arrows of imports inside functions; this one does not.
 """
 
@@ -131,6 +132,25 @@ def graph_at(level: str, known: dict[str, Path], es) -> tuple[set[str], dict[str
     return nodes, graph, n
 
 
+# The layers, lowest first (CONTRIBUTING "Layout"): an import runs to its own layer or a lower one.
+# Modules of mla_passes not named here are the core; tools/ (not installed) sits on top.
+LAYERS = {"mla_passes.kernels": 0, "mla_passes.testing": 2, "mla_passes.diagnostics": 3, "mla_passes.bench": 4,
+          "mla_passes.cli": 5, "tools": 6}
+CORE = 1
+
+
+def layer_of(mod: str) -> int:
+    for prefix, n in LAYERS.items():
+        if mod == prefix or mod.startswith(prefix + "."):
+            return n
+    return CORE
+
+
+def upward(es) -> list[tuple[str, str]]:
+    """(importer, imported) where the imported module sits on a higher layer."""
+    return [(a, b) for a, b, _ in es if layer_of(b) > layer_of(a)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--level", choices=("module", "package"), default="module")
@@ -141,18 +161,22 @@ def main(argv=None) -> int:
     nodes, graph, n = graph_at(args.level, known, es)
     found = cycles(nodes, graph)
     inside = sum(1 for *_, nested in es if nested)
+    up = upward(es)
     summary = {"modules": len(known), "level": args.level, "edges": n, "module_edges": len(es),
-               "imports_inside_functions": inside, "cycles": found}
+               "imports_inside_functions": inside, "cycles": found, "upward": up}
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
         print(f"{len(known)} modules; {len(es)} module-to-module imports, {inside} of them inside a function; "
-              f"{args.level} level: {len(nodes)} nodes, {n} edges, {len(found)} cycle(s)")
+              f"{args.level} level: {len(nodes)} nodes, {n} edges, {len(found)} cycle(s); "
+              f"{len(up)} import(s) running up the layers")
+        for a, b in up:
+            print(f"  up: {a} (layer {layer_of(a)}) -> {b} (layer {layer_of(b)})")
         for c in found:
             print("  cycle: " + " <-> ".join(c))
             for a in c:
                 print(f"    {a} -> " + ", ".join(b for b in sorted(graph[a]) if b in c))
-    return 1 if found else 0
+    return 1 if found or up else 0
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ captured in a CUDA graph and timed by replay:
   one small Triton kernel, the stand-in for vLLM's ``concat_and_cache_mla``),
   the absorb bmm, cat and quant;
 * ``aiter``   - AITER's own Triton kernel ``fused_qk_rope_cat_and_cache_mla``
-  (loaded through :mod:`tools.loaders.aiter_stub`) + torch bmm + a compiled quant;
+  (loaded through :mod:`mla_passes.bench.loaders.aiter_stub`) + torch bmm + a compiled quant;
 * ``flashinfer`` - FlashInfer's CUDA kernel behind
   ``flashinfer.rope.rope_quantize_fp8_append_paged_kv_cache`` (RoPE, fp8
   quant of q and of the cache row, paged MLA append; built and loaded by
-  :mod:`tools.loaders.flashinfer_stub`) + torch bmm: two launches. fp8 case only (its
+  :mod:`mla_passes.bench.loaders.flashinfer_stub`) + torch bmm: two launches. fp8 case only (its
   kernel writes fp8 q into an fp8 cache); it skips padding tokens (slot -1)
   entirely, so it is checked on the other q rows;
 * the floor: the bytes that must move over the measured copy bandwidth, and
@@ -207,8 +207,8 @@ def _variants(names, is_neox, device, case="fp8"):
             ly.case.slot_mapping, ly.case.kv_cache, ly.case.k_scale, ly.case.q_scale, ly.case.q_out)
     if "aiter" in names:
         try:
-            # tools/ of a checkout (not installed): the loader reads AITER's sources from its .whl/
-            from tools.loaders.aiter_stub import load_fused_qk_rope_cat_and_cache_mla
+            # the loader reads AITER's sources from .whl/ of the checkout (an import here: AITER is optional)
+            from mla_passes.bench.loaders.aiter_stub import load_fused_qk_rope_cat_and_cache_mla
 
             aiter_fn = load_fused_qk_rope_cat_and_cache_mla()
         except Exception as e:  # noqa: BLE001 - reported, the rest still runs
@@ -246,8 +246,8 @@ def _flashinfer_variant(kvd, q_fp8, device):
               file=sys.stderr)
         return None
     try:
-        # tools/ of a checkout (not installed): the loader reads FlashInfer's kernel from its .whl/
-        from tools.loaders import flashinfer_stub
+        # the loader reads FlashInfer's kernel from .whl/ of the checkout (optional, GPU only)
+        from mla_passes.bench.loaders import flashinfer_stub
 
         fi_fn = flashinfer_stub.load()
     except Exception as e:  # noqa: BLE001 - reported, the rest still runs

@@ -20,7 +20,7 @@ Each layer, as vLLM runs it for decode:
   token-major buffer), the concat + static fp8 quant of q (one kernel), then
   **vLLM's Triton MLA decode kernel** (``decode_attention_fwd`` from
   ``vllm/v1/attention/ops/triton_decode_attention.py``, loaded from a copy of
-  vLLM's file by :mod:`tools.loaders.vllm_mla_stub`) over the paged fp8 cache, then
+  vLLM's file by :mod:`mla_passes.bench.loaders.vllm_mla_stub`) over the paged fp8 cache, then
   the W_UV absorb (bmm);
 * o_proj, the residual, RMSNorm and a dense gated MLP **stand-in** whose bf16
   weight bytes equal those of DeepSeek-V3's active experts per token at that

@@ -153,8 +153,8 @@ def compare(model, off: Captured, on: Captured, T: int) -> dict:
 def _load_attention(device, smoke):
     if smoke or device.type != "cuda":
         return "torch", None
-    # tools/ of a checkout (not installed): the loader reads vLLM's kernel file from its .whl/
-    from tools.loaders.vllm_mla_stub import load_decode_attention_fwd
+    # the loader reads vLLM's kernel file from .whl/ of the checkout or the installed vLLM (optional)
+    from mla_passes.bench.loaders.vllm_mla_stub import load_decode_attention_fwd
 
     return "vllm-triton", load_decode_attention_fwd()
 

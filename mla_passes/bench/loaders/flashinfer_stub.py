@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout (mla_passes/bench/loaders/)
 DEFAULT_DIR = REPO_ROOT / ".whl" / "flashinfer_rope"
 LIB_NAME = "flashinfer_rope_sm90a.so"
 SOURCES = ("rope.cu", "flashinfer_rope_binding.cu")  # under flashinfer/data/csrc
@@ -118,7 +118,7 @@ def load():
     path = library_path()
     if path is None:
         raise FileNotFoundError(f"no FlashInfer RoPE library at {DEFAULT_DIR / LIB_NAME} (build it: "
-                                "python -m tools.loaders.flashinfer_stub FLASHINFER_WHEEL [TVM_FFI_ROOT])")
+                                "python -m mla_passes.bench.loaders.flashinfer_stub FLASHINFER_WHEEL [TVM_FFI_ROOT])")
     import tvm_ffi  # ImportError names the missing apache-tvm-ffi
 
     mod = tvm_ffi.load_module(str(path))
@@ -177,6 +177,6 @@ class MlaCall:
 
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
-        print("usage: python -m tools.loaders.flashinfer_stub FLASHINFER_WHEEL [TVM_FFI_ROOT]", file=sys.stderr)
+        print("usage: python -m mla_passes.bench.loaders.flashinfer_stub FLASHINFER_WHEEL [TVM_FFI_ROOT]", file=sys.stderr)
         sys.exit(2)
     print(build(*sys.argv[1:]))

@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 
 INNER = "vllm/v1/attention/ops/triton_decode_attention.py"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout (mla_passes/bench/loaders/)
 DEFAULT_FILE = REPO_ROOT / ".whl" / "vllm_triton" / "triton_decode_attention.py"
 _PKG = "_mla_passes_vllm_stub"  # never "vllm": a real vLLM may be importable beside it
 
@@ -76,7 +76,7 @@ def load_decode_attention_fwd():
     if path is None:
         raise ImportError(
             "vLLM's triton_decode_attention.py not found: set MLA_PASSES_VLLM_MLA_SRC, or run "
-            "`python -m tools.loaders.vllm_mla_stub [VLLM_WHEEL]` where vLLM is installed")
+            "`python -m mla_passes.bench.loaders.vllm_mla_stub [VLLM_WHEEL]` where vLLM is installed")
     import triton
     import triton.language as tl
 

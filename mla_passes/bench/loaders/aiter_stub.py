@@ -31,7 +31,7 @@ NEEDED = (
     "aiter/ops/triton/utils/logger.py",
 )
 _PACKAGES = ("aiter", "aiter.ops", "aiter.ops.triton", "aiter.ops.triton.utils", "aiter.ops.triton._triton_kernels")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout (mla_passes/bench/loaders/)
 DEFAULT_DIR = REPO_ROOT / ".whl" / "aiter_py"
 
 
@@ -71,7 +71,7 @@ def load_fused_qk_rope_cat_and_cache_mla():
     if root is None:
         raise ImportError(
             "AITER sources not found: set MLA_PASSES_AITER_SRC, or run "
-            "`python -m tools.loaders.aiter_stub WHEEL` with an amd-aiter wheel"
+            "`python -m mla_passes.bench.loaders.aiter_stub WHEEL` with an amd-aiter wheel"
         )
     real = sys.modules.get("aiter")
     if real is None or getattr(real, "__mla_passes_stub__", False):
@@ -88,5 +88,5 @@ def load_fused_qk_rope_cat_and_cache_mla():
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m tools.loaders.aiter_stub AMD_AITER_WHEEL")
+        sys.exit("usage: python -m mla_passes.bench.loaders.aiter_stub AMD_AITER_WHEEL")
     print(extract_from_wheel(sys.argv[1]))
