@@ -104,6 +104,15 @@ def test_step_report_wants_every_layer_fused_in_the_decode_range_only(tmp_path, 
     assert got is ok, text
 
 
+def test_decode_steps_are_the_most_frequent_token_count():
+    prefill_hit = [(16 * 64, 900.0)]  # the first forward: each prompt's last block recomputed
+    decode = [(16, 100.0 + i) for i in range(8)]
+    tail = [(8, 60.0)]  # requests finishing apart
+    assert gpu_vllm.decode_steps(prefill_hit + decode + tail) == (16, [100.0 + i for i in range(8)])
+    assert gpu_vllm.decode_steps([(32, 5.0), (16, 3.0)]) == (16, [3.0])  # a tie: the smaller count
+    assert gpu_vllm.decode_steps([]) == (0, [])
+
+
 def test_step_kv_cache_holds_the_largest_batch_at_the_longest_context():
     for layers, batch, ctx, n in ((16, 256, 4096, 64), (16, 1, 1024, 64), (2, 7, 100, 3)):
         need = layers * gpu_vllm._FP8_CACHE_BYTES_PER_TOKEN * batch * (ctx + 1 + n)

@@ -270,6 +270,20 @@ def _take_forward_times(worker) -> list[tuple[int, float]]:
     return [(n, 1000.0 * s.elapsed_time(e)) for n, s, e in events]
 
 
+def decode_steps(fwd: list[tuple[int, float]]) -> tuple[int, list[float]]:
+    """The decode steps among a timed call's forwards ``(tokens, us)``: those of the most frequent
+    (padded) token count, the smaller count on a tie. Left out: the call's first forward (the
+    prefix-cache hit recomputes each prompt's last block: more tokens) and any of another size
+    (requests finishing apart)."""
+    counts: dict[int, int] = {}
+    for n, _ in fwd:
+        counts[n] = counts.get(n, 0) + 1
+    if not counts:
+        return 0, []
+    padded = max(counts, key=lambda n: (counts[n], -n))
+    return padded, [us for n, us in fwd if n == padded]
+
+
 def _time_steps(llm, spec: dict, vocab: int, out: Path, result: dict) -> list[dict]:
     """Per (context, batch), two numbers:
 
@@ -324,13 +338,7 @@ def _time_steps(llm, spec: dict, vocab: int, out: Path, result: dict) -> list[di
                                      use_tqdm=False)
                         best = min(best, ((t1 - t0) - (time.perf_counter() - t1)) / n)
                 tpot_us = best * 1e6
-                fwd = llm.collective_rpc(_take_forward_times)[0]
-                # decode steps: the forwards of the timed calls but their first (the prefix-cache hit
-                # recomputes each prompt's last block) and any of another size (requests finishing
-                # apart): the most frequent token count
-                counts = [n for n, _ in fwd]
-                padded = max(set(counts), key=counts.count) if counts else 0  # the decode steps' (padded) size
-                steps = [us for n, us in fwd if n == padded]
+                padded, steps = decode_steps(llm.collective_rpc(_take_forward_times)[0])
                 forward_us = statistics.median(steps) if steps else None
                 rows.append({"context": ctx, "batch": b, "tpot_us": round(tpot_us, 1),
                              "forward_us": None if forward_us is None else round(forward_us, 1),
