@@ -1,6 +1,6 @@
 """The package's import graph from every import in the code, module level and inside functions.
 
-    python tools/import_graph.py [--level module|package] [--json]
+    python tools/import_graph.py [--level module|package|room] [--json]
 
 Reads the source (nothing is imported): ``mla_passes/``, plus ``patterns/`` under the name it is
 installed as (``mla_passes.patterns``) and ``tools/`` (not installed) as ``tools``. Prints the edge
@@ -118,13 +118,29 @@ def cycles(nodes: set[str], graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def room_of(mod: str) -> str:
+    """A file at the top of ``mla_passes/`` or a folder under it (``tools/`` is one): the rooms of a
+    drawing by folders."""
+    parts = mod.split(".")
+    if parts[0] != "mla_passes" or len(parts) == 1:
+        return parts[0]
+    return ".".join(parts[:2])
+
+
 def graph_at(level: str, known: dict[str, Path], es) -> tuple[set[str], dict[str, set[str]], int]:
+    """``module``: every module a node. ``package``: a package holds its modules and subpackages'
+    edges to it (so a top-level module and a subpackage are not told apart). ``room``: each file at
+    the top of mla_passes/ and each folder under it a node, as a drawing by folders shows them."""
     nodes, graph, n = set(), {}, 0
     for a, b, _ in es:
         if level == "package":
             a, b = package_of(a, known), package_of(b, known)
             if a == b or b.startswith(a + ".") or a.startswith(b + "."):
                 continue  # a package and its own subpackages: the parent holds them
+        elif level == "room":
+            a, b = room_of(a), room_of(b)
+            if a == b:
+                continue
         nodes.update((a, b))
         if b not in graph.setdefault(a, set()):
             graph[a].add(b)
@@ -153,7 +169,7 @@ def upward(es) -> list[tuple[str, str]]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--level", choices=("module", "package"), default="module")
+    p.add_argument("--level", choices=("module", "package", "room"), default="module")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     known = modules()
