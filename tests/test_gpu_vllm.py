@@ -96,12 +96,15 @@ def _graph_record(rng, outcomes):
     ([([1, 4], ["fused"] * 3), ([5, 8192], ["left alone", "fused", "left alone"])], False),  # outside the range
     ([], False),  # nothing compiled with the passes (a cache hit): nothing shown
 ])
-def test_step_report_wants_every_layer_fused_in_the_decode_range_only(tmp_path, records, ok):
+def test_report_wants_every_layer_fused_in_the_decode_range_only(tmp_path, records, ok):
     dump = tmp_path / "h16_mla_passes_dump" / "rank_0_dp_0"
     dump.mkdir(parents=True)
     (dump / "mla_passes_explain.1.jsonl").write_text("".join(json.dumps(_graph_record(*r)) + "\n" for r in records))
-    got, text = gpu_vllm.step_report({"_path": str(tmp_path / "h16_mla_passes.json"), "max_num_seqs": 4}, 3)
+    result = {"_path": str(tmp_path / "h16_mla_passes.json"), "max_num_seqs": 4}
+    got, text = gpu_vllm.check_report(result, True, 3)
     assert got is ok, text
+    rewritten = any(o != "left alone" for _, outcomes in records for o in outcomes)
+    assert gpu_vllm.check_report(result, False)[0] is not rewritten  # flag off: nothing may be rewritten
 
 
 def test_decode_steps_are_the_most_frequent_token_count():
