@@ -13,7 +13,8 @@
 #                                (needs vLLM's Triton MLA decode file in .whl/vllm_triton: python -m mla_passes.bench.loaders.vllm_mla_stub)
 #   tools/gpu_check.sh vllm    - real vLLM (../shared/gpu-vllm kit): flag off vs on per MLA backend, KV-cache
 #                                dtype and cudagraph mode: tokens, KV-cache rows, report (tools/gpu_vllm.py)
-#   tools/gpu_check.sh vllm-step - real vLLM time per output token: off / vLLM's own MLA fusion / mla-passes
+#   tools/gpu_check.sh vllm-step - real vLLM time per output token: off / control (flag-on config, no rewrite) /
+#                                vLLM's own MLA fusion / mla-passes
 #   tools/gpu_check.sh all     - all of the above but vllm* (longer than one device call)
 # (the engine folders stay in /tmp: $OUT takes 8 files at most)
 # Logs, JSON and PNGs go under $OUT (the device tool's result folder) or ./gpu_out.
@@ -109,7 +110,7 @@ vllm)
   ;;&
 vllm-step)
   # VLLM_STEP_ARGS: e.g. --heads 16 --batches 1 16 64 256 --contexts 1024 4096
-  echo "== real vLLM decode step: time per output token, off / vLLM's own fusion / mla-passes"
+  echo "== real vLLM decode step: time per output token, off / control / vLLM's own fusion / mla-passes"
   repo=$PWD
   (cd "$(mktemp -d)" && PYTHONPATH=${VLLM_SITE:-/tmp/site}:$repo timeout ${VLLM_STEP_TIMEOUT:-560} python3 -P -m tools.gpu_vllm \
     step --out /tmp/mla_vllm_step ${VLLM_STEP_ARGS-} >"$OUT/vllm_step.log" 2>&1) || rc=1

@@ -30,8 +30,11 @@ reads):
 kv_lora 512, RoPE 64 GPT-J, MoE through vLLM's own fused MoE with 8 routed experts, all
 active, of intermediate 256, plus one shared expert: the expert bytes per token of a TP-8
 rank of DeepSeek-V3), random (dummy) weights, a few layers, fp8 KV cache; time per output
-token at each batch size and context, for: flag off, vLLM's own ``fuse_rope_kvcache_cat_mla``
-with graph partition (the upstream anchor), and mla-passes on.
+token and the model forward's GPU time per decode step at each batch size and context, for:
+flag off (vLLM's defaults); the control, flag off with the config the plugin gives a flag-on
+engine (graph partition, the decode compile range), so that the saving is split into the
+rewrite's own and the config's; vLLM's own ``fuse_rope_kvcache_cat_mla`` with graph partition
+(the upstream anchor); and mla-passes on.
 """
 
 from __future__ import annotations
@@ -148,6 +151,22 @@ def _save_caches(llm, path: Path) -> None:
     torch.save(caches, path)
 
 
+def compilation_config_for(spec: dict) -> dict:
+    """vLLM's ``compilation_config`` for one engine spec: flag on (mla-passes), vLLM's own MLA
+    fusion with graph partition, the control (flag off with the config the plugin gives a flag-on
+    engine: graph partition and the decode compile range), or vLLM's defaults."""
+    cc: dict = {"cudagraph_mode": spec.get("cudagraph_mode", "FULL_AND_PIECEWISE")}
+    if spec.get("flag"):
+        cc["pass_config"] = {"fuse_aiter_qk_rope_kvcache_mla": True}
+    if spec.get("vllm_fusion"):
+        cc["pass_config"] = {"fuse_rope_kvcache_cat_mla": True}
+        cc["use_inductor_graph_partition"] = True
+    if spec.get("same_config_as_flag"):
+        cc["use_inductor_graph_partition"] = True
+        cc["compile_ranges_endpoints"] = [spec["decode_endpoint"]]
+    return cc
+
+
 def run_engine(spec: dict, out: Path) -> None:
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     if spec["kind"] == "check":
@@ -165,12 +184,7 @@ def run_engine(spec: dict, out: Path) -> None:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the forward timer below is a function
     from vllm import LLM, SamplingParams
 
-    cc: dict = {"cudagraph_mode": spec.get("cudagraph_mode", "FULL_AND_PIECEWISE")}
-    if spec.get("flag"):
-        cc["pass_config"] = {"fuse_aiter_qk_rope_kvcache_mla": True}
-    if spec.get("vllm_fusion"):
-        cc["pass_config"] = {"fuse_rope_kvcache_cat_mla": True}
-        cc["use_inductor_graph_partition"] = True
+    cc = compilation_config_for(spec)
     if spec.get("dump"):
         cc["debug_dump_path"] = str(out.parent / (out.stem + "_dump"))
     kwargs = dict(model=spec["model"], skip_tokenizer_init=True, max_model_len=spec.get("max_model_len", 128),
@@ -573,7 +587,11 @@ def step_kv_cache_bytes(layers: int, batch: int, context: int, decode_tokens: in
     return max(256 << 20, int(1.1 * layers * _FP8_CACHE_BYTES_PER_TOKEN * batch * blocks * block))
 
 
-STEP_CONFIGS = ("off", "vllm_fusion", "mla_passes")
+# off: vLLM's defaults. off_ranges: the control, flag off with the config the plugin gives a
+# flag-on engine (graph partition, the decode compile range ending at the decode threshold), so
+# that mla_passes - off_ranges is the rewrite's own effect and off - off_ranges the config's.
+# vllm_fusion: vLLM's own fuse_rope_kvcache_cat_mla with partition (the upstream anchor).
+STEP_CONFIGS = ("off", "off_ranges", "vllm_fusion", "mla_passes")
 
 
 def cmd_step(args) -> int:
@@ -581,11 +599,15 @@ def cmd_step(args) -> int:
     specs = []
     kv_bytes = args.kv_cache_gib << 30 if args.kv_cache_gib else step_kv_cache_bytes(
         args.layers, max(args.batches), max(args.contexts), args.decode_tokens)
+    from mla_passes.config import PassConfig
+
+    decode_endpoint = PassConfig().decode_max_tokens(max(args.batches), 0)  # the plugin's rule, no speculation
     for h in args.heads:
         model = str(build_step_model(out / f"dsv3_h{h}", h, args.layers))
         for cfg in STEP_CONFIGS:
             specs.append({"kind": "step", "name": f"h{h}_{cfg}", "model": model, "kv_cache_dtype": args.kv_cache_dtype,
                           "flag": cfg == "mla_passes", "vllm_fusion": cfg == "vllm_fusion", "load_format": "dummy",
+                          "same_config_as_flag": cfg == "off_ranges", "decode_endpoint": decode_endpoint,
                           "dump": cfg == "mla_passes",
                           "max_num_seqs": max(args.batches), "max_model_len": max(args.contexts) + args.decode_tokens + 64,
                           "max_num_batched_tokens": 8192, "layers": args.layers, "batches": args.batches,
@@ -607,11 +629,21 @@ def cmd_step(args) -> int:
         results.setdefault(s["name"], {})["_path"] = str(out / f"{s['name']}.json")
     L = args.layers
     print(f"\n{L} layers. forward: the model forward's GPU time per decode step (CUDA events, median); "
-          "TPOT: vLLM's time per output token (per request, median over the batch, best of the repeats)\n")
-    print("| H | context | batch | forward off µs | vLLM fusion | mla-passes | saving µs/layer (vs off, vs vLLM fusion) "
-          "| TPOT off µs | vLLM fusion | mla-passes | saving % of TPOT |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "TPOT: vLLM's time per output token (per request, median over the batch, best of the repeats). "
+          "same config: flag off with the plugin's config changes (graph partition, decode compile range); "
+          "rewrite = same config - mla-passes, the fusion's own saving\n")
+    print("| H | context | batch | forward off µs | same config | vLLM fusion | mla-passes "
+          "| saving µs/layer: rewrite, vs off, vs vLLM fusion "
+          "| TPOT off µs | same config | vLLM fusion | mla-passes | saving % of TPOT (vs off) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     table, errors, checks = [], [], {}
+
+    def per_layer(x, y):
+        return None if None in (x, y) else (x - y) / L
+
+    def fmt(x, d=1):
+        return "n/a" if x is None else f"{x:.{d}f}"
+
     for h in args.heads:
         r = {c: results.get(f"h{h}_{c}", {}) for c in STEP_CONFIGS}
         for c, v in r.items():
@@ -619,6 +651,12 @@ def cmd_step(args) -> int:
                 errors.append(f"H={h} {c}: {str(v.get('error', 'no result'))[:600]}")
         if "tpot" in r["mla_passes"]:
             checks[h] = check_report(r["mla_passes"], True, L)
+            if "tpot" in r["off_ranges"]:  # the control must have the flag-on engine's config, less the rewrite
+                same = {k: (r["off_ranges"].get(k), r["mla_passes"].get(k))
+                        for k in ("compile_ranges_endpoints", "use_inductor_graph_partition", "cudagraph_mode")}
+                differ = {k: v for k, v in same.items() if v[0] != v[1]}
+                if differ:
+                    checks[h] = (False, f"{checks[h][1]}; the control's config differs from the flag-on engine's: {differ}")
             print(f"[check] H={h} mla-passes: {'ok' if checks[h][0] else 'FAIL'}: {checks[h][1]}")
         if "tpot" not in r["off"] or "tpot" not in r["mla_passes"]:
             continue
@@ -626,19 +664,18 @@ def cmd_step(args) -> int:
             get = {c: (r[c]["tpot"][i] if len(r[c].get("tpot", [])) > i else {}) for c in STEP_CONFIGS}
             f = {c: get[c].get("forward_us") for c in STEP_CONFIGS}
             t = {c: get[c].get("tpot_us") for c in STEP_CONFIGS}
-            per_layer = None if None in (f["off"], f["mla_passes"]) else (f["off"] - f["mla_passes"]) / L
-            vs_vllm = None if None in (f["vllm_fusion"], f["mla_passes"]) else (f["vllm_fusion"] - f["mla_passes"]) / L
-            share = None if per_layer is None or not t["off"] else 100 * per_layer * L / t["off"]
+            rewrite = per_layer(f["off_ranges"], f["mla_passes"])
+            vs_off = per_layer(f["off"], f["mla_passes"])
+            vs_vllm = per_layer(f["vllm_fusion"], f["mla_passes"])
+            share = None if vs_off is None or not t["off"] else 100 * vs_off * L / t["off"]
             table.append({"heads": h, "context": row["context"], "batch": row["batch"], "forward_us": f, "tpot_us": t,
-                          "saving_per_layer_us": per_layer, "saving_vs_vllm_fusion_per_layer_us": vs_vllm,
-                          "saving_pct_of_tpot": share,
+                          "saving_per_layer_us": vs_off, "rewrite_saving_per_layer_us": rewrite,
+                          "saving_vs_vllm_fusion_per_layer_us": vs_vllm, "saving_pct_of_tpot": share,
                           "forward_quartiles_us": {c: get[c].get("forward_quartiles_us") for c in STEP_CONFIGS}})
-
-            def fmt(x, d=1):
-                return "n/a" if x is None else f"{x:.{d}f}"
-            print(f"| {h} | {row['context']} | {row['batch']} | {fmt(f['off'])} | {fmt(f['vllm_fusion'])} | "
-                  f"{fmt(f['mla_passes'])} | {fmt(per_layer, 2)}, {fmt(vs_vllm, 2)} | {fmt(t['off'])} | "
-                  f"{fmt(t['vllm_fusion'])} | {fmt(t['mla_passes'])} | {fmt(share)} % |")
+            print(f"| {h} | {row['context']} | {row['batch']} | {fmt(f['off'])} | {fmt(f['off_ranges'])} | "
+                  f"{fmt(f['vllm_fusion'])} | {fmt(f['mla_passes'])} | {fmt(rewrite, 2)}, {fmt(vs_off, 2)}, "
+                  f"{fmt(vs_vllm, 2)} | {fmt(t['off'])} | {fmt(t['off_ranges'])} | {fmt(t['vllm_fusion'])} | "
+                  f"{fmt(t['mla_passes'])} | {fmt(share)} % |")
     for e in errors:
         print(e)
     info = {k: {f: v.get(f) for f in ("startup_s", "pass_config", "attention_backend", "cudagraph_mode",
@@ -671,7 +708,8 @@ def main(argv=None) -> int:
     s.add_argument("--kv-cache-dtype", default="fp8", choices=("fp8", "auto"),
                    help="auto: the model dtype (bf16), for a smoke run on vLLM's CPU build, which has no fp8 MLA cache")
     s.add_argument("--kv-cache-gib", type=int, default=0, help="0: what the largest batch and context need")
-    s.add_argument("--jobs", type=int, default=3)
+    s.add_argument("--jobs", type=int, default=len(STEP_CONFIGS), help="engines at a time (a multiple of "
+                   f"{len(STEP_CONFIGS)} runs one head count's engines side by side, waiting for each other)")
     s.add_argument("--timeout", type=int, default=560)
     e = sub.add_parser("engine")
     e.add_argument("spec")
