@@ -643,10 +643,9 @@ def cmd_step(args) -> int:
                           "contexts": args.contexts, "decode_tokens": args.decode_tokens,
                           "kv_cache_bytes": kv_bytes, "heads": h,
                           "gpu_memory_utilization": 0.05})  # engines side by side: the start-up check only
-    for sp in specs:  # the control gets what vLLM resolves for the flag-on engine beside it
+    for sp in specs:  # the control gets what vLLM resolves for the flag-on engine of its arguments
         if sp["name"].endswith("_off_ranges"):
-            base = dict(sp, name=sp["name"][:-len("off_ranges")] + "off")
-            sp["same_config_as_flag"] = flag_on_settings(engine_kwargs(base, compilation_config_for(base)))
+            sp["same_config_as_flag"] = flag_on_settings(engine_kwargs(sp, compilation_config_for(sp)))
             print(f"[step] {sp['name']}: {sp['same_config_as_flag']}", flush=True)
     for sp in specs:  # engines started together wait for each other to start before timing
         if args.jobs >= len(specs):

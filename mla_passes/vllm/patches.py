@@ -199,22 +199,27 @@ def wrap_pass_config(cls, before_post_init: Callable[[Any], None], hash_ignored:
 
 # --- 3. CompilationConfig.set_splitting_ops_for_v1 ----------------------------------
 
-def wrap_set_splitting_ops(before: Callable[[Any], None], after: Callable[[Any], None]) -> None:
-    from vllm.config.compilation import CompilationConfig
-
-    if CompilationConfig.set_splitting_ops_for_v1.__dict__.get(_MARK):
+def _wrap_around(cls, name: str, before: Callable[[Any], None], after: Callable[[Any], None]) -> None:
+    """Run ``before(self)`` and ``after(self)`` around ``cls.name``, once (marked)."""
+    orig = getattr(cls, name)
+    if orig.__dict__.get(_MARK):
         return
-    orig = CompilationConfig.set_splitting_ops_for_v1
 
     @functools.wraps(orig)
-    def set_splitting_ops_for_v1(self, *args, **kwargs):
+    def wrapped(self, *args, **kwargs):
         before(self)
         result = orig(self, *args, **kwargs)
         after(self)
         return result
 
-    setattr(set_splitting_ops_for_v1, _MARK, True)
-    CompilationConfig.set_splitting_ops_for_v1 = set_splitting_ops_for_v1
+    setattr(wrapped, _MARK, True)
+    setattr(cls, name, wrapped)
+
+
+def wrap_set_splitting_ops(before: Callable[[Any], None], after: Callable[[Any], None]) -> None:
+    from vllm.config.compilation import CompilationConfig
+
+    _wrap_around(CompilationConfig, "set_splitting_ops_for_v1", before, after)
 
 
 # --- 4. VllmConfig.__post_init__ -----------------------------------------------------
@@ -222,18 +227,7 @@ def wrap_set_splitting_ops(before: Callable[[Any], None], after: Callable[[Any],
 def wrap_vllm_config(before: Callable[[Any], None], after: Callable[[Any], None]) -> None:
     from vllm.config.vllm import VllmConfig
 
-    if VllmConfig.__post_init__.__dict__.get(_MARK):
-        return
-    orig = VllmConfig.__post_init__
-
-    @functools.wraps(orig)
-    def __post_init__(self, *args, **kwargs):
-        before(self)
-        orig(self, *args, **kwargs)
-        after(self)
-
-    setattr(__post_init__, _MARK, True)
-    VllmConfig.__post_init__ = __post_init__
+    _wrap_around(VllmConfig, "__post_init__", before, after)
 
 
 # --- logging ---------------------------------------------------------------------------
